@@ -1,0 +1,359 @@
+"""Tests of examples.cnf: divergence estimators, RNODE integrands and CNF blocks on torch_tempopt."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from examples.cnf import (
+    CNF,
+    ConvODEnet,
+    ODEfunc,
+    ODEnet,
+    SequentialFlow,
+    bits_per_dim_and_reg,
+    build_image_model,
+    build_toy_model,
+    end_times,
+    network_parameters,
+    nfe,
+    nll_and_reg,
+    sample,
+    standard_normal_logprob,
+    time_parameters,
+)
+from examples.data import load_digits_split
+from torch_tempopt import CoordinateDescentStepper
+
+TIGHT = {"method": "dopri5", "rtol": 1e-9, "atol": 1e-10}
+
+
+def _state(func: ODEfunc, z: Tensor) -> tuple[Tensor, ...]:
+    return (z, z.new_zeros(z.shape[0]), *(z.new_zeros(z.shape[0]) for _ in func.reg_names))
+
+
+def _jacobians(net: nn.Module, t: float, z: Tensor) -> Tensor:
+    """Per-sample Jacobians of net(t, .), brute force, shape (batch, d, d)."""
+    flat = z.reshape(z.shape[0], -1)
+
+    def single(zi: Tensor) -> Tensor:
+        return net(t, zi.reshape(1, *z.shape[1:])).reshape(-1)
+
+    return torch.stack([torch.autograd.functional.jacobian(single, zi) for zi in flat])
+
+
+# ----------------------------------------------------------------------------- ODEfunc
+
+
+@pytest.mark.parametrize("layer_type", ["concatsquash", "concat"])
+@pytest.mark.parametrize("nonlinearity", ["tanh", "softplus"])
+def test_exact_divergence_and_integrands_equal_brute_force(layer_type: str, nonlinearity: str) -> None:
+    net = ODEnet(3, (16, 16), layer_type, nonlinearity)
+    func = ODEfunc(net, "exact", kinetic=2.0, jacobian=3.0)
+    assert func.reg_names == ("kinetic", "jacobian")
+    z = torch.randn(5, 3)
+    dz, neg_div, kinetic, frobenius = func(torch.tensor(0.3), _state(func, z))
+    jac = _jacobians(net, 0.3, z)
+    f = net(0.3, z)
+    torch.testing.assert_close(dz, f)
+    torch.testing.assert_close(-neg_div, jac.diagonal(dim1=1, dim2=2).sum(1))
+    torch.testing.assert_close(kinetic, f.pow(2).sum(1))  # |f|^2, raw (coefficients weigh it in CNF)
+    torch.testing.assert_close(frobenius, jac.pow(2).sum((1, 2)))  # exact |J|_F^2
+
+
+@pytest.mark.parametrize("layer_type", ["concat", "concatsquash"])
+def test_exact_divergence_on_images(layer_type: str) -> None:
+    net = ConvODEnet(2, (4,), layer_type)
+    func = ODEfunc(net, "exact")
+    z = torch.randn(2, 2, 3, 3)
+    _, neg_div = func(0.7, _state(func, z))
+    torch.testing.assert_close(-neg_div, _jacobians(net, 0.7, z).diagonal(dim1=1, dim2=2).sum(1))
+
+
+def test_hutchinson_with_given_probe_by_hand() -> None:
+    net = ODEnet(3, (16,))
+    func = ODEfunc(net, "hutchinson", kinetic=1.0, jacobian=1.0)
+    z = torch.randn(4, 3)
+    probe = torch.randn(4, 3)
+    func.before_odeint(noise=probe)
+    _, neg_div, kinetic, frobenius = func(0.2, _state(func, z))
+    jac = _jacobians(net, 0.2, z)
+    eps_j = torch.einsum("bi,bij->bj", probe, jac)  # eps^T J
+    torch.testing.assert_close(-neg_div, (eps_j * probe).sum(1))
+    torch.testing.assert_close(frobenius, eps_j.pow(2).sum(1))
+    torch.testing.assert_close(kinetic, net(0.2, z).pow(2).sum(1))
+
+
+@pytest.mark.parametrize("noise", ["rademacher", "gaussian"])
+def test_hutchinson_agrees_with_exact_in_expectation(noise: str) -> None:
+    net = ODEnet(3, (16, 16))
+    exact = ODEfunc(net, "exact", jacobian=1.0)
+    hutch = ODEfunc(net, "hutchinson", noise, jacobian=1.0)
+    # Samples do not interact, so 20000 copies of one point give 20000 independent probes.
+    copies = 20000
+    z = torch.randn(1, 3).expand(copies, 3)
+    with torch.no_grad():
+        _, neg_div, frobenius = exact(0.4, _state(exact, z[:1]))
+        hutch.before_odeint()
+        _, neg_est, frob_est = hutch(0.4, _state(hutch, z))
+    if noise == "rademacher":
+        assert set(hutch._probe.unique().tolist()) == {-1.0, 1.0}
+    for estimate, target in ((neg_est, neg_div), (frob_est, frobenius)):
+        stderr = estimate.std() / math.sqrt(copies)
+        assert abs(estimate.mean() - target[0]) < 5 * stderr + 1e-12, (estimate.mean(), target[0], stderr)
+
+
+def test_probe_is_held_between_before_odeint_calls() -> None:
+    func = ODEfunc(ODEnet(2, (8,)), "hutchinson", jacobian=1.0)
+    state = _state(func, torch.randn(6, 2))
+    func.before_odeint()
+    first = func(0.1, state)
+    again = func(0.1, state)  # same probe: the field is deterministic within a solve
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    func.before_odeint()
+    redrawn = func(0.1, state)
+    assert torch.equal(first[0], redrawn[0]) and not torch.equal(first[1], redrawn[1])
+    func.before_odeint(noise=torch.ones(5, 2))
+    with pytest.raises(ValueError, match="before_odeint"):
+        func(0.1, state)
+
+
+def test_probe_drawn_once_per_solve(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = build_toy_model((8, 8), divergence="hutchinson", jacobian=0.1, solver_kwargs=TIGHT, count=True)
+    func = model.chain[0].odefunc.func
+    draws = []
+    original = func._draw_probe
+    monkeypatch.setattr(func, "_draw_probe", lambda z: draws.append(1) or original(z))
+    x = torch.randn(16, 2)
+    nll, _ = nll_and_reg(model, x)
+    nll.backward()
+    counts = nfe(model)
+    assert len(draws) == 1
+    assert counts["forward"] > 6 and counts["backward"] >= 1  # many evaluations, one probe
+    model(x)
+    assert len(draws) == 2
+
+
+def test_divergence_graph_only_when_grad_enabled() -> None:
+    net = ODEnet(2, (8,))
+    for divergence in ("exact", "hutchinson"):
+        func = ODEfunc(net, divergence, kinetic=1.0, jacobian=1.0)
+        state = _state(func, torch.randn(3, 2))
+        func.before_odeint()
+        with torch.no_grad():
+            out = func(0.0, state)
+        assert not any(o.requires_grad for o in out)
+        out = func(0.0, state)
+        assert all(o.requires_grad for o in out)
+        # create_graph: the divergence is differentiable w.r.t. the weights (FFJORD's loss needs it).
+        for integrand in (out[1], out[3]):
+            (grad,) = torch.autograd.grad(integrand.sum(), net.layers[0].linear.weight, retain_graph=True)
+            assert grad.abs().sum() > 0
+
+
+def test_regularisers_are_a_configuration() -> None:
+    func = ODEfunc(ODEnet(2, (8,)))
+    assert func.reg_names == () and func.reg_coeffs == {}
+    assert len(func(0.0, _state(func, torch.randn(3, 2)))) == 2
+    assert ODEfunc(ODEnet(2, (8,)), jacobian=0.5).reg_names == ("jacobian",)
+    with pytest.raises(ValueError, match="reg"):
+        func(0.0, (torch.randn(3, 2), torch.zeros(3), torch.zeros(3)))
+    for kwargs, word in (({"divergence": "approx"}, "divergence"), ({"noise": "uniform"}, "noise")):
+        with pytest.raises(ValueError, match=word):
+            ODEfunc(ODEnet(2, (8,)), **kwargs)
+    with pytest.raises(ValueError, match="layer_type"):
+        ODEnet(2, (8,), layer_type="hyper")
+    with pytest.raises(ValueError, match="nonlinearity"):
+        ODEnet(2, (8,), nonlinearity="relu")
+
+
+# ----------------------------------------------------------------------------- CNF on a linear field
+
+
+class _Spiral(nn.Module):
+    """f(z) = A z with A = [[a, -b], [b, a]]: z(t) = e^{at} R(bt) z, tr A = 2a, |f|^2 = (a^2 + b^2) |z|^2."""
+
+    def __init__(self, a: float, b: float) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor(a))
+        self.b = nn.Parameter(torch.tensor(b))
+
+    def forward(self, t: Tensor, z: Tensor) -> Tensor:
+        return torch.stack([self.a * z[:, 0] - self.b * z[:, 1], self.b * z[:, 0] + self.a * z[:, 1]], dim=1)
+
+
+def test_cnf_closed_form_on_a_linear_field() -> None:
+    a, b, T = -0.4, 1.3, 0.5
+    block = CNF(ODEfunc(_Spiral(a, b), "exact", kinetic=0.5), T0=T, solver_kwargs=TIGHT)
+    z = torch.randn(7, 2)
+    out = block(z)
+    c, s = math.cos(b * T), math.sin(b * T)
+    expected = math.exp(a * T) * torch.stack([c * z[:, 0] - s * z[:, 1], s * z[:, 0] + c * z[:, 1]], dim=1)
+    torch.testing.assert_close(out.z, expected, rtol=1e-7, atol=1e-8)
+    torch.testing.assert_close(out.logp, torch.full((7,), -2 * a * T), rtol=1e-7, atol=1e-8)
+    kinetic = (a * a + b * b) / (2 * a) * math.expm1(2 * a * T) * z.pow(2).sum(1)
+    torch.testing.assert_close(out.regs["kinetic"], 0.5 * kinetic, rtol=1e-7, atol=1e-8)
+    # The plain torchdiffeq path at the same T agrees, and so does a (B, 1) logp.
+    fixed = block(z, torch.zeros(7, 1), fixed_T=T)
+    torch.testing.assert_close(fixed.z, out.z)
+    torch.testing.assert_close(fixed.logp.reshape(-1), out.logp)
+    # Reverse integration returns to z with a positive penalty of the same size.
+    back = block(out.z, out.logp, reverse=True)
+    torch.testing.assert_close(back.z, z, rtol=1e-7, atol=1e-8)
+    torch.testing.assert_close(back.logp, torch.zeros(7), rtol=0, atol=1e-8)
+    torch.testing.assert_close(back.regs["kinetic"], out.regs["kinetic"], rtol=1e-6, atol=1e-8)
+
+
+def test_cnf_time_gradient_matches_closed_form() -> None:
+    # nll = |z(T)|^2 / 2 + log(2 pi) - 2 a T, so dnll/dT = mean(a e^{2aT} |z|^2) - 2a.
+    a, b, T = -0.4, 1.3, 0.5
+    block = CNF(ODEfunc(_Spiral(a, b), "exact"), T0=T, solver_kwargs=TIGHT)
+    z = torch.randn(7, 2)
+    nll, regs = nll_and_reg(block, z)
+    assert regs == {}
+    nll.backward()
+    expected = (a * math.exp(2 * a * T) * z.pow(2).sum(1)).mean() - 2 * a
+    torch.testing.assert_close(block.horizon.T.grad, expected, rtol=1e-6, atol=1e-8)
+    assert block.odefunc.diffeq.a.grad is not None and block.odefunc.diffeq.b.grad is not None
+
+
+# ----------------------------------------------------------------------------- toy models
+
+
+def test_toy_model_round_trip_and_log_density() -> None:
+    model = build_toy_model((16, 16), num_blocks=2, kinetic=0.1, jacobian=0.1, solver_kwargs=TIGHT)
+    x = torch.randn(8, 2)
+    z, delta, regs = model(x)
+    assert set(regs) == {"kinetic", "jacobian"} and all(bool((r > 0).all()) for r in regs.values())
+    log_px = standard_normal_logprob(z) - delta
+    back, log_px_back, regs_back = model(z, standard_normal_logprob(z), reverse=True)
+    torch.testing.assert_close(back, x, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(log_px_back, log_px, rtol=1e-6, atol=1e-7)
+    for name in regs:
+        torch.testing.assert_close(regs_back[name], regs[name], rtol=1e-5, atol=1e-7)
+    # fixed_T at the horizons' values reproduces the learnable path.
+    z_fixed, delta_fixed, _ = model(x, fixed_T=0.5)
+    torch.testing.assert_close(z_fixed, z)
+    torch.testing.assert_close(delta_fixed, delta)
+
+
+def test_toy_model_time_gradient_matches_finite_differences() -> None:
+    block = build_toy_model((8, 8), solver_kwargs=TIGHT).chain[0]
+    x = torch.randn(8, 2)
+    nll, _ = nll_and_reg(block, x)
+    nll.backward()
+    h = 1e-4
+    with torch.no_grad():
+        up = nll_and_reg(block, x, fixed_T=0.5 + h)[0]
+        down = nll_and_reg(block, x, fixed_T=0.5 - h)[0]
+    torch.testing.assert_close(block.horizon.T.grad, (up - down) / (2 * h), rtol=1e-5, atol=1e-7)
+
+
+def test_toy_model_adjoint_matches_direct() -> None:
+    grads = []
+    for adjoint in (False, True):
+        torch.manual_seed(1)
+        model = build_toy_model((8, 8), kinetic=0.1, solver_kwargs=TIGHT, adjoint=adjoint)
+        nll, regs = nll_and_reg(model, torch.randn(8, 2))
+        (nll + sum(regs.values())).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for direct, adjoint in zip(*grads):
+        torch.testing.assert_close(adjoint, direct, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("time_mode", ["learn", "fixed", "steer"])
+def test_every_parameter_gets_a_gradient(time_mode: str) -> None:
+    model = build_toy_model((8,), num_blocks=2, kinetic=0.1, time_mode=time_mode, solver_kwargs=TIGHT)
+    nll, regs = nll_and_reg(model, torch.randn(8, 2))
+    (nll + sum(regs.values())).backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None, name
+    learned = time_mode == "learn"
+    assert len(time_parameters(model)) == (2 if learned else 0)
+    horizon_ids = {id(block.horizon.T) for block in model.chain}
+    assert all(id(p) not in horizon_ids for p in network_parameters(model))
+    assert len(network_parameters(model)) + len(time_parameters(model)) == sum(
+        p.requires_grad for p in model.parameters()
+    )
+    for block in model.chain:
+        assert block.horizon.T.requires_grad is learned
+
+
+def test_steer_samples_T_in_training_and_uses_T0_in_eval() -> None:
+    T0 = 0.5
+    model = build_toy_model((8,), time_mode="steer", T0=T0, solver_kwargs=TIGHT)
+    block = model.chain[0]
+    assert block.steer_b == pytest.approx(T0 - 0.25)
+    x = torch.randn(4, 2)
+    torch.manual_seed(3)
+    trained = model(x).z
+    torch.manual_seed(3)
+    T = T0 + block.steer_b * (2 * torch.rand(()).item() - 1)
+    assert T0 - block.steer_b <= T <= T0 + block.steer_b
+    torch.testing.assert_close(trained, model(x, fixed_T=T).z)
+    model.eval()
+    torch.testing.assert_close(model(x).z, model(x, fixed_T=T0).z)
+    with pytest.raises(ValueError, match="learn_T"):
+        CNF(ODEfunc(ODEnet(2, (8,))), T0=0.5, steer_b=0.1)
+    with pytest.raises(ValueError, match="steer_b"):
+        CNF(ODEfunc(ODEnet(2, (8,))), T0=0.5, learn_T=False, steer_b=0.5)
+
+
+def test_coordinate_descent_step_moves_T_only_in_learn_mode() -> None:
+    model = build_toy_model((8,), solver_kwargs=TIGHT)
+    stepper = CoordinateDescentStepper(torch.optim.Adam(network_parameters(model), lr=1e-3), model)
+    nll, _ = nll_and_reg(model, torch.randn(16, 2))
+    nll.backward()
+    stepper.step()
+    stepper.zero_grad()
+    (T,) = end_times(model)
+    assert T != 0.5 and 0.1 <= T <= 0.9
+
+
+def test_state_dict_round_trip_and_repr() -> None:
+    model = build_toy_model((8,), num_blocks=2, solver_kwargs=TIGHT)
+    with torch.no_grad():
+        model.chain[1].horizon.T.fill_(0.6)
+    clone = build_toy_model((8,), num_blocks=2, solver_kwargs=TIGHT)
+    clone.load_state_dict(model.state_dict())
+    assert end_times(clone) == [0.5, 0.6]
+    x = torch.randn(4, 2)
+    torch.testing.assert_close(clone(x).z, model(x).z)
+    text = repr(model)
+    assert "CNF(" in text and "mode=learn" in text and "LearnableHorizon" in text
+    assert isinstance(SequentialFlow([])(x).logp, Tensor)
+
+
+def test_cnf_rejects_bad_configuration() -> None:
+    with pytest.raises(TypeError, match="ODEfunc"):
+        CNF(ODEnet(2, (8,)))
+    with pytest.raises(ValueError, match="T0"):
+        CNF(ODEfunc(ODEnet(2, (8,))), T0=0.0)
+    with pytest.raises(ValueError, match="logpz"):
+        CNF(ODEfunc(ODEnet(2, (8,))))(torch.randn(3, 2), torch.zeros(2))
+    with pytest.raises(ValueError, match="time_mode"):
+        build_toy_model((8,), time_mode="random")
+    with pytest.raises(ValueError, match="num_blocks"):
+        build_toy_model((8,), num_blocks=0)
+
+
+# ----------------------------------------------------------------------------- image model
+
+
+def test_image_model_bits_per_dim_and_sampling() -> None:
+    fixed_step = {"method": "rk4", "options": {"step_size": 0.25}}
+    model = build_image_model(hidden_channels=(8,), num_blocks=2, kinetic=0.01, solver_kwargs=fixed_step, count=True)
+    train, _ = load_digits_split()
+    bpd, regs = bits_per_dim_and_reg(model, train[:4], torch.Generator().manual_seed(0))
+    assert bpd.dim() == 0 and math.isfinite(bpd.item()) and bpd.item() > 0
+    (bpd + sum(regs.values())).backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert nfe(model, reset=True)["forward"] == 2 * 4 * 4  # 2 blocks x 4 rk4 steps x 4 stages
+    assert nfe(model) == {"forward": 0, "backward": 0}
+    x, log_px, _ = sample(model, (2, 1, 8, 8), torch.Generator().manual_seed(0))
+    assert x.shape == (2, 1, 8, 8) and log_px.shape == (2,) and not x.requires_grad
