@@ -32,6 +32,8 @@ from __future__ import annotations
 
 __all__ = [
     "CNF",
+    "DEFAULT_SOLVER_KWARGS",
+    "TIME_MODES",
     "ConcatConv2d",
     "ConcatLinear",
     "ConcatSquashConv2d",
@@ -458,7 +460,7 @@ class ODEfunc(nn.Module):
         return div, squares
 
     def _hutchinson(self, dz: Tensor, z: Tensor, create_graph: bool) -> tuple[Tensor, Tensor]:
-        """Hutchinson's trace estimate and :math:`\\|\\varepsilon^T J\\|^2` with the held probe."""
+        r"""Hutchinson's trace estimate and :math:`\|\varepsilon^\top J\|^2` with the held probe."""
         if self._probe is None:
             self._probe = self._draw_probe(z)
         probe = self._probe
@@ -507,8 +509,9 @@ class CNF(nn.Module):
     Three ways to treat :math:`T`:
 
     - TO-FLOW (``learn_T=True``): the horizon integrates and attaches
-      :math:`\partial L / \partial T` to ``self.horizon.T``; update it with a separate
-      optimizer (see :func:`time_parameters`).
+      :math:`\partial L / \partial T` to ``self.horizon.T``; step it with
+      ``CoordinateDescentStepper(Adam(network_parameters(model)), model)``, which finds
+      the horizons (keep ``T`` out of the weight optimizer: see :func:`network_parameters`).
     - FFJORD (``learn_T=False``): ``self.horizon.T`` is frozen at ``T0``
       (``requires_grad=False``) and the block integrates with plain
       :func:`torchdiffeq.odeint` over the detached grid :math:`[t_0, T_0]`.

@@ -26,7 +26,7 @@ from examples.cnf import (
     time_parameters,
 )
 from examples.data import load_digits_split
-from torch_tempopt import CoordinateDescentStepper
+from torch_tempopt import CoordinateDescentStepper, count_nfe
 
 TIGHT = {"method": "dopri5", "rtol": 1e-9, "atol": 1e-10}
 
@@ -123,8 +123,8 @@ def test_probe_is_held_between_before_odeint_calls() -> None:
 
 
 def test_probe_drawn_once_per_solve(monkeypatch: pytest.MonkeyPatch) -> None:
-    model = build_toy_model((8, 8), divergence="hutchinson", jacobian=0.1, solver_kwargs=TIGHT, count=True)
-    func = model.chain[0].odefunc.func
+    func = ODEfunc(ODEnet(2, (8, 8)), "hutchinson", jacobian=0.1)
+    model = CNF(count_nfe(func), T0=0.5, solver_kwargs=TIGHT)
     draws = []
     original = func._draw_probe
     monkeypatch.setattr(func, "_draw_probe", lambda z: draws.append(1) or original(z))

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 import torchdiffeq
+from fields import Linear, TimeMLP, TupleField
 from torch.func import functional_call
 
-from fields import Linear, TimeMLP, TupleField
 from torch_tempopt import LearnableHorizon, count_nfe
 
 TOL = dict(rtol=1e-11, atol=1e-11)
@@ -458,3 +458,22 @@ def test_call_rejects_bad_input(y0, kwargs, exc, name):
 def test_call_rejects_non_callable_func():
     with pytest.raises(TypeError, match="func"):
         LearnableHorizon()(None, torch.ones(2))
+
+
+def test_field_that_needs_grad_mode_from_outside():
+    """A gradient field F = -grad U that relies on the caller's grad mode still gets dL/dT."""
+
+    def field(t, y):
+        if not y.requires_grad:
+            y = y.detach().requires_grad_(True)
+        (g,) = torch.autograd.grad((y.pow(4).sum() * (1 + t)), y, create_graph=True)
+        return -g
+
+    h = LearnableHorizon(T0=0.3)
+    y0 = torch.tensor([[0.8, -0.5]])
+    _loss(h(field, y0, **TOL)).backward()
+    vals = []
+    for T in (0.3 + 1e-4, 0.3 - 1e-4):  # with grad mode on: this field cannot run without it
+        vals.append(_loss(torchdiffeq.odeint(field, y0, torch.tensor([0.0, T]), **TOL)[-1]).item())
+    fd = (vals[0] - vals[1]) / 2e-4
+    assert h.T.grad.item() == pytest.approx(fd, rel=1e-5)

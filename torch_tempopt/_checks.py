@@ -20,6 +20,7 @@ def as_real(name: str, value: object) -> float:
     Raises:
         TypeError: If ``value`` is not a real number (``bool`` is refused too).
         ValueError: If ``value`` is NaN or infinite.
+
     """
     if isinstance(value, torch.Tensor):
         if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
@@ -44,6 +45,7 @@ def check_state(name: str, y: object) -> tuple[bool, tuple[torch.Tensor, ...]]:
 
     Raises:
         TypeError: Naming ``name`` and what was found instead.
+
     """
     if isinstance(y, torch.Tensor):
         parts: tuple[torch.Tensor, ...] = (y,)

@@ -27,8 +27,18 @@ def _pack(is_tuple: bool, parts: Sequence[Tensor]) -> State:
 
 def _field_dot(func: Callable[..., Any], is_tuple: bool, t: Tensor, ys: Sequence[Tensor], gs: Sequence[Tensor]) -> Tensor:
     r"""Returns :math:`\sum_i \langle g_i, F_i(t, y) \rangle`, evaluating ``func`` once."""
-    with torch.enable_grad():
-        f = func(t.detach(), _pack(is_tuple, [y.detach() for y in ys]))
+    t, y = t.detach(), _pack(is_tuple, [y.detach() for y in ys])
+    # Only the value of F is needed. Fields that differentiate internally (FFJORD's divergence) switch
+    # grad mode on themselves and then skip building a graph for second derivatives; a field that
+    # relies on grad mode being on from outside gets it on the second try.
+    try:
+        with torch.no_grad():
+            f = func(t, y)
+    except RuntimeError as error:
+        if "does not require grad" not in str(error) and "grad_fn" not in str(error):
+            raise
+        with torch.enable_grad():
+            f = func(t, y)
     fs = tuple(f) if is_tuple else (f,)
     if len(fs) != len(gs):
         raise ValueError(
@@ -174,6 +184,7 @@ class LearnableHorizon(nn.Module):
     References:
         | TO-FLOW: Efficient Continuous Normalizing Flows with Temporal Optimization adjoint with Moving Speed (Du et al., 2022)
         | https://arxiv.org/abs/2203.10335
+
     """
 
     T: nn.Parameter
@@ -238,7 +249,8 @@ class LearnableHorizon(nn.Module):
     @property
     def t0_bounds(self) -> tuple[float, float]:
         r"""The clip interval of a learned t0, :math:`[2 t_0 - T_0 + \varepsilon, T_0 - \varepsilon]`
-        (eq. 17 mirrored about the initial t0); :meth:`clip_` also keeps ``t0 <= T - eps``."""
+        (eq. 17 mirrored about the initial t0); :meth:`clip_` also keeps ``t0 <= T - eps``.
+        """
         T0, t0, eps = self.T_init.item(), self.t0_init.item(), self.eps.item()
         return (2 * t0 - T0 + eps, T0 - eps)
 
@@ -248,6 +260,7 @@ class LearnableHorizon(nn.Module):
 
         Returns:
             Whether anything was moved.
+
         """
         lo, hi = self.bounds
         before = self.T.clone()
@@ -311,6 +324,7 @@ class LearnableHorizon(nn.Module):
                 floating tensor or a tuple of them, or ``t`` is passed.
             ValueError: If ``mechanism`` is unknown or ``times`` is not an
                 increasing sequence in [0, 1].
+
         """
         if not callable(func):
             raise TypeError(f"func must be callable as func(t, y), got {type(func).__name__}.")

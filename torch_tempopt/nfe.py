@@ -41,6 +41,7 @@ class NFECounter(nn.Module):
         >>> _ = f(torch.tensor(0.0), torch.ones(2))
         >>> f.nfe_forward, f.nfe_backward
         (1, 0)
+
     """
 
     nfe_forward: int
@@ -100,6 +101,7 @@ def count_nfe(func: Callable[..., Any]) -> NFECounter:
         ...                        options=dict(step_size=0.5))
         >>> f.nfe_forward
         8
+
     """
     if isinstance(func, NFECounter):
         return func

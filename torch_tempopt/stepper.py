@@ -115,6 +115,7 @@ class CoordinateDescentStepper(Optimizer):
         >>> opt.step(); opt.zero_grad()
         >>> opt.stats["horizons"][0]["T"] != 0.5
         True
+
     """
 
     def __init__(
@@ -278,6 +279,7 @@ class CoordinateDescentStepper(Optimizer):
 
         Returns:
             The closure's loss, if a closure was given.
+
         """
         if closure is not None and not callable(closure):
             raise TypeError(f"closure must be callable, got {type(closure).__name__}.")
