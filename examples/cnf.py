@@ -868,6 +868,7 @@ def _build(
     solver_kwargs: dict[str, Any] | None,
     adjoint: bool,
     count: bool,
+    horizon_kwargs: dict[str, Any] | None = None,
 ) -> SequentialFlow:
     """``num_blocks`` CNF blocks with fresh nets and the given time treatment."""
     _choose(dict.fromkeys(TIME_MODES), time_mode, "time_mode")
@@ -887,6 +888,7 @@ def _build(
                 solver_kwargs=solver_kwargs,
                 steer_b=steer_b,
                 adjoint=adjoint,
+                horizon_kwargs=horizon_kwargs,
             )
         )
     return SequentialFlow(blocks)
@@ -908,6 +910,7 @@ def build_toy_model(
     solver_kwargs: dict[str, Any] | None = None,
     adjoint: bool = False,
     count: bool = False,
+    horizon_kwargs: dict[str, Any] | None = None,
 ) -> SequentialFlow:
     r"""FFJORD's toy model: ``num_blocks`` CNF blocks on :math:`\mathbb{R}^2` with concat-squash MLPs.
 
@@ -928,6 +931,8 @@ def build_toy_model(
         adjoint: Whether to solve with the adjoint method.
         count: Whether to wrap each field with :func:`torch_tempopt.count_nfe` (read with
             :func:`nfe`).
+        horizon_kwargs: More keyword arguments of each block's
+            :class:`~torch_tempopt.LearnableHorizon` (e.g. ``eps``).
 
     Returns:
         A :class:`SequentialFlow`.
@@ -947,6 +952,7 @@ def build_toy_model(
         solver_kwargs=solver_kwargs,
         adjoint=adjoint,
         count=count,
+        horizon_kwargs=horizon_kwargs,
     )
 
 
@@ -966,6 +972,7 @@ def build_image_model(
     solver_kwargs: dict[str, Any] | None = None,
     adjoint: bool = False,
     count: bool = False,
+    horizon_kwargs: dict[str, Any] | None = None,
 ) -> SequentialFlow:
     r"""A single-scale image CNF for small images (8x8 digits), FFJORD's image settings.
 
@@ -989,6 +996,8 @@ def build_image_model(
         solver_kwargs: Solver settings (default :data:`DEFAULT_SOLVER_KWARGS`).
         adjoint: Whether to solve with the adjoint method.
         count: Whether to wrap each field with :func:`torch_tempopt.count_nfe`.
+        horizon_kwargs: More keyword arguments of each block's
+            :class:`~torch_tempopt.LearnableHorizon` (e.g. ``eps``).
 
     Returns:
         A :class:`SequentialFlow`.
@@ -1008,4 +1017,5 @@ def build_image_model(
         solver_kwargs=solver_kwargs,
         adjoint=adjoint,
         count=count,
+        horizon_kwargs=horizon_kwargs,
     )
