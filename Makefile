@@ -13,7 +13,7 @@ else
 PY := $(abspath $(VENV))/bin/python
 endif
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test lint docs demo bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,10 @@ install: $(PY)
 lint: install
 	$(PY) -m ruff check torch_tempopt tests examples benchmarks
 
-test: install lint
+docs: install
+	$(PY) -m mkdocs build --strict --site-dir site
+
+test: install lint docs
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
 demo: install

@@ -28,3 +28,7 @@ def device(request: pytest.FixtureRequest) -> torch.device:
 @pytest.fixture
 def dtype() -> torch.dtype:
     return torch.get_default_dtype()
+
+# tests/standins/ holds stand-ins for upstream checkouts (their own ``lib`` packages and scripts that parse
+# sys.argv at import); the patches import them on their own, pytest must not collect them.
+collect_ignore = ["standins"]

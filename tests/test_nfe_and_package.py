@@ -15,7 +15,13 @@ from torch_tempopt import LearnableHorizon, NFECounter, count_nfe
 
 
 def test_public_surface():
-    assert set(torch_tempopt.__all__) == {"CoordinateDescentStepper", "LearnableHorizon", "NFECounter", "count_nfe"}
+    assert set(torch_tempopt.__all__) == {
+        "CoordinateDescentStepper",
+        "LearnableHorizon",
+        "NFECounter",
+        "count_nfe",
+        "load_state_dict_adding_horizons",
+    }
     assert isinstance(torch_tempopt.__version__, str)
 
 

@@ -19,7 +19,7 @@ def as_real(name: str, value: object) -> float:
 
     Raises:
         TypeError: If ``value`` is not a real number (``bool`` is refused too).
-        ValueError: If ``value`` is NaN or infinite.
+        ValueError: If ``value`` is NaN or infinite (or beyond the range of a float).
 
     """
     if isinstance(value, torch.Tensor):
@@ -28,10 +28,16 @@ def as_real(name: str, value: object) -> float:
                 f"{name} must be a real number or a one-element real tensor, "
                 f"got a tensor of shape {tuple(value.shape)} and dtype {value.dtype}."
             )
-        value = value.detach().item()
+        try:
+            value = value.detach().item()
+        except (RuntimeError, NotImplementedError) as error:  # e.g. a meta tensor, which holds no value
+            raise TypeError(f"{name} must hold a value, got a tensor on device {value.device}: {error}") from error
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {value!r} of type {type(value).__name__}.")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int or Fraction beyond the float range
+        value = math.inf
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}. Pass a finite number.")
     return value

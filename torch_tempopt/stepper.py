@@ -85,7 +85,28 @@ class CoordinateDescentStepper(Optimizer):
     points inward. A non-finite dL/dT never reaches T: that horizon's update is
     skipped, counted in :attr:`stats` and warned about once. With
     ``skip_nonfinite=True`` a non-finite gradient anywhere skips the whole step
-    (weights and T), like AMP's ``GradScaler``.
+    (weights and T), like AMP's ``GradScaler``; in ``"exact"`` mode a non-finite
+    dL/dT at the updated weights also undoes the weight step (P's weights and
+    state are copied before it), so a step is applied entirely or not at all.
+
+    Mixed precision: under :func:`torch.autocast` T and dL/dT stay float32 (the
+    time grid is at least float32). With a :class:`torch.amp.GradScaler`, call
+    :meth:`attach_grad_scaler` once: ``scaler.step(stepper)`` unscales only
+    ``param_groups`` (the weights), so the stepper unscales dL/dT itself (through
+    ``scaler.unscale_`` on the horizon optimizer, so an overflow in dL/dT also
+    backs the scale off) and skips the whole step if it overflowed.
+
+    Distributed: the horizons' T are parameters used in the forward pass, so
+    :class:`~torch.nn.parallel.DistributedDataParallel` all-reduces (averages)
+    dL/dT together with the weights' gradients, also with
+    ``find_unused_parameters=False``. Every rank then takes the same horizon step
+    and T stays bitwise equal across ranks. Pass the DDP module (or the module it
+    wraps) as ``horizons``. ``"exact"`` mode works too: its closure runs DDP's
+    forward and backward twice per step (two all-reduces).
+
+    Errors raised by a horizon's solve carry a note naming the horizon (its name
+    in the model, interval, direction) and the number of steps taken
+    (:meth:`LearnableHorizon.describe`), which the stepper keeps up to date.
 
     Arguments:
         optimizer: The weight optimizer P. Horizon parameters found in it are
@@ -171,7 +192,12 @@ class CoordinateDescentStepper(Optimizer):
             self._remove_time_params_from_p()
             self.horizon_optimizer = self._build_q(horizon_optimizer)
 
-        self.stats: dict[str, Any] = {
+        self._grad_scaler: Any = None
+        self.stats: dict[str, Any] = self._fresh_stats()
+        self._set_context()
+
+    def _fresh_stats(self) -> dict[str, Any]:
+        return {
             "steps": 0,
             "skipped_steps": 0,
             "horizons": [
@@ -179,6 +205,12 @@ class CoordinateDescentStepper(Optimizer):
                 for name, h in self._horizons
             ],
         }
+
+    def _set_context(self) -> None:
+        """Tells each horizon its name and the step count, for its error messages."""
+        for name, h in self._horizons:
+            h._context_name = name or None
+            h._context_steps = int(self.stats["steps"])
 
     # ------------------------------------------------------------------ wiring
     def _remove_time_params_from_p(self) -> None:
@@ -264,6 +296,77 @@ class CoordinateDescentStepper(Optimizer):
             else:
                 p.grad.detach_().zero_()
 
+    def attach_grad_scaler(self, scaler: Any) -> None:
+        r"""Makes :meth:`step` unscale dL/dT with ``scaler`` (a :class:`torch.amp.GradScaler`).
+
+        ``scaler.step(stepper)`` unscales the gradients of ``param_groups``, which
+        hold the weights only, so that LR schedulers and clipping never touch T.
+        With the scaler attached, :meth:`step` calls ``scaler.unscale_`` on the
+        horizon optimizer: dL/dT is divided by the scale, and an inf/NaN in it
+        is recorded where ``scaler.update()`` looks, so the scale backs off. Such
+        a step is skipped entirely (weights and T), as the scaler skips steps
+        with non-finite weight gradients, and counted in
+        ``stats["skipped_steps"]``. Not needed in ``"joint"`` mode, where T is in
+        ``param_groups`` and the scaler unscales it with the weights.
+
+        Between ``scaler.unscale_(stepper)`` (e.g. for gradient clipping) and
+        ``scaler.step(stepper)``, dL/dT is still scaled: clip the weights only
+        (``network_parameters(model)``), not ``model.parameters()``.
+
+        Arguments:
+            scaler: The :class:`torch.amp.GradScaler` used for the backward pass,
+                or ``None`` to detach it.
+
+        Raises:
+            TypeError: If ``scaler`` does not look like a ``GradScaler``.
+            ValueError: In ``"exact"`` mode, whose closure ``GradScaler.step`` refuses.
+
+        Example:
+            >>> import torch
+            >>> horizon = LearnableHorizon(T0=0.5)
+            >>> net = torch.nn.Linear(2, 2)
+            >>> stepper = CoordinateDescentStepper(torch.optim.Adam(net.parameters(), lr=1e-3), [horizon])
+            >>> scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+            >>> stepper.attach_grad_scaler(scaler)
+            >>> loss = horizon(lambda t, y: net(y), torch.ones(4, 2)).pow(2).sum()
+            >>> scaler.scale(loss).backward()
+            >>> scaler.step(stepper); scaler.update()
+            >>> abs(stepper.stats["horizons"][0]["dLdT"]) < 100  # unscaled
+            True
+
+        """
+        if scaler is None:
+            self._grad_scaler = None
+            return
+        needed = ("unscale_", "is_enabled", "get_scale", "update")
+        if not all(callable(getattr(scaler, name, None)) for name in needed):
+            raise TypeError(
+                f"scaler must be a torch.amp.GradScaler (with {', '.join(needed)}), got {type(scaler).__name__}."
+            )
+        if self.mode == "exact":
+            raise ValueError(
+                "scaler cannot be used with mode='exact': GradScaler.step refuses closures, and exact mode needs one "
+                "to re-evaluate dL/dT. Use mode='alternate' with AMP."
+            )
+        self._grad_scaler = scaler
+
+    def _unscale_time_grads(self) -> bool:
+        """Unscales dL/dT with the attached scaler; returns whether it overflowed."""
+        scaler = self._grad_scaler
+        if scaler is None or self.mode == "joint" or not scaler.is_enabled():
+            return False
+        if not any(p.grad is not None for p in self._time_params):
+            return False
+        assert self.horizon_optimizer is not None
+        try:
+            scaler.unscale_(self.horizon_optimizer)
+        except RuntimeError as error:
+            raise RuntimeError(
+                "CoordinateDescentStepper could not unscale dL/dT: step() was called twice without scaler.update() "
+                "in between. Call scaler.update() after every scaler.step(stepper)."
+            ) from error
+        return not _all_finite([p.grad for p in self._time_params if p.grad is not None])
+
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
@@ -294,6 +397,10 @@ class CoordinateDescentStepper(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        if self._unscale_time_grads():
+            # The scaler's overflow protocol: skip everything, the scale backs off in scaler.update().
+            self.stats["skipped_steps"] += 1
+            return loss
         weight_grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
         time_grads = [p.grad for p in self._time_params if p.grad is not None]
         if not _all_finite(weight_grads):
@@ -313,8 +420,10 @@ class CoordinateDescentStepper(Optimizer):
             self._restore_time_grads(saved)
             self._record(clipped=[False] * len(self._horizons))
             self.stats["steps"] += 1
+            self._set_context()
             return loss
 
+        snapshot = self._snapshot_weights() if self.mode == "exact" and self.skip_nonfinite else None
         self.optimizer.step()
         if self.mode == "exact":
             assert closure is not None
@@ -322,12 +431,25 @@ class CoordinateDescentStepper(Optimizer):
                 p.grad = None
             with torch.enable_grad():
                 closure()
-            if self.skip_nonfinite and not _all_finite([p.grad for p in self._time_params if p.grad is not None]):
-                self.stats["skipped_steps"] += 1
-                return loss
+            if snapshot is not None and not _all_finite([p.grad for p in self._time_params if p.grad is not None]):
+                self._restore_weights(snapshot)
+                return self._skip_step(loss)
         self._step_horizons()
         self.stats["steps"] += 1
+        self._set_context()
         return loss
+
+    def _snapshot_weights(self) -> tuple[list[Tensor], dict[str, Any]]:
+        """Copies of P's parameters and state, to undo a weight step."""
+        params = [p.detach().clone() for g in self.optimizer.param_groups for p in g["params"]]
+        return params, copy.deepcopy(self.optimizer.state_dict())
+
+    def _restore_weights(self, snapshot: tuple[list[Tensor], dict[str, Any]]) -> None:
+        params, state = snapshot
+        with torch.no_grad():
+            for p, saved in zip((p for g in self.optimizer.param_groups for p in g["params"]), params):
+                p.copy_(saved)
+        self.optimizer.load_state_dict(state)
 
     def _skip_step(self, loss: Any) -> Any:
         self.stats["skipped_steps"] += 1
@@ -405,11 +527,32 @@ class CoordinateDescentStepper(Optimizer):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
-        """Loads what :meth:`state_dict` returned."""
-        if not isinstance(state_dict, dict) or "optimizer" not in state_dict or "horizons" not in state_dict:
+        """Loads what :meth:`state_dict` returned, or a plain optimizer's state dict.
+
+        A plain optimizer state (``{"state": ..., "param_groups": ...}``, saved
+        before temporal optimization was switched on) goes to the weight
+        optimizer; the horizon optimizer and :attr:`stats` start fresh, with a
+        one-line :class:`UserWarning`. It must come from an optimizer over the
+        same weights, without the horizons' T (see
+        :func:`~torch_tempopt.load_state_dict_adding_horizons` for the model).
+
+        Arguments:
+            state_dict: A stepper's or a plain optimizer's state dict.
+
+        Raises:
+            TypeError: If ``state_dict`` is not a dict.
+            ValueError: If it is neither kind, or does not fit this stepper.
+
+        """
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict must be a dict from state_dict(), got {type(state_dict).__name__}.")
+        if "optimizer" not in state_dict and "state" in state_dict and "param_groups" in state_dict:
+            self._load_plain_state_dict(state_dict)
+            return
+        if "optimizer" not in state_dict or "horizons" not in state_dict:
             raise ValueError(
-                "state_dict is not a CoordinateDescentStepper state (no 'optimizer'/'horizons' keys); "
-                "to load a plain optimizer checkpoint use stepper.optimizer.load_state_dict(...)."
+                "state_dict is neither a CoordinateDescentStepper state (keys 'optimizer', 'horizons') nor a plain "
+                f"optimizer state (keys 'state', 'param_groups'); got keys {sorted(map(str, state_dict))}."
             )
         if state_dict.get("mode", self.mode) != self.mode:
             raise ValueError(f"state_dict was saved in mode={state_dict['mode']!r}, this stepper has mode={self.mode!r}.")
@@ -425,6 +568,28 @@ class CoordinateDescentStepper(Optimizer):
                     getattr(h, key).copy_(b[key])
         if "stats" in state_dict:
             self.stats = copy.deepcopy(state_dict["stats"])
+        self._set_context()
+
+    def _load_plain_state_dict(self, state_dict: dict[str, Any]) -> None:
+        try:
+            self.optimizer.load_state_dict(state_dict)
+        except (ValueError, KeyError) as error:
+            raise ValueError(
+                f"state_dict is a plain optimizer state that does not fit the weight optimizer ({error}). It must "
+                "come from an optimizer over the same weights in the same order, without the horizons' T "
+                "(e.g. Adam(network_parameters(model)))"
+                + ("; in mode='joint' the weight optimizer holds T in an extra group, so load it before wrapping." if self.mode == "joint" else ".")
+            ) from error
+        if self.horizon_optimizer is not None:
+            self.horizon_optimizer.state.clear()
+        self.stats = self._fresh_stats()
+        self._set_context()
+        warnings.warn(
+            "CoordinateDescentStepper.load_state_dict: loaded a plain optimizer state into the weight optimizer; "
+            "the horizon optimizer and stats start fresh (temporal optimization starts here).",
+            UserWarning,
+            stacklevel=2,
+        )
 
     def __getstate__(self) -> dict[str, Any]:
         return self.__dict__

@@ -1,0 +1,286 @@
+"""Soak test: a long TO-FLOW training of the toy CNF, checking bounds, finiteness and memory.
+
+The reference CNF of :mod:`examples.cnf` (concat-squash MLP 32-32, exact trace, batch 100 of
+8gaussians) with a learnable end time, stepped by :class:`torch_tempopt.CoordinateDescentStepper`
+(Adam on the weights and on T, the paper's alpha = 0.1, eps = 0.1), on 1 thread. Every
+iteration checks that
+
+* T lies in its clip interval ``horizon.bounds`` (up to the float rounding of the bounds);
+* the loss, T and every weight are finite (no step was skipped);
+
+and every ``--sample-every`` iterations it records the resident set size (``/proc/self/statm``
+on Linux) and the peak RSS (``resource.getrusage``), without psutil. Memory is *flat* if the
+RSS at the end exceeds the RSS at iteration 1000 by at most ``--max-growth-mb``.
+
+Run from the repository root (about 10 minutes on one core with the defaults)::
+
+    python benchmarks/soak.py                          # 20,000 iterations -> benchmarks/results/soak.{json,md}
+    python benchmarks/soak.py --iters 300 --sample-every 100 --out /tmp/soak   # a quick check
+
+The exit status is 1 if a check failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from examples.cnf import build_toy_model, end_times, network_parameters, nfe, nll_and_reg  # noqa: E402
+from examples.data import TOY_DATASETS, toy_sample  # noqa: E402
+from torch_tempopt import CoordinateDescentStepper, LearnableHorizon  # noqa: E402
+
+MIB = 1024 * 1024
+
+
+def rss_bytes() -> int | None:
+    """The current resident set size, from ``/proc/self/statm`` (Linux), or ``None`` elsewhere."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def peak_rss_bytes() -> int:
+    """The peak resident set size of this process (``ru_maxrss`` is in KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def _mb(value: int | None) -> float | None:
+    return None if value is None else round(value / MIB, 2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--iters", type=int, default=20000)
+    p.add_argument("--data", choices=TOY_DATASETS, default="8gaussians")
+    p.add_argument("--hidden", default="32,32")
+    p.add_argument("--batch", type=int, default=100)
+    p.add_argument("--solver", choices=("rk4", "dopri5"), default="rk4")
+    p.add_argument("--step-size", type=float, default=0.125, help="rk4's step")
+    p.add_argument("--tol", type=float, default=1e-5, help="dopri5's rtol = atol")
+    p.add_argument("--T0", type=float, default=0.5)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--tempopt-lr", type=float, default=1e-2)
+    p.add_argument("--alpha", type=float, default=0.1)
+    p.add_argument("--eps", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sample-every", type=int, default=1000, help="memory samples every K iterations")
+    p.add_argument("--max-growth-mb", type=float, default=16.0, help="allowed RSS growth after iteration 1000")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    return p
+
+
+def _within(h: LearnableHorizon) -> bool:
+    lo, hi = h.bounds
+    T = h.T.detach()
+    # clamp_ rounds the float64 bounds to T's dtype: allow that rounding, nothing more.
+    lo_r, hi_r = (torch.tensor(b, dtype=T.dtype).item() for b in (lo, hi))
+    return min(lo, lo_r) <= T.item() <= max(hi, hi_r)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    torch.manual_seed(args.seed)
+    hidden = tuple(int(h) for h in args.hidden.split(",") if h.strip())
+    if args.solver == "rk4":
+        solver_kwargs: dict[str, Any] = {"method": "rk4", "options": {"step_size": args.step_size}}
+    else:
+        solver_kwargs = {"method": "dopri5", "rtol": args.tol, "atol": args.tol}
+    model = build_toy_model(
+        hidden=hidden, T0=args.T0, solver_kwargs=solver_kwargs, count=True, horizon_kwargs={"eps": args.eps}
+    )
+    horizons = [m for m in model.modules() if isinstance(m, LearnableHorizon)]
+    stepper = CoordinateDescentStepper(
+        torch.optim.Adam(network_parameters(model), lr=args.lr), model, lr=args.tempopt_lr, alpha=args.alpha
+    )
+    params = list(model.parameters())
+    rng = np.random.default_rng(args.seed)
+
+    checks = {"T_out_of_bounds": 0, "nonfinite_loss": 0, "nonfinite_parameters": 0, "first_failure": None}
+    samples: list[dict[str, Any]] = []
+    nfe_total = 0
+    loss_window: list[float] = []
+    T_min = [math.inf] * len(horizons)
+    T_max = [-math.inf] * len(horizons)
+    bar = None
+    if args.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=args.iters, desc="soak", dynamic_ncols=True, file=sys.stderr)
+    start = time.perf_counter()
+    cpu0 = time.process_time()
+    for it in range(1, args.iters + 1):
+        x = torch.as_tensor(toy_sample(args.data, args.batch, rng))
+        stepper.zero_grad()
+        loss, _ = nll_and_reg(model, x)
+        loss.backward()
+        stepper.step()
+        nfe_total += sum(nfe(model, reset=True).values())
+
+        value = loss.item()
+        loss_window.append(value)
+        problems = []
+        if not math.isfinite(value):
+            checks["nonfinite_loss"] += 1
+            problems.append(f"loss {value}")
+        if not all(bool(torch.isfinite(p).all()) for p in params):
+            checks["nonfinite_parameters"] += 1
+            problems.append("a parameter is NaN/inf")
+        for k, h in enumerate(horizons):
+            T = h.T.item()
+            T_min[k], T_max[k] = min(T_min[k], T), max(T_max[k], T)
+            if not _within(h):
+                checks["T_out_of_bounds"] += 1
+                problems.append(f"T_{k}={T!r} outside {h.bounds}")
+        if problems and checks["first_failure"] is None:
+            checks["first_failure"] = {"iteration": it, "problems": problems}
+
+        if it % args.sample_every == 0 or it == args.iters or it == min(1000, args.iters):
+            samples.append(
+                {
+                    "iteration": it,
+                    "rss_mb": _mb(rss_bytes()),
+                    "peak_rss_mb": _mb(peak_rss_bytes()),
+                    "T": end_times(model),
+                    "mean_loss": float(np.mean(loss_window)),
+                    "nfe_per_iteration": nfe_total / it,
+                    "wall_seconds": round(time.perf_counter() - start, 2),
+                }
+            )
+            loss_window = []
+        if bar is not None:
+            bar.update(1)
+            if it % 50 == 0:
+                bar.set_postfix({"loss": f"{value:.3f}", "T": ",".join(f"{t:.3f}" for t in end_times(model))})
+    if bar is not None:
+        bar.close()
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu0
+
+    by_iter = {s["iteration"]: s for s in samples}
+    at_1k = by_iter.get(min(1000, args.iters))
+    end = samples[-1]
+    growth = None
+    if at_1k is not None and at_1k["rss_mb"] is not None and end["rss_mb"] is not None:
+        growth = round(end["rss_mb"] - at_1k["rss_mb"], 2)
+    memory_flat = growth is None or growth <= args.max_growth_mb
+    passed = (
+        checks["T_out_of_bounds"] == 0
+        and checks["nonfinite_loss"] == 0
+        and checks["nonfinite_parameters"] == 0
+        and stepper.stats["skipped_steps"] == 0
+        and memory_flat
+    )
+    return {
+        "passed": passed,
+        "iterations": args.iters,
+        "checks": {
+            **checks,
+            "skipped_steps": stepper.stats["skipped_steps"],
+            "nonfinite_dLdT": [h["nonfinite"] for h in stepper.stats["horizons"]],
+            "clip_counts": [h["clip_count"] for h in stepper.stats["horizons"]],
+            "memory_flat": memory_flat,
+            "rss_growth_after_1k_mb": growth,
+            "max_growth_mb": args.max_growth_mb,
+        },
+        "memory": {
+            "rss_mb_at_1k": None if at_1k is None else at_1k["rss_mb"],
+            "peak_rss_mb_at_1k": None if at_1k is None else at_1k["peak_rss_mb"],
+            "rss_mb_at_end": end["rss_mb"],
+            "peak_rss_mb_at_end": end["peak_rss_mb"],
+        },
+        "T": {
+            "final": end_times(model),
+            "min": T_min,
+            "max": T_max,
+            "bounds": [list(h.bounds) for h in horizons],
+        },
+        "nfe_per_iteration": nfe_total / max(args.iters, 1),
+        "wall_seconds": round(wall, 2),
+        "cpu_seconds": round(cpu, 2),
+        "ms_per_iteration": round(1000 * wall / max(args.iters, 1), 3),
+        "samples": samples,
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "environment": {
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "threads": torch.get_num_threads(),
+        },
+    }
+
+
+def markdown(result: dict[str, Any]) -> str:
+    c, m = result["checks"], result["memory"]
+    lines = [
+        f"# Soak: {result['iterations']} iterations of TO-FLOW on the toy CNF",
+        "",
+        f"Result: **{'passed' if result['passed'] else 'FAILED'}** "
+        f"({result['wall_seconds']} s wall, {result['ms_per_iteration']} ms/iteration, "
+        f"{result['nfe_per_iteration']:.1f} NFE/iteration, torch {result['environment']['torch']}, 1 thread).",
+        "",
+        "| check | value |",
+        "|---|---|",
+        f"| T outside its bounds (iterations) | {c['T_out_of_bounds']} |",
+        f"| non-finite loss / parameters (iterations) | {c['nonfinite_loss']} / {c['nonfinite_parameters']} |",
+        f"| skipped steps, non-finite dL/dT | {c['skipped_steps']}, {c['nonfinite_dLdT']} |",
+        f"| T range seen (bounds) | {result['T']['min']} .. {result['T']['max']} ({result['T']['bounds']}) |",
+        f"| clip events | {c['clip_counts']} |",
+        f"| RSS at 1k / end (MiB) | {m['rss_mb_at_1k']} / {m['rss_mb_at_end']} |",
+        f"| peak RSS at 1k / end (MiB) | {m['peak_rss_mb_at_1k']} / {m['peak_rss_mb_at_end']} |",
+        f"| RSS growth after 1k (limit) | {c['rss_growth_after_1k_mb']} MiB ({c['max_growth_mb']} MiB) |",
+        "",
+        "| iteration | RSS MiB | peak RSS MiB | T | mean loss | NFE/iter | wall s |",
+        "|---:|---:|---:|---|---:|---:|---:|",
+    ]
+    for s in result["samples"]:
+        T = ", ".join(f"{t:.4f}" for t in s["T"])
+        lines.append(
+            f"| {s['iteration']} | {s['rss_mb']} | {s['peak_rss_mb']} | {T} | {s['mean_loss']:.4f} | "
+            f"{s['nfe_per_iteration']:.1f} | {s['wall_seconds']} |"
+        )
+    cfg = result["config"]
+    lines += [
+        "",
+        f"Config: data {cfg['data']}, hidden {cfg['hidden']}, batch {cfg['batch']}, solver {cfg['solver']} "
+        f"(step {cfg['step_size']} / tol {cfg['tol']}), T0 {cfg['T0']}, lr {cfg['lr']}, T lr {cfg['tempopt_lr']}, "
+        f"alpha {cfg['alpha']}, eps {cfg['eps']}, seed {cfg['seed']}.",
+        "",
+        "Reproduce: `python benchmarks/soak.py" + ("" if result["iterations"] == 20000 else f" --iters {result['iterations']}") + "`",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.iters <= 0 or args.sample_every <= 0:
+        raise SystemExit("--iters and --sample-every must be positive.")
+    result = run(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "soak.json").write_text(json.dumps(result, indent=1))
+    (args.out / "soak.md").write_text(markdown(result))
+    summary = {k: result[k] for k in ("passed", "iterations", "ms_per_iteration", "memory")}
+    summary["T"] = result["T"]["final"]
+    print(json.dumps(summary))
+    return 0 if result["passed"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
