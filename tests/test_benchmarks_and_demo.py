@@ -81,3 +81,13 @@ def test_demo(tmp_path):
     assert set(res) == {"ffjord", "toflow"} and res["ffjord"]["T"] == [0.5]
     for name in ("comparison.md", "densities.png", "curves.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_ablation_benchmark(tmp_path):
+    res = _load("ablation").main([
+        "--iters", "2", "--alphas", "0", "1", "--epss", "0.2", "--eval-every", "1",
+        "--train-args", "--batch-size 16 --hidden 8,8 --test-size 64", "--runs", str(tmp_path / "runs"),
+        "--out", str(tmp_path), "--name", "abl",
+    ])  # fmt: skip
+    assert [(r["ablation"], r["alpha"], r["eps"]) for r in res["results"]] == [("alpha", 0.0, 0.1), ("alpha", 1.0, 0.1), ("eps", 0.1, 0.2)]
+    assert (tmp_path / "abl.png").stat().st_size > 0 and "mean abs dL/dT" in (tmp_path / "abl.md").read_text()
