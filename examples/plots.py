@@ -199,7 +199,13 @@ def read_run(run_dir: PathLike) -> dict[str, Any]:
         }
     else:
         evals = {k: np.array([]) for k in keys}
-    label = f"{_LABELS.get(config['method'], config['method'])} ({config['data']}, seed {config['seed']})"
+    extras = []
+    if config.get("solver", "dopri5") != "dopri5":
+        extras.append(f"{config['solver']} h={config.get('step_size')}")
+    if config.get("mode") and config.get("alpha") is not None and config["alpha"] != 0.1:
+        extras.append(f"alpha={config['alpha']:g}")
+    extra = f", {', '.join(extras)}" if extras else ""
+    label = f"{_LABELS.get(config['method'], config['method'])}{extra} ({config['data']}, seed {config['seed']})"
     return {"dir": run_dir, "config": config, "metrics": metrics, "log": log, "evals": evals, "label": label}
 
 
