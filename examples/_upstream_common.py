@@ -48,6 +48,7 @@ from torch_tempopt import CoordinateDescentStepper, LearnableHorizon
 from torch_tempopt.nfe import NFECounter
 
 __all__ = [
+    "layout_error",
     "CSV_COLUMNS",
     "Block",
     "LoggingStepper",
@@ -729,3 +730,13 @@ class LoggingStepper(CoordinateDescentStepper):
             super().load_state_dict(state_dict)
         else:
             self.optimizer.load_state_dict(state_dict)
+
+
+def layout_error(cls: type[UpstreamLayoutError], patch: str, verified: str, checkout: Path) -> Callable[[str], UpstreamLayoutError]:
+    """A factory of ``cls`` errors saying that ``patch`` (verified on ``verified``, ``owner/repo@commit``)
+    does not recognise ``checkout``, with the missing detail appended."""
+
+    def make(detail: str) -> UpstreamLayoutError:
+        return cls(f"{patch} (verified on {verified}) does not recognise the checkout {checkout}: {detail}.")
+
+    return make

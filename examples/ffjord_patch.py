@@ -102,6 +102,7 @@ from examples._upstream_common import (
     checkout_commit,
     import_upstream,
     isolated_process,
+    layout_error,
     optimizer_factory,
     require_attrs,
     require_params,
@@ -133,14 +134,8 @@ class FFJORDLayoutError(UpstreamLayoutError):
     """The FFJORD checkout lacks a name or signature the patch relies on."""
 
 
-def _error(checkout: Path) -> Callable[[str], FFJORDLayoutError]:
-    def make(detail: str) -> FFJORDLayoutError:
-        return FFJORDLayoutError(
-            f"ffjord_patch (verified on rtqichen/ffjord@{VERIFIED_COMMIT[:8]}) does not recognise the checkout "
-            f"{checkout}: {detail}."
-        )
-
-    return make
+def _error(checkout: Path) -> Callable[[str], UpstreamLayoutError]:
+    return layout_error(FFJORDLayoutError, "ffjord_patch", f"rtqichen/ffjord@{VERIFIED_COMMIT[:8]}", checkout)
 
 
 def _patch_cnf(cnf_module: Any, registry: Registry, patcher: Patcher, error: Callable[[str], Exception]) -> None:

@@ -91,6 +91,7 @@ from examples._upstream_common import (
     checkout_commit,
     import_upstream,
     isolated_process,
+    layout_error,
     optimizer_factory,
     require_attrs,
     require_params,
@@ -134,14 +135,8 @@ class OTFlowLayoutError(UpstreamLayoutError):
     """The OT-Flow checkout lacks a name or signature the patch relies on."""
 
 
-def _error(checkout: Path) -> Callable[[str], OTFlowLayoutError]:
-    def make(detail: str) -> OTFlowLayoutError:
-        return OTFlowLayoutError(
-            f"otflow_patch (verified on EmoryMLIP/OT-Flow@{VERIFIED_COMMIT[:8]}) does not recognise the checkout "
-            f"{checkout}: {detail}."
-        )
-
-    return make
+def _error(checkout: Path) -> Callable[[str], UpstreamLayoutError]:
+    return layout_error(OTFlowLayoutError, "otflow_patch", f"EmoryMLIP/OT-Flow@{VERIFIED_COMMIT[:8]}", checkout)
 
 
 # ----------------------------------------------------------------------------------------------- the adapter

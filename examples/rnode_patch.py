@@ -92,6 +92,7 @@ from examples._upstream_common import (
     checkout_commit,
     import_upstream,
     isolated_process,
+    layout_error,
     optimizer_factory,
     require_attrs,
     require_params,
@@ -119,14 +120,8 @@ class RNODELayoutError(UpstreamLayoutError):
     """The RNODE checkout lacks a name or signature the patch relies on."""
 
 
-def _error(checkout: Path) -> Callable[[str], RNODELayoutError]:
-    def make(detail: str) -> RNODELayoutError:
-        return RNODELayoutError(
-            f"rnode_patch (verified on cfinlay/ffjord-rnode@{VERIFIED_COMMIT[:8]}) does not recognise the checkout "
-            f"{checkout}: {detail}."
-        )
-
-    return make
+def _error(checkout: Path) -> Callable[[str], UpstreamLayoutError]:
+    return layout_error(RNODELayoutError, "rnode_patch", f"cfinlay/ffjord-rnode@{VERIFIED_COMMIT[:8]}", checkout)
 
 
 def _patch_cnf(cnf_module: Any, registry: Registry, patcher: Patcher, error: Callable[[str], Exception]) -> None:
