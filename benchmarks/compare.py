@@ -31,7 +31,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from examples.train import run  # noqa: E402
+from examples.train import _RESUMABLE_CHANGES, resolve_config, run  # noqa: E402
 
 #: name -> (examples.train method, extra flags)
 CONFIGS: dict[str, tuple[str, list[str]]] = {
@@ -51,6 +51,20 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
 }
 
 DEFAULT_CONFIGS = ["ffjord", "steer", "toflow", "rnode", "rnode+toflow", "ffjord-rk4", "toflow-rk4", "toflow-rk4-a1"]
+
+
+def finished_run(out: Path, train_args: list[str]) -> dict[str, Any] | None:
+    """The metrics of a finished run in ``out`` made with the same configuration, or None."""
+    path = out / "metrics.json"
+    if not path.is_file():
+        return None
+    metrics = json.loads(path.read_text())
+    wanted = resolve_config(train_args)
+    saved = metrics.get("config", {})
+    keys = (set(wanted) | set(saved)) - _RESUMABLE_CHANGES
+    if metrics.get("iters") != wanted["iters"] or any(saved.get(k) != wanted.get(k) for k in keys):
+        return None
+    return metrics
 
 
 def reach(curve: list[dict[str, Any]], target: float) -> dict[str, Any] | None:
@@ -125,6 +139,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--name", default=None, help="results file stem (default: compare_<data>)")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="take a configuration's metrics from its run directory if a run with the same settings finished there "
+        "(lets a long benchmark be run one configuration at a time)",
+    )
     args = parser.parse_args(argv)
 
     configs = dict(CONFIGS)
@@ -155,7 +175,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "--checkpoint-every", "0", *shlex.split(args.train_args), *flags,
             ]
             print(f"[{time.time() - started:7.0f}s] {args.data} seed {seed}: {cfg} ({method} {' '.join(flags)})", flush=True)
-            runs[cfg] = run(train_args)
+            previous = finished_run(out, train_args) if args.reuse else None
+            if previous is not None:
+                print(f"    reusing the finished run in {out}", flush=True)
+            runs[cfg] = previous if previous is not None else run(train_args)
             m = runs[cfg]
             print(f"    test NLL {m['test_nll']:.4f}  NFE {m['nfe_forward_total']}+{m['nfe_backward_total']}  "
                   f"CPU {m['cpu_seconds']:.0f}s  T {m['T']}", flush=True)

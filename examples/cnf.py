@@ -39,6 +39,7 @@ __all__ = [
     "ConcatSquashConv2d",
     "ConcatSquashLinear",
     "ConvODEnet",
+    "FlatODEnet",
     "FlowOutput",
     "ODEfunc",
     "ODEnet",
@@ -298,6 +299,48 @@ class ConvODEnet(_TimeConditionedStack):
         layer = _choose(_CONV_LAYERS, layer_type, "layer_type")
         widths = _widths(channels, hidden_channels, "hidden_channels")
         super().__init__([layer(a, b) for a, b in zip(widths[:-1], widths[1:])], nonlinearity)
+
+
+class FlatODEnet(ODEnet):
+    r"""An :class:`ODEnet` on flattened images: ``(B, C, H, W) -> (B, C*H*W) -> MLP -> (B, C, H, W)``.
+
+    FFJORD's tabular models (MINIBOONE, 43 dimensions) are MLPs of this kind; an 8x8 image
+    is a 64-dimensional vector, and the MLP costs a fraction of a convolution on the CPU.
+
+    Arguments:
+        shape: The image shape ``(C, H, W)``.
+        hidden_dims: The hidden widths.
+        layer_type: ``"concatsquash"`` or ``"concat"``.
+        nonlinearity: ``"tanh"`` or ``"softplus"``.
+
+    Raises:
+        ValueError: For a shape that is not three positive ints, or as :class:`ODEnet`.
+
+    Example:
+        >>> net = FlatODEnet((1, 8, 8), (32,))
+        >>> net(0.5, torch.zeros(3, 1, 8, 8)).shape
+        torch.Size([3, 1, 8, 8])
+    """
+
+    def __init__(
+        self,
+        shape: Sequence[int],
+        hidden_dims: Sequence[int] = (256, 256),
+        layer_type: str = "concatsquash",
+        nonlinearity: str = "softplus",
+    ) -> None:
+        shape = tuple(shape)
+        if len(shape) != 3 or any(isinstance(s, bool) or not isinstance(s, int) or s <= 0 for s in shape):
+            raise ValueError(f"shape must be three positive ints (C, H, W), got {shape!r}.")
+        dim = shape[0] * shape[1] * shape[2]
+        super().__init__(dim, hidden_dims, layer_type, nonlinearity)
+        self.shape = shape
+
+    def forward(self, t: Tensor | float, x: Tensor) -> Tensor:
+        """Evaluates the velocity on ``x`` of shape ``(batch, C, H, W)``."""
+        if tuple(x.shape[1:]) != self.shape:
+            raise ValueError(f"x must have shape (batch, *{self.shape}), got {tuple(x.shape)}.")
+        return super().forward(t, x.reshape(x.shape[0], -1)).reshape(x.shape)
 
 
 # --------------------------------------------------------------------------- dynamics
@@ -973,6 +1016,8 @@ def build_image_model(
     adjoint: bool = False,
     count: bool = False,
     horizon_kwargs: dict[str, Any] | None = None,
+    net: str = "conv",
+    image_shape: Sequence[int] = (1, 8, 8),
 ) -> SequentialFlow:
     r"""A single-scale image CNF for small images (8x8 digits), FFJORD's image settings.
 
@@ -998,6 +1043,10 @@ def build_image_model(
         count: Whether to wrap each field with :func:`torch_tempopt.count_nfe`.
         horizon_kwargs: More keyword arguments of each block's
             :class:`~torch_tempopt.LearnableHorizon` (e.g. ``eps``).
+        net: ``"conv"`` (:class:`ConvODEnet`, FFJORD's image net) or ``"mlp"``
+            (:class:`FlatODEnet` on the flattened image, FFJORD's tabular net; then
+            ``hidden_channels`` are the hidden widths).
+        image_shape: ``(C, H, W)``, used by ``net="mlp"`` (``C`` must equal ``channels``).
 
     Returns:
         A :class:`SequentialFlow`.
@@ -1005,8 +1054,17 @@ def build_image_model(
     Raises:
         ValueError: For unknown options or non-positive sizes.
     """
+    _choose({"conv": None, "mlp": None}, net, "net")
+    if net == "mlp" and tuple(image_shape)[:1] != (channels,):
+        raise ValueError(f"image_shape {tuple(image_shape)} must start with channels={channels}.")
+
+    def make_net() -> nn.Module:
+        if net == "mlp":
+            return FlatODEnet(image_shape, hidden_channels, layer_type, nonlinearity)
+        return ConvODEnet(channels, hidden_channels, layer_type, nonlinearity)
+
     return _build(
-        lambda: ConvODEnet(channels, hidden_channels, layer_type, nonlinearity),
+        make_net,
         num_blocks,
         divergence=divergence,
         noise=noise,

@@ -219,6 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--nonlinearity", choices=("tanh", "softplus"), default=None, help="default tanh toy, softplus digits"
     )
+    g.add_argument(
+        "--net",
+        choices=("conv", "mlp"),
+        default=None,
+        help="digits only: conv (FFJORD's image net, default) or mlp (on the flattened 8x8 image, FFJORD's tabular net)",
+    )
     g.add_argument("--adjoint", action=argparse.BooleanOptionalAction, default=True, help="odeint_adjoint as FFJORD")
     g.add_argument("--dtype", choices=("float32", "float64"), default="float32")
 
@@ -305,6 +311,10 @@ def resolve_config(args: ArgsLike) -> dict[str, Any]:
         if config.get(key) is None:
             config[key] = value
     config["hidden"] = ",".join(str(w) for w in _hidden(config["hidden"]))
+    if not image and config.get("net") is not None:
+        raise ValueError(f"--net applies to --data digits only (toy sets always use an MLP), got --net {config['net']}.")
+    if image and config.get("net") is None:
+        config["net"] = "conv"
     # Record what the method uses: the update scheme of T, and the RNODE coefficients only where they apply.
     spec = METHODS.get(config["method"], {})
     if spec.get("stepper") == "joint":
@@ -403,7 +413,9 @@ def build_model(config: dict[str, Any]) -> nn.Module:
     dtype = getattr(torch, config["dtype"])
     with _torch_settings(dtype):
         if config["data"] == "digits":
-            model = build_image_model(channels=1, hidden_channels=_hidden(config["hidden"]), **common)
+            model = build_image_model(
+                channels=1, hidden_channels=_hidden(config["hidden"]), net=config.get("net") or "conv", **common
+            )
         else:
             model = build_toy_model(hidden=_hidden(config["hidden"]), **common)
     return model
@@ -601,6 +613,8 @@ def _atomic_save(obj: Any, path: Path) -> None:
 
 
 def _check_resumable(saved: dict[str, Any], config: dict[str, Any]) -> None:
+    if saved.get("data") == "digits" and "net" not in saved:  # checkpoints from before --net had the conv net
+        saved = {**saved, "net": "conv"}
     differ = sorted(
         k for k in set(saved) | set(config) if k not in _RESUMABLE_CHANGES and saved.get(k) != config.get(k)
     )

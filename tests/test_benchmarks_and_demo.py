@@ -46,6 +46,23 @@ def test_compare_benchmark(tmp_path):
     assert "NFE ratio to reach" in text and "Command:" in text
 
 
+def test_compare_reuse_takes_only_a_finished_run_with_the_same_settings(tmp_path, monkeypatch):
+    compare = _load("compare")
+    argv = ["--data", "8gaussians", "--iters", "2", "--eval-every", "1", "--configs", "ffjord", "--reuse",
+            "--train-args", "--batch-size 8 --hidden 4 --test-size 16", "--runs", str(tmp_path / "runs"),
+            "--out", str(tmp_path), "--name", "reuse"]  # fmt: skip
+    first = compare.main(argv)
+    calls = []
+    monkeypatch.setattr(compare, "run", lambda args: calls.append(args) or pytest.fail("ran again"))
+    again = compare.main(argv)
+    assert calls == [] and again["rows"] == first["rows"]
+    monkeypatch.undo()
+    changed = compare.main([a.replace("--hidden 4", "--hidden 5") for a in argv])  # other settings: runs again
+    assert changed["rows"]["0"][0]["nfe_forward_total"] > 0
+    config = json.loads((tmp_path / "runs" / "8gaussians" / "ffjord-s0" / "metrics.json").read_text())["config"]
+    assert config["hidden"] == "5"
+
+
 def test_compare_summary_says_not_reached():
     compare = _load("compare")
     base = {"test_nll": 1.0, "unit": "nats", "nfe_forward_total": 10, "nfe_backward_total": 10, "cpu_seconds": 2.0,

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from examples.cnf import (
     CNF,
     ConvODEnet,
+    FlatODEnet,
     ODEfunc,
     ODEnet,
     SequentialFlow,
@@ -71,6 +72,25 @@ def test_exact_divergence_on_images(layer_type: str) -> None:
     z = torch.randn(2, 2, 3, 3)
     _, neg_div = func(0.7, _state(func, z))
     torch.testing.assert_close(-neg_div, _jacobians(net, 0.7, z).diagonal(dim1=1, dim2=2).sum(1))
+
+
+def test_flat_mlp_on_images_is_the_mlp_on_the_flattened_vector() -> None:
+    net = FlatODEnet((2, 3, 3), (8,), "concatsquash")
+    z = torch.randn(4, 2, 3, 3)
+    flat = ODEnet(18, (8,), "concatsquash", "softplus")
+    flat.load_state_dict(net.state_dict())
+    torch.testing.assert_close(net(0.3, z), flat(0.3, z.reshape(4, 18)).reshape(4, 2, 3, 3))
+    func = ODEfunc(net, "exact")
+    _, neg_div = func(0.3, _state(func, z))
+    torch.testing.assert_close(-neg_div, _jacobians(net, 0.3, z).diagonal(dim1=1, dim2=2).sum(1))
+    with pytest.raises(ValueError, match="shape"):
+        FlatODEnet((8, 8), (4,))
+    with pytest.raises(ValueError, match=r"x must have shape"):
+        net(0.3, torch.randn(4, 18))
+    with pytest.raises(ValueError, match="net must be one of"):
+        build_image_model(hidden_channels=(4,), net="transformer")
+    with pytest.raises(ValueError, match="image_shape"):
+        build_image_model(channels=3, hidden_channels=(4,), net="mlp")
 
 
 def test_hutchinson_with_given_probe_by_hand() -> None:

@@ -90,6 +90,20 @@ def test_digits_two_iterations_on_a_tiny_image_model(tmp_path: Path) -> None:
     assert metrics["config"]["divergence"] == "hutchinson" and metrics["T"] != [1.0]
 
 
+def test_digits_mlp_net_trains_and_is_checked(tmp_path: Path) -> None:
+    args = tiny(tmp_path / "mlp", "toflow", 2, "digits", "--num-blocks", "1", "--hidden", "8", "--batch-size", "16")
+    metrics = run([*args, "--net", "mlp", "--test-size", "32"])
+    assert metrics["config"]["net"] == "mlp" and 0 < metrics["test_nll"] < 100 and metrics["T"] != [1.0]
+    model, config, _ = load_model(tmp_path / "mlp")
+    nets = [m for m in model.modules() if type(m).__name__ == "FlatODEnet"]
+    assert len(nets) == 1 and config["net"] == "mlp"
+    assert resolve_config(["--out", str(tmp_path), "--data", "digits"])["net"] == "conv"
+    with pytest.raises(ValueError, match="--net applies to --data digits"):
+        resolve_config(["--out", str(tmp_path), "--data", "moons", "--net", "mlp"])
+    with pytest.raises(ValueError, match="net"):  # a different net is a different run
+        run([*args, "--net", "conv", "--resume", "--iters", "3"])
+
+
 @pytest.mark.parametrize(
     "method, data, extra",
     [
