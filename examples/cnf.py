@@ -363,12 +363,17 @@ class ODEfunc(nn.Module):
 
     .. math::
         \left( f(z, t), \; -\operatorname{tr} J, \;
-        \|f(z, t)\|^2 \text{ (kinetic)}, \; \|\varepsilon^\top J\|^2 \text{ (jacobian)} \right),
-        \qquad J = \frac{\partial f}{\partial z},
+        \tfrac{1}{2d}\|f(z, t)\|^2 \text{ (kinetic)}, \;
+        \tfrac{1}{d}\|\varepsilon^\top J\|^2 \text{ (jacobian)} \right),
+        \qquad J = \frac{\partial f}{\partial z}, \quad d = \dim z,
 
     where each regulariser is present only if its coefficient is positive, in the
     order of :attr:`reg_names`. Its integral over the block's interval is RNODE's
     penalty; the coefficient only weighs it (in :class:`CNF`), the integrand is raw.
+    The integrands are RNODE's own (``quadratic_cost`` and ``divergence_approx`` in
+    cfinlay/ffjord-rnode): means over the dimensions, the kinetic one halved, so that a
+    coefficient means the same as RNODE's ``--kinetic-energy`` / ``--jacobian-norm2`` and
+    the penalty has the per-dimension scale of a loss in bits/dim.
 
     ``divergence="exact"`` computes :math:`\operatorname{tr} J` with one
     backward pass per dimension (fine for low dimensions) and then the Frobenius
@@ -480,7 +485,7 @@ class ODEfunc(nn.Module):
                 div, frobenius = self._hutchinson(dz, z, create_graph)
         integrands: dict[str, Tensor] = {}
         if "kinetic" in names:
-            integrands["kinetic"] = dz.pow(2).reshape(batch, -1).sum(dim=1)
+            integrands["kinetic"] = 0.5 * dz.pow(2).reshape(batch, -1).mean(dim=1)
         if frobenius is not None and "jacobian" in names:
             integrands["jacobian"] = frobenius
         out = (dz, -div.reshape(logp.shape), *(integrands[n].reshape(r.shape) for n, r in zip(names, regs)))
@@ -489,7 +494,7 @@ class ODEfunc(nn.Module):
         return out
 
     def _exact(self, dz: Tensor, z: Tensor, create_graph: bool, frobenius: bool) -> tuple[Tensor, Tensor | None]:
-        """The trace (and squared Frobenius norm) of each sample's Jacobian, row by row."""
+        """The trace (and squared Frobenius norm over the dimension) of each sample's Jacobian, row by row."""
         batch = z.shape[0]
         flat = dz.reshape(batch, -1)
         div = flat.new_zeros(batch)
@@ -500,10 +505,10 @@ class ODEfunc(nn.Module):
             div = div + row[:, i]
             if squares is not None:
                 squares = squares + row.pow(2).sum(dim=1)
-        return div, squares
+        return div, None if squares is None else squares / flat.shape[1]
 
     def _hutchinson(self, dz: Tensor, z: Tensor, create_graph: bool) -> tuple[Tensor, Tensor]:
-        r"""Hutchinson's trace estimate and :math:`\|\varepsilon^\top J\|^2` with the held probe."""
+        r"""Hutchinson's trace estimate and :math:`\|\varepsilon^\top J\|^2 / d` with the held probe."""
         if self._probe is None:
             self._probe = self._draw_probe(z)
         probe = self._probe
@@ -516,7 +521,7 @@ class ODEfunc(nn.Module):
         row = _vjp(dz, z, probe, create_graph)  # probe^T J
         batch = z.shape[0]
         div = (row * probe).reshape(batch, -1).sum(dim=1)
-        return div, row.pow(2).reshape(batch, -1).sum(dim=1)
+        return div, row.pow(2).reshape(batch, -1).mean(dim=1)
 
 
 # --------------------------------------------------------------------------- flows

@@ -61,8 +61,9 @@ def test_exact_divergence_and_integrands_equal_brute_force(layer_type: str, nonl
     f = net(0.3, z)
     torch.testing.assert_close(dz, f)
     torch.testing.assert_close(-neg_div, jac.diagonal(dim1=1, dim2=2).sum(1))
-    torch.testing.assert_close(kinetic, f.pow(2).sum(1))  # |f|^2, raw (coefficients weigh it in CNF)
-    torch.testing.assert_close(frobenius, jac.pow(2).sum((1, 2)))  # exact |J|_F^2
+    # RNODE's integrands (cfinlay/ffjord-rnode): 0.5 mean_i f_i^2 and |J|_F^2 / d; raw (coefficients weigh them in CNF)
+    torch.testing.assert_close(kinetic, 0.5 * f.pow(2).sum(1) / 3)
+    torch.testing.assert_close(frobenius, jac.pow(2).sum((1, 2)) / 3)
 
 
 @pytest.mark.parametrize("layer_type", ["concat", "concatsquash"])
@@ -103,8 +104,8 @@ def test_hutchinson_with_given_probe_by_hand() -> None:
     jac = _jacobians(net, 0.2, z)
     eps_j = torch.einsum("bi,bij->bj", probe, jac)  # eps^T J
     torch.testing.assert_close(-neg_div, (eps_j * probe).sum(1))
-    torch.testing.assert_close(frobenius, eps_j.pow(2).sum(1))
-    torch.testing.assert_close(kinetic, net(0.2, z).pow(2).sum(1))
+    torch.testing.assert_close(frobenius, eps_j.pow(2).mean(1))
+    torch.testing.assert_close(kinetic, 0.5 * net(0.2, z).pow(2).mean(1))
 
 
 @pytest.mark.parametrize("noise", ["rademacher", "gaussian"])
@@ -215,8 +216,9 @@ def test_cnf_closed_form_on_a_linear_field() -> None:
     expected = math.exp(a * T) * torch.stack([c * z[:, 0] - s * z[:, 1], s * z[:, 0] + c * z[:, 1]], dim=1)
     torch.testing.assert_close(out.z, expected, rtol=1e-7, atol=1e-8)
     torch.testing.assert_close(out.logp, torch.full((7,), -2 * a * T), rtol=1e-7, atol=1e-8)
-    kinetic = (a * a + b * b) / (2 * a) * math.expm1(2 * a * T) * z.pow(2).sum(1)
-    torch.testing.assert_close(out.regs["kinetic"], 0.5 * kinetic, rtol=1e-7, atol=1e-8)
+    kinetic = (a * a + b * b) / (2 * a) * math.expm1(2 * a * T) * z.pow(2).sum(1)  # integral of |f|^2 dt
+    # coefficient 0.5 times RNODE's integrand 0.5 |f|^2 / d with d = 2
+    torch.testing.assert_close(out.regs["kinetic"], 0.5 * kinetic / 4, rtol=1e-7, atol=1e-8)
     # The plain torchdiffeq path at the same T agrees, and so does a (B, 1) logp.
     fixed = block(z, torch.zeros(7, 1), fixed_T=T)
     torch.testing.assert_close(fixed.z, out.z)
