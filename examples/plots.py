@@ -396,17 +396,24 @@ def _smooth(values: np.ndarray, window: int) -> np.ndarray:
     return np.convolve(values, kernel, mode="valid")
 
 
-def figure_curves(runs: Sequence[PathLike], out: PathLike, *, smooth: int = 1) -> Path:
+def figure_curves(runs: Sequence[PathLike], out: PathLike, *, smooth: int = 1, nll_from: int = 0) -> Path:
     """Learning curves of several runs: test NLL against CPU seconds and iterations, NFE and T.
 
     Arguments:
         runs: Run directories (finished or in progress: ``log.csv`` is read).
         out: The PNG to write.
         smooth: Moving-average window of the per-iteration NFE curves.
+        nll_from: Plot the test NLL from this iteration on (the untrained model's NLL can
+            dwarf the differences that matter).
 
     Returns:
         The path written.
+
+    Raises:
+        ValueError: If ``nll_from`` is negative.
     """
+    if nll_from < 0:
+        raise ValueError(f"nll_from must be >= 0, got {nll_from}.")
     infos = [read_run(r) for r in runs]
     units = {"bits/dim" if i["config"]["data"] == "digits" else "nats" for i in infos}
     unit = units.pop() if len(units) == 1 else "nats or bits/dim"
@@ -415,6 +422,8 @@ def figure_curves(runs: Sequence[PathLike], out: PathLike, *, smooth: int = 1) -
     colors = [f"C{k % 10}" for k in range(len(infos))]
     for info, color in zip(infos, colors):
         evals, log, label = info["evals"], info["log"], info["label"]
+        keep = evals["iteration"] >= nll_from
+        evals = {k: v[keep] for k, v in evals.items()}
         nll_cpu.plot(evals["cpu_seconds"], evals["test_nll"], "o-", ms=3, color=color, label=label)
         nll_iter.plot(evals["iteration"], evals["test_nll"], "o-", ms=3, color=color, label=label)
         if log:
@@ -451,6 +460,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     curves = commands.add_parser("curves", help="test NLL vs CPU seconds / iterations, NFE, T")
     curves.add_argument("--smooth", type=int, default=1, help="moving-average window of the NFE curves")
+    curves.add_argument("--nll-from", type=int, default=0, help="plot the test NLL from this iteration on")
     densities = commands.add_parser("densities", help="Figure 1: rows data sets, columns data / methods")
     densities.add_argument("--kind", choices=("density", "samples"), default="density")
     densities.add_argument("--samples", type=int, default=20000, help="points of the histograms")
@@ -463,7 +473,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sub.add_argument("--resolution", type=int, default=100, help="grid points per axis")
     args = parser.parse_args(argv)
     if args.command == "curves":
-        path = figure_curves(args.runs, args.out, smooth=args.smooth)
+        path = figure_curves(args.runs, args.out, smooth=args.smooth, nll_from=args.nll_from)
     elif args.command == "densities":
         path = figure_densities(args.runs, args.out, kind=args.kind, resolution=args.resolution, n_samples=args.samples)
     else:

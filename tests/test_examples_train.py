@@ -196,5 +196,7 @@ def test_plots_write_pngs(tmp_path: Path) -> None:
     ]
     for path in paths:
         assert Path(path).stat().st_size > 1000 and Path(path).read_bytes()[:4] == b"\x89PNG"
-    assert plots.main(["curves", "--runs", *map(str, runs), "--out", str(tmp_path / "cli.png")]) == 0
+    assert plots.main(["curves", "--runs", *map(str, runs), "--out", str(tmp_path / "cli.png"), "--nll-from", "1"]) == 0
     assert (tmp_path / "cli.png").exists()
+    with pytest.raises(ValueError, match="nll_from"):
+        plots.figure_curves(runs, tmp_path / "bad.png", nll_from=-1)
