@@ -31,7 +31,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from examples.train import _RESUMABLE_CHANGES, resolve_config, run  # noqa: E402
+from examples.train import config_differences, resolve_config, run  # noqa: E402
 
 #: name -> (examples.train method, extra flags)
 CONFIGS: dict[str, tuple[str, list[str]]] = {
@@ -60,9 +60,7 @@ def finished_run(out: Path, train_args: list[str]) -> dict[str, Any] | None:
         return None
     metrics = json.loads(path.read_text())
     wanted = resolve_config(train_args)
-    saved = metrics.get("config", {})
-    keys = (set(wanted) | set(saved)) - _RESUMABLE_CHANGES
-    if metrics.get("iters") != wanted["iters"] or any(saved.get(k) != wanted.get(k) for k in keys):
+    if metrics.get("iters") != wanted["iters"] or config_differences(metrics.get("config", {}), wanted):
         return None
     return metrics
 

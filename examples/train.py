@@ -62,6 +62,7 @@ __all__ = [
     "METHODS",
     "build_model",
     "build_parser",
+    "config_differences",
     "evaluate",
     "load_model",
     "main",
@@ -414,7 +415,7 @@ def build_model(config: dict[str, Any]) -> nn.Module:
     with _torch_settings(dtype):
         if config["data"] == "digits":
             model = build_image_model(
-                channels=1, hidden_channels=_hidden(config["hidden"]), net=config.get("net") or "conv", **common
+                channels=1, hidden_channels=_hidden(config["hidden"]), net=_saved_config(config)["net"], **common
             )
         else:
             model = build_toy_model(hidden=_hidden(config["hidden"]), **common)
@@ -454,7 +455,7 @@ def load_model(path: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any],
     model = build_model(state["config"])
     model.load_state_dict(state["model"])
     model.eval()
-    return model, state["config"], int(state["iteration"])
+    return model, _saved_config(state["config"]), int(state["iteration"])
 
 
 # --------------------------------------------------------------------------- data
@@ -612,13 +613,23 @@ def _atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _saved_config(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved configuration with the defaults of options added since it was written."""
+    if saved.get("data") == "digits" and "net" not in saved:  # runs from before --net used the conv net
+        return {**saved, "net": "conv"}
+    return saved
+
+
+def config_differences(saved: dict[str, Any], config: dict[str, Any]) -> list[str]:
+    """The keys, outside those a ``--resume`` may change, on which two configurations differ."""
+    saved = _saved_config(saved)
+    return sorted(k for k in set(saved) | set(config) if k not in _RESUMABLE_CHANGES and saved.get(k) != config.get(k))
+
+
 def _check_resumable(saved: dict[str, Any], config: dict[str, Any]) -> None:
-    if saved.get("data") == "digits" and "net" not in saved:  # checkpoints from before --net had the conv net
-        saved = {**saved, "net": "conv"}
-    differ = sorted(
-        k for k in set(saved) | set(config) if k not in _RESUMABLE_CHANGES and saved.get(k) != config.get(k)
-    )
+    differ = config_differences(saved, config)
     if differ:
+        saved = _saved_config(saved)
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in differ)
         raise ValueError(
             f"--resume with a different configuration ({details}); only {sorted(_RESUMABLE_CHANGES)} may change."

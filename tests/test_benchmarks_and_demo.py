@@ -44,6 +44,16 @@ def test_compare_benchmark(tmp_path):
     assert rows["ffjord"]["nfe_ratio_to_reach"] == pytest.approx(1.0)  # the baseline reaches itself
     text = (tmp_path / "smoke.md").read_text()
     assert "NFE ratio to reach" in text and "Command:" in text
+    windows = _load("windows")
+    runs = [tmp_path / "runs" / "8gaussians" / f"{c}-s0" for c in ("ffjord", "toflow")]
+    table = windows.table(runs, every=1)
+    lines = table.splitlines()
+    assert len(lines) == 2 + 3  # header, rule, one row per iteration
+    log = json.loads((runs[1] / "metrics.json").read_text())["log"]
+    nfe = log[1]["nfe_forward"] + log[1]["nfe_backward"]
+    assert lines[3].startswith("| 2 |") and f"/ {nfe:.1f} |" in lines[3]
+    with pytest.raises(ValueError, match="every"):
+        windows.table(runs, every=0)
 
 
 def test_compare_reuse_takes_only_a_finished_run_with_the_same_settings(tmp_path, monkeypatch):

@@ -104,6 +104,20 @@ def test_digits_mlp_net_trains_and_is_checked(tmp_path: Path) -> None:
         run([*args, "--net", "conv", "--resume", "--iters", "3"])
 
 
+def test_digits_checkpoint_from_before_net_loads_and_resumes_as_conv(tmp_path: Path) -> None:
+    args = tiny(tmp_path / "old", "ffjord", 1, "digits", "--num-blocks", "1", "--hidden", "4", "--batch-size", "8")
+    run([*args, "--test-size", "8"])
+    path = tmp_path / "old" / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    del state["config"]["net"]  # as written before --net existed
+    torch.save(state, path)
+    model, config, _ = load_model(path)
+    assert config["net"] == "conv" and any(type(m).__name__ == "ConvODEnet" for m in model.modules())
+    assert run([*args, "--test-size", "8", "--iters", "2", "--resume"])["iters"] == 2
+    with pytest.raises(ValueError, match="net: 'conv' -> 'mlp'"):
+        run([*args, "--test-size", "8", "--iters", "3", "--resume", "--net", "mlp"])
+
+
 @pytest.mark.parametrize(
     "method, data, extra",
     [

@@ -1,0 +1,61 @@
+"""Per-window summary of finished or running ``examples.train`` runs: test NLL, T and NFE per iteration.
+
+For every window of ``--every`` iterations it prints, per run, the last test NLL evaluated at or
+before the window's end, every horizon's T at the end, and the mean NFE (forward + backward) per
+iteration over the window, as a markdown table (read from each run's ``log.csv`` and
+``metrics.json``). Run from the repository root::
+
+    python benchmarks/windows.py --every 1000 --runs runs/bench/digits/{ffjord,toflow,rnode+toflow}-s0
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from examples.plots import read_run  # noqa: E402
+
+
+def table(runs: list[str | Path], every: int) -> str:
+    """The markdown table of the windows of ``every`` iterations."""
+    if every <= 0:
+        raise ValueError(f"every must be a positive number of iterations, got {every}.")
+    infos = [read_run(r) for r in runs]
+    if any(not info["log"] for info in infos):
+        raise ValueError("every run needs a log.csv with at least one iteration.")
+    last = min(int(info["log"]["iteration"][-1]) for info in infos)
+    header = "| iteration | " + " | ".join(f"{info['label']}: NLL / T / NFE per iter" for info in infos) + " |"
+    lines = [header, "|---:|" + "---|" * len(infos)]
+    for end in range(every, last + 1, every):
+        cells = []
+        for info in infos:
+            log, evals = info["log"], info["evals"]
+            window = (log["iteration"] > end - every) & (log["iteration"] <= end)
+            nfe = float(np.mean(log["nfe_forward"][window] + log["nfe_backward"][window]))
+            row = int(np.flatnonzero(log["iteration"] == end)[0])
+            T = ", ".join(f"{log[k][row]:.3f}" for k in sorted(k for k in log if k.startswith("T_")))
+            done = evals["iteration"] <= end
+            nll = f"{evals['test_nll'][done][-1]:.4f}" if done.any() else "-"
+            cells.append(f"{nll} / {T} / {nfe:.1f}")
+        lines.append(f"| {end:,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", nargs="+", required=True, help="run directories of examples.train")
+    parser.add_argument("--every", type=int, default=1000, help="iterations per window")
+    args = parser.parse_args(argv)
+    text = table(args.runs, args.every)
+    print(text, end="")
+    return text
+
+
+if __name__ == "__main__":
+    main()
