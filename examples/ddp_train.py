@@ -171,6 +171,10 @@ def train(args: argparse.Namespace) -> dict[str, Any] | None:
         everyone: list[Any] = [None] * world
         dist.all_gather_object(everyone, mine)
         if rank != 0:
+            # Wait for rank 0 to finish writing: a rank that tears down its process group while
+            # another still uses it makes gloo abort that other process at exit (SIGABRT).
+            del ddp
+            dist.barrier()
             return None
         metrics = {
             "world_size": world,
@@ -188,6 +192,8 @@ def train(args: argparse.Namespace) -> dict[str, Any] | None:
             out = Path(args.out)
             out.mkdir(parents=True, exist_ok=True)
             (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        del ddp
+        dist.barrier()
         return metrics
     finally:
         dist.destroy_process_group()
