@@ -173,7 +173,6 @@ def train(args: argparse.Namespace) -> dict[str, Any] | None:
         if rank != 0:
             # Wait for rank 0 to finish writing: a rank that tears down its process group while
             # another still uses it makes gloo abort that other process at exit (SIGABRT).
-            del ddp
             dist.barrier()
             return None
         metrics = {
@@ -192,7 +191,6 @@ def train(args: argparse.Namespace) -> dict[str, Any] | None:
             out = Path(args.out)
             out.mkdir(parents=True, exist_ok=True)
             (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-        del ddp
         dist.barrier()
         return metrics
     finally:
