@@ -94,7 +94,6 @@ def worker(rank: int, port: int, out: str) -> None:
             ddp = DistributedDataParallel(inner, find_unused_parameters=find_unused)
             results[name] = train(ddp, inner, mode, [x[shard] for x in batches()])
         torch.save(results, Path(out) / f"rank{rank}.pt")
-        del ddp
         dist.barrier()  # no rank tears down gloo while another still uses it (that aborts the other)
     finally:
         dist.destroy_process_group()

@@ -52,6 +52,8 @@ def test_compare_benchmark(tmp_path):
     log = json.loads((runs[1] / "metrics.json").read_text())["log"]
     nfe = log[1]["nfe_forward"] + log[1]["nfe_backward"]
     assert lines[3].startswith("| 2 |") and f"/ {nfe:.1f} |" in lines[3]
+    split = windows.table(runs, every=1, split=True).splitlines()
+    assert f"/ {log[1]['nfe_forward']:.1f} + {log[1]['nfe_backward']:.1f} |" in split[3]
     with pytest.raises(ValueError, match="every"):
         windows.table(runs, every=0)
 
