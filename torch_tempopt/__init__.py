@@ -1,15 +1,9 @@
-"""torch_tempopt: learnable integration horizons for continuous normalizing flows (TO-FLOW)."""
+"""torch_tempopt: learnable integration horizons and step budgets for continuous normalizing flows."""
 
-from .horizon import LearnableHorizon, load_state_dict_adding_horizons
+from .horizon import LearnableHorizon
 from .nfe import NFECounter, count_nfe
 from .stepper import CoordinateDescentStepper
 
-__all__ = [
-    "CoordinateDescentStepper",
-    "LearnableHorizon",
-    "NFECounter",
-    "count_nfe",
-    "load_state_dict_adding_horizons",
-]
+__all__ = ["CoordinateDescentStepper", "LearnableHorizon", "NFECounter", "count_nfe"]
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

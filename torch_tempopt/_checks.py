@@ -1,78 +1,59 @@
-"""Argument checks shared by the public classes: early, explanatory errors."""
+"""Argument checks shared by the public classes: one sentence naming the argument, the value and the fix."""
 
 from __future__ import annotations
 
 import math
 import numbers
+import operator
+from typing import Any
 
+import numpy as np
 import torch
+from torch import Tensor
 
-__all__ = ["as_real", "check_state"]
+__all__ = ["check_state", "flag", "real", "whole"]
 
 
-def as_real(name: str, value: object) -> float:
-    r"""Returns ``value`` as a finite Python float, or raises.
-
-    Arguments:
-        name: The argument's name, quoted in the error message.
-        value: A real number or a 0-dim real tensor.
-
-    Raises:
-        TypeError: If ``value`` is not a real number (``bool`` is refused too).
-        ValueError: If ``value`` is NaN or infinite (or beyond the range of a float).
-
-    """
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
-            raise TypeError(
-                f"{name} must be a real number or a one-element real tensor, "
-                f"got a tensor of shape {tuple(value.shape)} and dtype {value.dtype}."
-            )
-        try:
-            value = value.detach().item()
-        except (RuntimeError, NotImplementedError) as error:  # e.g. a meta tensor, which holds no value
-            raise TypeError(f"{name} must hold a value, got a tensor on device {value.device}: {error}") from error
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {value!r} of type {type(value).__name__}.")
-    try:
-        value = float(value)
-    except OverflowError:  # an int or Fraction beyond the float range
-        value = math.inf
+def real(name: str, value: Any) -> float:
+    """Returns ``value`` (a Python, NumPy or one-element tensor real) as a finite float."""
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool:
+        value = value.detach().item()
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}.")
     if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}. Pass a finite number.")
+        raise ValueError(f"{name} must be finite, got {value}.")
+    return float(value)
+
+
+def flag(name: str, value: Any) -> bool:
+    """Returns ``value`` (a Python or NumPy bool) as a bool."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}.")
+    return bool(value)
+
+
+def whole(name: str, value: Any, minimum: int = 1) -> int:
+    """Returns ``value`` (a Python or NumPy integer) as an int of at least ``minimum``."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an integer, got {value!r}.")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {value!r}.") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value}.")
     return value
 
 
-def check_state(name: str, y: object) -> tuple[bool, tuple[torch.Tensor, ...]]:
-    r"""Checks that ``y`` is a floating tensor or a non-empty tuple/list of them.
-
-    Returns:
-        ``(is_tuple, tensors)``.
-
-    Raises:
-        TypeError: Naming ``name`` and what was found instead.
-
-    """
-    if isinstance(y, torch.Tensor):
-        parts: tuple[torch.Tensor, ...] = (y,)
-        is_tuple = False
-    elif isinstance(y, (tuple, list)):
-        if len(y) == 0:
-            raise TypeError(f"{name} must be a floating tensor or a non-empty tuple of them, got an empty {type(y).__name__}.")
-        parts = tuple(y)
-        is_tuple = True
-    else:
-        raise TypeError(
-            f"{name} must be a floating-point tensor or a tuple of them, got {type(y).__name__}. "
-            "Convert it with torch.as_tensor(..., dtype=torch.float32)."
-        )
+def check_state(name: str, y: Any) -> tuple[bool, tuple[Tensor, ...]]:
+    """Returns ``(is_tuple, parts)`` for a floating tensor or a non-empty tuple of them."""
+    is_tuple = isinstance(y, (tuple, list))
+    parts = tuple(y) if is_tuple else (y,)
+    if is_tuple and not parts:
+        raise TypeError(f"{name} must be a floating tensor or a non-empty tuple of them, got an empty {type(y).__name__}.")
     for i, p in enumerate(parts):
         where = f"{name}[{i}]" if is_tuple else name
-        if not isinstance(p, torch.Tensor):
-            raise TypeError(f"{where} must be a tensor, got {type(p).__name__}.")
-        if not p.is_floating_point():
-            raise TypeError(
-                f"{where} must be a floating-point tensor, got dtype {p.dtype}. "
-                f"Cast it first, e.g. {where}.float() or {where}.double()."
-            )
+        if not isinstance(p, Tensor) or not p.is_floating_point():
+            got = f"dtype {p.dtype}" if isinstance(p, Tensor) else type(p).__name__
+            raise TypeError(f"{where} must be a floating-point tensor, got {got}; convert it with torch.as_tensor(..., dtype=torch.float32).")
     return is_tuple, parts

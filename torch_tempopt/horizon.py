@@ -1,27 +1,28 @@
-"""A learnable integration horizon [t0, T] for any odeint-style solver."""
+r"""A learnable integration interval [t0, T] that replaces an ``odeint`` call, optionally on a budget of steps."""
 
 from __future__ import annotations
 
-import inspect
-import math
 import re
-import warnings
-from typing import Any, Callable, Mapping, Sequence, Union
+from typing import Any, Callable, Sequence, Union
 
 import torch
 import torchdiffeq
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from ._checks import as_real, check_state
+from ._checks import check_state, flag, real, whole
 
-__all__ = ["LearnableHorizon", "MECHANISMS", "load_state_dict_adding_horizons"]
+__all__ = ["FIXED_GRID_METHODS", "LearnableHorizon"]
 
 State = Union[Tensor, "tuple[Tensor, ...]"]
-Solver = Callable[..., Any]
 
-#: The ways :class:`LearnableHorizon` can make T differentiable.
-MECHANISMS = ("direct", "rescale")
+#: torchdiffeq's fixed-grid methods a budget can use, with their order of accuracy.
+FIXED_GRID_METHODS = {"euler": 1, "midpoint": 2, "heun2": 2, "heun3": 3, "rk4": 4,
+                      "explicit_adams": 4, "implicit_adams": 4, "fixed_adams": 4}
+
+# Keyword arguments that configure an adaptive solve: on a budget they define the reference, not the solve.
+_ADAPTIVE_KEYS = ("method", "options", "rtol", "atol", "adjoint_method", "adjoint_options", "adjoint_rtol", "adjoint_atol")
+_STEP_FAILURE = re.compile(r"underflow in dt|max_num_steps|step size|maximum number of")
 
 
 def _pack(is_tuple: bool, parts: Sequence[Tensor]) -> State:
@@ -29,644 +30,436 @@ def _pack(is_tuple: bool, parts: Sequence[Tensor]) -> State:
 
 
 def _time_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of the time grid for a state of ``dtype``: at least float32, so T is not rounded to 8 bits."""
+    """At least float32, so that T is not rounded to a half-precision grid."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _add_note(error: BaseException, note: str) -> None:
-    """PEP 678 ``add_note``, also on Python < 3.11 (where tracebacks do not print the notes)."""
-    notes = getattr(error, "__notes__", None)
-    if isinstance(notes, list) and note in notes:
-        return
     if hasattr(error, "add_note"):
         error.add_note(note)
     else:  # pragma: no cover - Python < 3.11
-        error.__notes__ = [*(notes or []), note]  # type: ignore[attr-defined]
+        error.__notes__ = [*getattr(error, "__notes__", []), note]  # type: ignore[attr-defined]
 
 
-# Failures that a different step control can fix: torchdiffeq's asserts ("underflow in dt", "max_num_steps
-# exceeded", "non-finite values in state") and their kin in other backends.
-_STEP_FAILURES = re.compile(r"underflow|max_num_steps|non-finite|\bnan\b|\binf\b|step ?size|maximum number of")
-
-_REMEDIES = (
-    "Possible remedies: loosen the tolerances (rtol/atol); bound the step from below with "
-    "options=dict(min_step=...) (torchdiffeq's adaptive solvers) or use a fixed grid (method='rk4', "
-    "options=dict(step_size=...)); a smoother activation (tanh or softplus rather than relu) or regularised "
-    "dynamics (weight decay, RNODE's kinetic penalty); a narrower range for T (a larger eps, or a smaller T0); "
-    "if the state went NaN/inf, lower the learning rates and pass skip_nonfinite=True to CoordinateDescentStepper."
-)
-
-
-def _is_step_failure(error: BaseException) -> bool:
-    return isinstance(error, (AssertionError, FloatingPointError)) or bool(_STEP_FAILURES.search(str(error).lower()))
-
-
-def _field_dot(func: Callable[..., Any], is_tuple: bool, t: Tensor, ys: Sequence[Tensor], gs: Sequence[Tensor]) -> Tensor:
-    r"""Returns :math:`\sum_i \langle g_i, F_i(t, y) \rangle`, evaluating ``func`` once."""
-    t, y = t.detach(), _pack(is_tuple, [y.detach() for y in ys])
-    # Only the value of F is needed. Fields that differentiate internally (FFJORD's divergence) switch
-    # grad mode on themselves and then skip building a graph for second derivatives; a field that
-    # relies on grad mode being on from outside gets it on the second try.
+def _evaluate(func: Callable[..., Any], is_tuple: bool, t: Tensor, ys: Sequence[Tensor]) -> tuple[Tensor, ...]:
+    """``func(t, y)`` without a graph; a field that needs grad mode from outside gets it on a second try."""
+    y = _pack(is_tuple, [p.detach() for p in ys])
     try:
         with torch.no_grad():
-            f = func(t, y)
+            f = func(t.detach(), y)
     except RuntimeError as error:
-        if "does not require grad" not in str(error) and "grad_fn" not in str(error):
+        if "grad" not in str(error):
             raise
         with torch.enable_grad():
-            f = func(t, y)
-    fs = tuple(f) if is_tuple else (f,)
-    if len(fs) != len(gs):
-        raise ValueError(
-            f"func returned {len(fs)} tensor(s) for a state of {len(gs)}: the field must return "
-            "a tangent with the same structure as y."
-        )
-    total = torch.zeros((), dtype=t.dtype, device=t.device)
-    for fi, gi in zip(fs, gs):
-        acc = torch.promote_types(torch.promote_types(fi.dtype, gi.dtype), t.dtype)
-        total = total + torch.sum(fi.detach().to(acc) * gi.to(acc)).to(t.dtype)
-    return total
+            f = func(t.detach(), y)
+    return tuple(f) if isinstance(f, (tuple, list)) else (f,)
 
 
-def _field_dot_noted(settings: tuple[Any, ...], t: Tensor, ys: Sequence[Tensor], gs: Sequence[Tensor], what: str) -> Tensor:
-    """:func:`_field_dot`, adding the horizon's description to any error of the field."""
-    func, is_tuple, describe = settings
-    try:
-        return _field_dot(func, is_tuple, t, ys, gs)
-    except Exception as error:
-        _add_note(error, f"{describe()}: the field failed while computing {what} in the backward pass.")
-        raise
+class _TimeGrad(torch.autograd.Function):
+    r"""Identity on the state ``y`` at time ``t``; sends ``sign * <dL/dy, F(t, y)>`` to ``t``.
 
-
-class _Entry(torch.autograd.Function):
-    r"""Identity on the initial state; sends dL/dt_start = -<a(t_start), F(t_start, y0)> to t_start."""
-
-    @staticmethod
-    def forward(ctx: Any, settings: tuple[Any, ...], t_start: Tensor, *y0: Tensor) -> tuple[Tensor, ...]:
-        ctx.settings = settings
-        ctx.save_for_backward(t_start, *y0)
-        return tuple(y.clone() for y in y0)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, *grads: Tensor) -> tuple[Any, ...]:
-        t_start, *y0 = ctx.saved_tensors
-        grad_t = None
-        if ctx.needs_input_grad[1]:
-            if all(g is None or not torch.any(g) for g in grads):
-                grad_t = torch.zeros_like(t_start)
-            else:
-                gs = [torch.zeros_like(y) if g is None else g for y, g in zip(y0, grads)]
-                grad_t = -_field_dot_noted(ctx.settings, t_start, y0, gs, "dL/dt at the start time")
-        return (None, grad_t, *grads)
-
-
-class _Exit(torch.autograd.Function):
-    r"""Identity on the solution at ``grid``; sends dL/dt_i = <dL/dy(t_i), F(t_i, y(t_i))> to the grid."""
-
-    @staticmethod
-    def forward(ctx: Any, settings: tuple[Any, ...], grid: Tensor, *sol: Tensor) -> tuple[Tensor, ...]:
-        ctx.settings = settings
-        ctx.save_for_backward(grid, *sol)
-        return tuple(y.clone() for y in sol)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, *grads: Tensor) -> tuple[Any, ...]:
-        grid, *sol = ctx.saved_tensors
-        grad_grid = None
-        if ctx.needs_input_grad[1]:
-            grad_grid = torch.zeros_like(grid)
-            for i in range(grid.shape[0]):
-                gs = [torch.zeros_like(y[i]) if g is None else g[i] for y, g in zip(sol, grads)]
-                if any(torch.any(g) for g in gs):
-                    grad_grid[i] = _field_dot_noted(ctx.settings, grid[i], [y[i] for y in sol], gs, "dL/dT")
-        return (None, grad_grid, *grads)
-
-
-class _RescaledField(nn.Module):
-    r"""The field of s in [0, 1]: G(s, y) = (t_end - t_start) F(t_start + s (t_end - t_start), y).
-
-    The end points are read from the horizon at every call, so that
-    ``odeint_adjoint`` can differentiate G with respect to them.
+    At the end of a solve (sign +1) this is :math:`dL/dT`, at its start (sign -1)
+    :math:`dL/dt_0 = -\langle a(t_0), F(t_0, y_0) \rangle`: one evaluation of the field.
     """
 
-    def __init__(self, func: Callable[..., Any], horizon: LearnableHorizon, reverse: bool, like: Tensor) -> None:
-        super().__init__()
-        self.func = func
-        self.__dict__["horizon"] = horizon  # not a submodule: its parameters stay its own
-        self.reverse = reverse
-        self.dtype = _time_dtype(like.dtype)
-        self.device = like.device
+    @staticmethod
+    def forward(ctx: Any, func: Callable[..., Any], is_tuple: bool, sign: float, t: Tensor, *y: Tensor) -> tuple[Tensor, ...]:
+        ctx.func, ctx.is_tuple, ctx.sign = func, is_tuple, sign
+        ctx.save_for_backward(t, *y)
+        return tuple(p.clone() for p in y)
 
-    def forward(self, s: Tensor, y: Any) -> Any:
-        start, end = self.horizon._endpoints(self.reverse, self.dtype, self.device)
-        span = end - start
-        f = self.func(start + s * span, y)
-        if isinstance(f, tuple):
-            return tuple(span * fi for fi in f)
-        return span * f
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Any, ...]:
+        t, *y = ctx.saved_tensors
+        grad_t = None
+        if ctx.needs_input_grad[3]:
+            grad_t = torch.zeros_like(t)
+            if any(bool(g.any()) for g in grads):
+                try:
+                    f = _evaluate(ctx.func, ctx.is_tuple, t, y)
+                except Exception as error:
+                    _add_note(error, "torch_tempopt: the field failed at the one evaluation F(t, y(t)) that dL/dt needs.")
+                    raise
+                dot = sum(torch.sum(fi.to(torch.float64) * g.to(torch.float64)) for fi, g in zip(f, grads))
+                grad_t = (ctx.sign * dot).to(t.dtype).reshape(t.shape)
+        return (None, None, None, grad_t, *grads)
 
 
-def _accepts(solver: Solver, name: str) -> bool:
+def _diagnose(func: Callable[..., Any], is_tuple: bool, y: Sequence[Tensor], t: Tensor, error: BaseException) -> str:
+    """One look at the likely cause of a failed solve."""
+    name = (lambda i: f"y0[{i}]") if is_tuple else (lambda i: "y0")
+    for i, p in enumerate(y):
+        if not bool(torch.isfinite(p).all()):
+            return f"{name(i)} holds NaN or inf values."
+        if p.dtype in (torch.float16, torch.bfloat16):
+            return f"{name(i)} is {p.dtype}, too coarse for a solver's error control; integrate in float32 or float64."
     try:
-        params = inspect.signature(solver).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params
+        f = _evaluate(func, is_tuple, t, y)
+    except Exception as e:  # the field itself fails, and the traceback above shows where
+        return f"func fails at t={t.item():.6g}: {type(e).__name__}."
+    if len(f) != len(y) or any(not isinstance(a, Tensor) or a.shape != b.shape for a, b in zip(f, y)):
+        got = [tuple(a.shape) if isinstance(a, Tensor) else type(a).__name__ for a in f]
+        return f"func returned {got} for a state of {[tuple(p.shape) for p in y]}; it must return a tangent of the same structure."
+    if not all(bool(torch.isfinite(a).all()) for a in f):
+        return f"func(t0, y0) is not finite at t={t.item():.6g}."
+    if _STEP_FAILURE.search(str(error)):
+        return ("the step size collapsed: loosen rtol/atol, bound the step with options=dict(min_step=...), "
+                "or solve on a fixed budget (LearnableHorizon(..., budget=N)).")
+    return "y0 and func(t0, y0) look fine; see the error above."
 
 
-def _module_params(func: Any) -> tuple[Tensor, ...]:
-    return tuple(func.parameters()) if isinstance(func, nn.Module) else ()
+def _place(s: Tensor, start: Tensor, end: Tensor) -> Tensor:
+    """Times ``start + s (end - start)``, exactly ``start`` where ``s == 0`` and ``end`` where ``s == 1``."""
+    t = start + s * (end - start)
+    head = start[None] if bool(s[0] == 0) else t[:1]
+    tail = end[None] if bool(s[-1] == 1) else t[-1:]
+    return torch.cat([head, t[1:-1], tail])
 
 
 class LearnableHorizon(nn.Module):
-    r"""Integrates an ODE over [t0, T] with T (and optionally t0) learnable.
+    r"""Integrates an ODE over [t0, T] with T (and optionally t0) learnable: a drop-in for ``odeint``.
 
-    A drop-in for a call ``odeint(func, y0, torch.tensor([t0, T]), **kwargs)``:
-    ``horizon(func, y0, **kwargs)`` returns the state at the far end of the
-    interval, and the end time receives the gradient
+    ``horizon(func, y0, **kwargs)`` returns what ``solver(func, y0,
+    torch.tensor([t0, T]), **kwargs)`` returns: every part of the state with a
+    leading time dimension holding the start and the end of the solve
+    (``reverse=True``: ``[T, t0]``, the sampling direction). So
+    ``z_t = odeint(f, z0, t)`` becomes ``z_t = horizon(f, z0)`` and the code after
+    it does not change. The end time receives
 
-    .. math:: \frac{dL}{dT} = \left\langle \frac{dL}{dy(T)}, F(T, y(T)) \right\rangle ,
+    .. math:: \frac{dL}{dT} = \left\langle \frac{dL}{dy(T)}, F(T, y(T)) \right\rangle
 
-    since :math:`dy(T)/dT = F(T, y(T))` (TO-FLOW, eq. 12-13). When ``t0`` is
-    learned it receives :math:`dL/dt_0 = -\langle dL/dy(t_0), F(t_0, y_0) \rangle`.
+    (TO-FLOW, eq. 12-13), a learned ``t0`` receives
+    :math:`-\langle dL/dy(t_0), F(t_0, y_0) \rangle`: the solver gets a *detached*
+    grid and the horizon adds the time gradient itself, with one extra
+    evaluation of ``func`` per learned end point. It is therefore the same on
+    every backend and never counted twice.
 
-    By default (``mechanism="direct"``) the solver gets a *detached* time grid
-    and this module adds the time gradient itself, at the cost of one extra
-    evaluation of ``func`` per learned end point in the backward pass. The
-    gradient is therefore the same whatever the backend does with time: it is
-    never counted twice by backends that differentiate time themselves
-    (``torchdiffeq``) and is not lost by those that drop it.
-
-    ``mechanism="rescale"`` instead integrates :math:`s \in [0, 1]` with the
-    field :math:`(T - t_0) F(t_0 + s (T - t_0), y)`, so the solver's own
-    differentiation produces the time gradient. It needs a backend that
-    differentiates its field's parameters (``odeint``, ``odeint_adjoint``: the
-    horizon's parameters are added to ``adjoint_params``), changes the
-    adaptive step control (tolerances now apply per unit of s) and reads
-    ``t`` through the graph, so ``torch.tensor(t)`` copies in the field cut it.
+    **On a budget** (``budget=N``) the solve takes exactly N steps of the
+    fixed-grid ``method`` (rk4: 4N evaluations), whatever the ``method`` and
+    tolerances passed in the call, which then define the adaptive *reference*
+    used by :meth:`error` and :meth:`fit`. The N steps are placed by
+    :attr:`placement` (uniform at first; learned against the reference by
+    :meth:`fit` or by :class:`~torch_tempopt.CoordinateDescentStepper`, never by
+    the training loss). With ``solver=torchdiffeq.odeint`` the grid stays in the
+    graph and dL/dT is the exact derivative of the discrete solution, at no
+    extra evaluation; with ``torchdiffeq.odeint_adjoint``, whose weight
+    gradients are the continuous adjoint on the same grid, it is the
+    continuous formula above, like theirs.
 
     Arguments:
         T0: The initial end time, > ``t0``.
         t0: The initial start time.
-        eps: The clipping margin of eq. 17: :meth:`clip_` keeps T in
-            ``[t0 + eps, 2 * T0 - t0 - eps]`` (from the initial T0 and t0).
-        learn_t0: Whether ``t0`` is a learnable parameter too.
+        eps: The clip margin of eq. 17: :meth:`clip_` keeps T in
+            ``[t0 + eps, 2 * T0 - t0 - eps]``.
+        learn_t0: Whether ``t0`` is a parameter too.
+        budget: Solve on this many fixed steps (``None``: the solver's own steps).
+        method: The fixed-grid torchdiffeq method of the budget.
 
     Attributes:
-        T: The end time, a 0-dim :class:`~torch.nn.Parameter`.
+        T: The end time, a 0-dim parameter (freeze it with ``T.requires_grad_(False)``).
         t0: The start time, a 0-dim buffer, or a parameter if ``learn_t0``.
+        placement: With a budget, ``N`` logits of the step lengths (uniform at 0),
+            else ``None``. ``placement.requires_grad_(False)`` keeps it uniform.
 
     Example:
         >>> import torch
         >>> horizon = LearnableHorizon(T0=0.5)
-        >>> y = horizon(lambda t, y: -y, torch.ones(3))
-        >>> y.sum().backward()
+        >>> y = horizon(lambda t, y: -y, torch.ones(3))  # as odeint(f, y0, torch.tensor([0.0, 0.5]))
+        >>> y.shape
+        torch.Size([2, 3])
+        >>> y[-1].sum().backward()
         >>> round(horizon.T.grad.item(), 4)  # <dL/dy(T), F> = 3 * (-exp(-0.5))
         -1.8196
 
     References:
-        | TO-FLOW: Efficient Continuous Normalizing Flows with Temporal Optimization adjoint with Moving Speed (Du et al., 2022)
-        | https://arxiv.org/abs/2203.10335
-
+        | TO-FLOW: Efficient Continuous Normalizing Flows with Temporal Optimization adjoint with Moving Speed
+        | Du et al., 2022 (https://arxiv.org/abs/2203.10335)
     """
 
     T: nn.Parameter
     t0: Tensor
-    T_init: Tensor
-    t0_init: Tensor
-    eps: Tensor
+    placement: nn.Parameter | None
 
-    def __init__(
-        self,
-        T0: float | Tensor = 1.0,
-        t0: float | Tensor = 0.0,
-        *,
-        eps: float | Tensor = 0.1,
-        learn_t0: bool = False,
-    ) -> None:
+    def __init__(self, T0: float | Tensor = 1.0, t0: float | Tensor = 0.0, *, eps: float = 0.1,
+                 learn_t0: bool = False, budget: int | None = None, method: str = "rk4") -> None:
         super().__init__()
-        T0_ = as_real("T0", T0)
-        t0_ = as_real("t0", t0)
-        eps_ = as_real("eps", eps)
-        if not isinstance(learn_t0, bool):
-            raise TypeError(f"learn_t0 must be True or False, got {learn_t0!r}.")
+        T0_, t0_, eps_ = real("T0", T0), real("t0", t0), real("eps", eps)
         if T0_ <= t0_:
-            raise ValueError(
-                f"T0 must be greater than t0, got T0={T0_} and t0={t0_}. "
-                "The horizon integrates forward from t0 to T; use reverse=True in the call to integrate backwards."
-            )
-        if eps_ <= 0:
-            raise ValueError(f"eps must be positive, got eps={eps_}. The paper uses eps=0.1.")
-        if eps_ >= T0_ - t0_:
-            raise ValueError(
-                f"eps={eps_} leaves an empty clip interval [t0 + eps, 2*T0 - t0 - eps] = "
-                f"[{t0_ + eps_}, {2 * T0_ - t0_ - eps_}] for T0={T0_}, t0={t0_}. "
-                f"Choose eps < T0 - t0 = {T0_ - t0_}."
-            )
-        if not math.isfinite(2 * T0_ - t0_) or not math.isfinite(2 * t0_ - T0_):
-            raise ValueError(
-                f"T0={T0_} and t0={t0_} are too large: the clip interval [t0 + eps, 2*T0 - t0 - eps] overflows. "
-                "Rescale time so that T0 and t0 are moderate numbers (e.g. T0=1, t0=0)."
-            )
-        dtype = torch.get_default_dtype()
-        min_eps = 64 * torch.finfo(dtype).eps * max(abs(T0_), abs(t0_), T0_ - t0_)
-        if eps_ < min_eps:
-            raise ValueError(
-                f"eps={eps_} is below the resolution of {dtype} at T0={T0_}, t0={t0_}: T could be clipped to within "
-                f"rounding distance of t0, an interval no solver can resolve. Choose eps >= {min_eps:.3g}."
-            )
-        T = torch.tensor(T0_, dtype=dtype)
-        t0_t = torch.tensor(t0_, dtype=dtype)
-        if not (torch.isfinite(T) and torch.isfinite(t0_t) and T > t0_t):
-            raise ValueError(
-                f"T0={T0_} and t0={t0_} are not distinct finite numbers in the default dtype {dtype} "
-                f"(they round to T0={T.item()} and t0={t0_t.item()}). Widen the gap T0 - t0, or create the horizon "
-                "under torch.set_default_dtype(torch.float64)."
-            )
-        self.T = nn.Parameter(T)
-        if learn_t0:
-            self.t0 = nn.Parameter(t0_t)
+            raise ValueError(f"T0 must be greater than t0, got T0={T0_} and t0={t0_}; integrate backwards with reverse=True.")
+        if not 0 < eps_ < T0_ - t0_:
+            raise ValueError(f"eps must lie in (0, T0 - t0) = (0, {T0_ - t0_}) for a non-empty clip interval, got {eps_}.")
+        if method not in FIXED_GRID_METHODS:
+            raise ValueError(f"method must be a fixed-grid torchdiffeq method, one of {sorted(FIXED_GRID_METHODS)}, got {method!r}.")
+        self.T = nn.Parameter(torch.tensor(T0_))
+        if flag("learn_t0", learn_t0):
+            self.t0 = nn.Parameter(torch.tensor(t0_))
         else:
-            self.register_buffer("t0", t0_t)
-        self.register_buffer("T_init", torch.tensor(T0_, dtype=torch.float64))
-        self.register_buffer("t0_init", torch.tensor(t0_, dtype=torch.float64))
-        self.register_buffer("eps", torch.tensor(eps_, dtype=torch.float64))
-        self.learn_t0 = learn_t0
-        # Context for error messages, set by CoordinateDescentStepper: the horizon's name in the model and
-        # the number of steps taken so far. Plain attributes: not part of the state dict.
-        self._context_name: str | None = None
-        self._context_steps: int | None = None
+            self.register_buffer("t0", torch.tensor(t0_))
+        self.T0, self.t0_init, self.eps, self.learn_t0, self.method = T0_, t0_, eps_, bool(learn_t0), method
+        self.register_parameter("placement", None)
+        if budget is not None:
+            self.set_budget(budget)
+        self._last: tuple[Any, ...] | None = None  # the last budgeted call in training, for the stepper's guard
 
-    def _apply(self, fn: Any, recurse: bool = True) -> LearnableHorizon:
-        # ``.float()``/``.half()`` must not round the bounds: keep those buffers float64.
-        bounds = {k: self._buffers[k] for k in ("T_init", "t0_init", "eps")}
-        super()._apply(fn, recurse)
-        for k, v in bounds.items():
-            moved = fn(v)
-            self._buffers[k] = v.to(device=moved.device) if moved.dtype != v.dtype else moved
-        return self
-
+    # ------------------------------------------------------------------ time parameters
     @property
     def bounds(self) -> tuple[float, float]:
-        r"""The clip interval :math:`[t_0 + \varepsilon, 2 T_0 - t_0 - \varepsilon]` of eq. 17."""
-        T0, t0, eps = self.T_init.item(), self.t0_init.item(), self.eps.item()
-        return (t0 + eps, 2 * T0 - t0 - eps)
-
-    @property
-    def t0_bounds(self) -> tuple[float, float]:
-        r"""The clip interval of a learned t0, :math:`[2 t_0 - T_0 + \varepsilon, T_0 - \varepsilon]`
-        (eq. 17 mirrored about the initial t0); :meth:`clip_` also keeps ``t0 <= T - eps``.
-        """
-        T0, t0, eps = self.T_init.item(), self.t0_init.item(), self.eps.item()
-        return (2 * t0 - T0 + eps, T0 - eps)
+        """The clip interval of T, ``(t0 + eps, 2 * T0 - t0 - eps)`` from the initial values."""
+        return self.t0_init + self.eps, 2 * self.T0 - self.t0_init - self.eps
 
     @torch.no_grad()
     def clip_(self) -> bool:
-        r"""Clips T (and a learned t0) into the bounds, in place.
-
-        Returns:
-            Whether anything was moved.
-
-        """
-        lo, hi = self.bounds
-        before = self.T.clone()
-        self.T.clamp_(lo, hi)
-        moved = bool(before != self.T)
+        """Clips T into :attr:`bounds`, a learned t0 into ``[2 t0 - T0 + eps, min(T0, T) - eps]``; True if either moved."""
+        before = (self.T.item(), self.t0.item())
+        self.T.clamp_(*self.bounds)
         if self.learn_t0:
-            lo0, hi0 = self.t0_bounds
-            hi0 = min(hi0, self.T.item() - self.eps.item())
-            before0 = self.t0.clone()
-            self.t0.clamp_(lo0, hi0)
-            moved = moved or bool(before0 != self.t0)
-        return moved
+            self.t0.clamp_(2 * self.t0_init - self.T0 + self.eps, min(self.T0, self.T.item()) - self.eps)
+        return before != (self.T.item(), self.t0.item())
 
-    def parameters_of_time(self) -> list[nn.Parameter]:
-        """The learnable time parameters: ``[T]``, or ``[T, t0]`` if ``learn_t0``."""
-        params = [self.T]
-        if self.learn_t0:
-            assert isinstance(self.t0, nn.Parameter)
-            params.append(self.t0)
-        return params
+    @property
+    def budget(self) -> int | None:
+        """The number of fixed steps per solve, or ``None`` for the solver's own steps."""
+        return None if self.placement is None else self.placement.shape[0]
 
-    def describe(self, reverse: bool = False) -> str:
-        """A one-line description for messages: name, interval, direction, bounds and training step.
+    @torch.no_grad()
+    def set_budget(self, budget: int) -> None:
+        """Sets the number of steps, keeping the learned placement's density of steps."""
+        n = whole("budget", budget)
+        if self.placement is None:
+            self.placement = nn.Parameter(torch.zeros(n, dtype=self.T.dtype, device=self.T.device))
+            return
+        old, m = self.fractions().detach(), self.placement.shape[0]
+        pos = torch.linspace(0, m, n + 1, dtype=old.dtype, device=old.device)
+        i = pos.floor().clamp(max=m - 1).long()
+        new = old[i] + (pos - i) * (old[i + 1] - old[i])
+        logits = new.diff().clamp_min(1e-6).log()
+        # A new parameter (the stepper follows it): a live graph may still hold the old one's shape.
+        self.placement = nn.Parameter(logits - logits.mean(), requires_grad=self.placement.requires_grad)
 
-        The name and the step count are set by :class:`~torch_tempopt.CoordinateDescentStepper`
-        (the horizon's path in the model, and ``stats["steps"]``, the optimizer steps taken so far).
+    def fractions(self) -> Tensor:
+        """The budget's N + 1 step boundaries as fractions of [t0, T], from 0 to 1 (increasing by construction)."""
+        if self.placement is None:
+            raise ValueError("fractions needs a budget; construct the horizon with budget=N or call set_budget(N).")
+        c = torch.cumsum(torch.softmax(self.placement, 0), 0)
+        return torch.cat([c.new_zeros(1), c[:-1], c.new_ones(1)])
+
+    # ------------------------------------------------------------------ solving
+    def forward(self, func: Callable[..., Any], y0: State, *, solver: Callable[..., Any] = torchdiffeq.odeint,
+                reverse: bool = False, times: Tensor | Sequence[float] | None = None, **kwargs: Any) -> State:
+        r"""Returns ``solver(func, y0, [t0, T], **kwargs)``: the solution at the start and the end.
 
         Arguments:
-            reverse: Describe the reverse (sampling) direction, from T back to t0.
-
-        Returns:
-            E.g. ``"LearnableHorizon 'chain.0.horizon' (forward, t0=0 -> T=0.5123, bounds [0.1, 0.9], after 12 optimizer steps)"``.
-
-        Example:
-            >>> LearnableHorizon(T0=0.5).describe()
-            'LearnableHorizon (forward, t0=0 -> T=0.5, bounds [0.1, 0.9])'
-
-        """
-        name = getattr(self, "_context_name", None)
-        steps = getattr(self, "_context_steps", None)
-        T, t0 = f"{self.T.detach().item():.6g}", f"{self.t0.detach().item():.6g}"
-        path = f"T={T} -> t0={t0}" if reverse else f"t0={t0} -> T={T}"
-        lo, hi = self.bounds
-        parts = [f"{'reverse' if reverse else 'forward'}, {path}", f"bounds [{lo:.6g}, {hi:.6g}]"]
-        if steps is not None:
-            parts.append(f"after {steps} optimizer steps")
-        label = "LearnableHorizon" + (f" {name!r}" if name else "")
-        return f"{label} ({', '.join(parts)})"
-
-    def _endpoints(self, reverse: bool, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
-        T = self.T.to(dtype=dtype, device=device)
-        t0 = self.t0.to(dtype=dtype, device=device)
-        return (T, t0) if reverse else (t0, T)
-
-    def forward(
-        self,
-        func: Callable[..., Any],
-        y0: State,
-        *,
-        solver: Solver = torchdiffeq.odeint,
-        reverse: bool = False,
-        times: Tensor | Sequence[float] | None = None,
-        mechanism: str = "direct",
-        **solver_kwargs: Any,
-    ) -> State:
-        r"""Integrates ``func`` from t0 to T (from T to t0 if ``reverse``).
-
-        Arguments:
-            func: The vector field ``func(t, y)``, returning a tangent with the
-                structure of ``y``.
+            func: The vector field ``func(t, y)``.
             y0: The initial state, a floating tensor or a tuple of them.
-            solver: Any callable with odeint's signature ``solver(func, y0, t, **kw)``
-                that returns the solution at every time of ``t``
-                (``torchdiffeq.odeint``, ``torchdiffeq.odeint_adjoint``, ...).
-            reverse: Integrate from T back to t0 (sampling direction).
-            times: Increasing points in [0, 1] of the interval, measured from
-                the start of the integration. If given, the trajectory at those
-                points is returned, with a leading time dimension.
-            mechanism: ``"direct"`` (default) or ``"rescale"``, see the class docs.
-            solver_kwargs: Passed to ``solver`` (``rtol``, ``atol``, ``method``,
-                ``options``, ``adjoint_params``, ...).
+            solver: Any callable with odeint's signature that returns the solution
+                at every time of ``t`` (``torchdiffeq.odeint``, ``odeint_adjoint``,
+                :mod:`torch_tempopt.contrib` adapters); on a budget, torchdiffeq's two.
+            reverse: Integrate from T back to t0 (the sampling direction): ``[T, t0]``.
+            times: Increasing fractions of the interval from the start of the
+                integration, beginning with 0, to return the solution at (as
+                odeint's ``t``); default ``[0, 1]``. On a budget, a point that is
+                not on the grid adds a step.
+            kwargs: Passed to ``solver`` (``method``, ``rtol``, ``atol``, ``options``,
+                ``adjoint_params``, ...). On a budget, the adaptive settings among
+                them define the reference and are not passed to the budgeted solve.
 
         Returns:
-            The state at the far end (or the trajectory at ``times``), with the
-            structure of ``y0``.
+            The solution with the structure of ``y0``, each part with a leading
+            dimension of ``len(times)`` (2 by default).
 
         Raises:
-            TypeError: If ``func``/``solver`` are not callable, ``y0`` is not a
-                floating tensor or a tuple of them, or ``t`` is passed.
-            ValueError: If ``mechanism`` is unknown, ``y0`` is empty, or ``times``
-                is not an increasing sequence in [0, 1] of distinguishable points.
+            TypeError: For a non-callable ``func``/``solver``, a non-floating ``y0``,
+                a ``t`` argument, or a budget with another solver than torchdiffeq's.
+            ValueError: For an empty ``y0`` or ``times`` that are not increasing
+                fractions in [0, 1] beginning with 0.
 
-        An exception raised by the solver or the field (e.g. torchdiffeq's
-        ``AssertionError: underflow in dt``) propagates unchanged, same type
-        and traceback, with a note (PEP 678 ``add_note``) naming this horizon
-        (:meth:`describe`: its name and step count when a
-        :class:`~torch_tempopt.CoordinateDescentStepper` drives it, t0, T and
-        the direction) and, for step-size failures, possible remedies. So
-        ``except AssertionError`` keeps working, and the note is printed
-        under the original message. Field errors in this module's backward
-        pass (the extra evaluation for dL/dT) get such a note too; failures
-        inside an adjoint backend's backward solve do not pass through here.
-
+        A failing solve keeps its exception, with a note that names the likely
+        cause: a non-finite or half-precision ``y0``, a field that fails or
+        returns the wrong structure, or a collapsing step size.
         """
         if not callable(func):
             raise TypeError(f"func must be callable as func(t, y), got {type(func).__name__}.")
         if not callable(solver):
             raise TypeError(f"solver must be callable as solver(func, y0, t, **kwargs), got {type(solver).__name__}.")
-        if not isinstance(reverse, bool):
-            raise TypeError(f"reverse must be True or False, got {reverse!r}.")
-        if mechanism not in MECHANISMS:
-            raise ValueError(f"mechanism must be one of {MECHANISMS}, got {mechanism!r}.")
-        if "t" in solver_kwargs:
-            raise TypeError(
-                "t must not be passed: the horizon builds the time grid from its own t0 and T. "
-                "Use times= (points in [0, 1] of the interval) for a trajectory."
-            )
+        reverse = flag("reverse", reverse)
+        if "t" in kwargs:
+            raise TypeError("t must not be passed: the horizon builds [t0, T] itself; use times= for more points.")
         is_tuple, parts = check_state("y0", y0)
         if all(p.numel() == 0 for p in parts):
-            raise ValueError(
-                f"y0 has no elements (shape {tuple(parts[0].shape)}): there is nothing to integrate, and adaptive "
-                "solvers fail on an empty state. Skip the call for an empty batch."
-            )
-        like = parts[0]
-        tdtype = _time_dtype(like.dtype)
-        start, end = self._endpoints(reverse, tdtype, like.device)
+            raise ValueError("y0 has no elements; skip the solve for an empty batch.")
+        dtype, device = _time_dtype(parts[0].dtype), parts[0].device
+        s = self._times(times, dtype, device)
+        t0, T = self.t0.to(dtype=dtype, device=device), self.T.to(dtype=dtype, device=device)
+        if self.placement is None:
+            out = self._adaptive(func, is_tuple, parts, s, (T, t0) if reverse else (t0, T), solver, kwargs)
+        else:
+            if solver is not torchdiffeq.odeint and solver is not torchdiffeq.odeint_adjoint:
+                raise TypeError(f"solver must be torchdiffeq.odeint or torchdiffeq.odeint_adjoint on a budget, got {solver!r}.")
+            if torch.is_grad_enabled():
+                ref = {k: v for k, v in kwargs.items() if k in ("method", "options", "rtol", "atol")}
+                self._last = (func, is_tuple, tuple(p.detach() for p in parts), reverse, ref)
+            out = self._budgeted(func, is_tuple, parts, s, t0, T, reverse, solver, kwargs, track=False)
+            if torch.is_grad_enabled() and self.placement.requires_grad:  # a zero gradient, so DDP sees it used
+                out = (out[0] + 0 * self.placement.sum().to(out[0].dtype), *out[1:])
+        return _pack(is_tuple, out)
 
-        s = torch.tensor([0.0, 1.0], dtype=tdtype, device=like.device)
-        skip_first = True
-        if times is not None:
-            s, skip_first = self._check_times(times, s)
-
-        if mechanism == "rescale":
-            return self._solve_rescaled(func, is_tuple, parts, s, skip_first, times is None, solver, reverse, solver_kwargs)
-
-        # The end points are start and end themselves, so that a fixed end point gets no (zero) gradient
-        # path and costs no evaluation of the field in the backward pass.
-        grid = torch.cat([start[None], start + s[1:-1] * (end - start), end[None]]) if s[-1] == 1 else start + s * (end - start)
-        if times is not None:
-            self._check_resolved(grid.detach(), s, start.detach().item(), end.detach().item())
-        track = torch.is_grad_enabled() and (start.requires_grad or end.requires_grad)
-        settings = (func, is_tuple, lambda: self.describe(reverse))
-        y_in: tuple[Tensor, ...] = parts
-        if track and start.requires_grad:
-            y_in = _Entry.apply(settings, start, *parts)
-        sol = self._call_solver(solver, func, _pack(is_tuple, y_in), grid.detach(), reverse, solver_kwargs)
-        sol_parts = self._check_solution(sol, is_tuple, len(parts), grid.shape[0])
+    def _times(self, times: Any, dtype: torch.dtype, device: torch.device) -> Tensor:
         if times is None:
-            sol_parts = tuple(p[-1:] for p in sol_parts)
-            grid = end[None]
-        elif skip_first:
-            sol_parts = tuple(p[1:] for p in sol_parts)
-            grid = grid[1:]
-        if track and grid.requires_grad:
-            sol_parts = _Exit.apply(settings, grid, *sol_parts)
-        if times is None:
-            sol_parts = tuple(p[0] for p in sol_parts)
-        return _pack(is_tuple, sol_parts)
-
-    def _solve_rescaled(
-        self,
-        func: Callable[..., Any],
-        is_tuple: bool,
-        parts: tuple[Tensor, ...],
-        s: Tensor,
-        skip_first: bool,
-        final_only: bool,
-        solver: Solver,
-        reverse: bool,
-        solver_kwargs: dict[str, Any],
-    ) -> State:
-        field = _RescaledField(func, self, reverse, parts[0])
-        kwargs = dict(solver_kwargs)
-        if _accepts(solver, "adjoint_params"):
-            user = kwargs.get("adjoint_params")
-            if user is None and not isinstance(func, nn.Module):
-                raise ValueError(
-                    "func must be an nn.Module, or adjoint_params must be given, for mechanism='rescale' with an "
-                    "adjoint solver: otherwise the field's parameters would get no gradient. Pass "
-                    "adjoint_params=tuple(model.parameters()) (or () if the field has none)."
-                )
-            base = tuple(user) if user is not None else _module_params(func)
-            kwargs["adjoint_params"] = base + tuple(self.parameters_of_time())
-        sol = self._call_solver(solver, field, _pack(is_tuple, parts), s, reverse, kwargs)
-        sol_parts = self._check_solution(sol, is_tuple, len(parts), s.shape[0])
-        if final_only:
-            sol_parts = tuple(p[-1] for p in sol_parts)
-        elif skip_first:
-            sol_parts = tuple(p[1:] for p in sol_parts)
-        return _pack(is_tuple, sol_parts)
-
-    def _call_solver(
-        self, solver: Solver, func: Callable[..., Any], y0: State, t: Tensor, reverse: bool, kwargs: dict[str, Any]
-    ) -> Any:
-        """Calls the solver; an exception gets a note naming this horizon (and remedies), and is re-raised."""
+            return torch.tensor([0.0, 1.0], dtype=dtype, device=device)
         try:
-            return solver(func, y0, t, **kwargs)
+            s = torch.as_tensor(times, dtype=dtype, device=device).detach()
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"times must be a 1-D sequence of fractions in [0, 1], got {times!r}.") from None
+        if s.dim() != 1 or s.numel() < 2 or s[0] != 0 or not bool(((s[1:] > s[:-1]) & (s[1:] <= 1)).all()):
+            raise ValueError(f"times must be increasing fractions of the interval in [0, 1] beginning with 0, got {s.tolist()}.")
+        return s
+
+    def _adaptive(self, func: Callable[..., Any], is_tuple: bool, parts: tuple[Tensor, ...], s: Tensor,
+                  ends: tuple[Tensor, Tensor], solver: Callable[..., Any], kwargs: dict[str, Any]) -> tuple[Tensor, ...]:
+        start, end = ends
+        grid = _place(s, start, end)
+        y = parts
+        if torch.is_grad_enabled() and start.requires_grad:
+            y = _TimeGrad.apply(func, is_tuple, -1.0, start, *parts)
+        sol = self._solve(solver, func, is_tuple, y, grid.detach(), kwargs)
+        return self._assemble(func, is_tuple, parts, sol, grid)
+
+    def _budgeted(self, func: Callable[..., Any], is_tuple: bool, parts: tuple[Tensor, ...], s: Tensor, t0: Tensor,
+                  T: Tensor, reverse: bool, solver: Callable[..., Any], kwargs: dict[str, Any], track: bool) -> tuple[Tensor, ...]:
+        u = self.fractions().to(s.dtype)
+        u = u if track else u.detach()
+        wanted = (1 - s).flip(0) if reverse else s  # the points asked for, as increasing fractions from t0
+        extra = wanted[~(wanted[:, None] == u.detach()[None, :]).any(1)]
+        v = torch.sort(torch.cat([u, extra])).values
+        idx = torch.searchsorted(v.detach(), wanted)
+        grid = _place(v, t0, T)
+        if reverse:
+            grid, idx = grid.flip(0), (v.numel() - 1 - idx).flip(0)
+        kw = {k: v for k, v in kwargs.items() if k not in _ADAPTIVE_KEYS}
+        kw["method"] = self.method
+        if solver is torchdiffeq.odeint:  # backprop through the steps: the exact derivative of the discrete solution
+            sol = self._solve(solver, func, is_tuple, parts, grid, kw)
+            return tuple(torch.cat([p[None], q[idx[1:]]]) for p, q in zip(parts, sol))
+        y, start = parts, T if reverse else t0
+        if torch.is_grad_enabled() and start.requires_grad:
+            y = _TimeGrad.apply(func, is_tuple, -1.0, start, *parts)
+        sol = self._solve(solver, func, is_tuple, y, grid.detach(), kw)
+        return self._assemble(func, is_tuple, parts, tuple(q[idx] for q in sol), grid[idx])
+
+    def _assemble(self, func: Callable[..., Any], is_tuple: bool, parts: tuple[Tensor, ...],
+                  sol: tuple[Tensor, ...], grid: Tensor) -> tuple[Tensor, ...]:
+        """Stacks ``y0`` and the solution at ``grid[1:]``, attaching dL/dt to every point of the grid in the graph."""
+        rows = [parts]
+        for i in range(1, grid.numel()):
+            y = tuple(q[i] for q in sol)
+            if torch.is_grad_enabled() and grid[i].requires_grad:
+                y = _TimeGrad.apply(func, is_tuple, 1.0, grid[i], *y)
+            rows.append(y)
+        return tuple(torch.stack([r[k] for r in rows]) for k in range(len(parts)))
+
+    def _solve(self, solver: Callable[..., Any], func: Callable[..., Any], is_tuple: bool, y: Sequence[Tensor],
+               t: Tensor, kwargs: dict[str, Any]) -> tuple[Tensor, ...]:
+        try:
+            sol = solver(func, _pack(is_tuple, y), t, **kwargs)
         except Exception as error:
-            note = f"{self.describe(reverse)}: the solve failed."
-            if _is_step_failure(error):
-                note += " " + _REMEDIES
-            _add_note(error, note)
+            _add_note(error, f"{self!r}: the solve failed; {_diagnose(func, is_tuple, y, t[0], error)}")
             raise
+        out = tuple(sol) if is_tuple and isinstance(sol, (tuple, list)) else (sol,)
+        if len(out) != len(y) or any(not isinstance(q, Tensor) or q.shape != (t.numel(), *p.shape) for q, p in zip(out, y)):
+            got = [tuple(q.shape) if isinstance(q, Tensor) else type(q).__name__ for q in out]
+            raise ValueError(f"solver must return the solution at each of the {t.numel()} times stacked on a leading "
+                             f"dimension, got {got}; wrap a solver that returns only the final state.")
+        return out
 
-    @staticmethod
-    def _check_times(times: Tensor | Sequence[float], like: Tensor) -> tuple[Tensor, bool]:
-        try:
-            s = torch.as_tensor(times, dtype=like.dtype, device=like.device).detach()
-        except (TypeError, ValueError, RuntimeError) as e:
-            raise TypeError(f"times must be a 1-D sequence of floats in [0, 1], got {times!r}.") from e
-        if s.dim() != 1 or s.numel() == 0:
-            raise ValueError(f"times must be a non-empty 1-D sequence of points in [0, 1], got shape {tuple(s.shape)}.")
-        if not torch.isfinite(s).all() or s.min() < 0 or s.max() > 1:
-            raise ValueError(
-                f"times must lie in [0, 1] (fractions of the interval from its start), got {s.tolist()}. "
-                "Rescale absolute times t with (t - t0) / (T - t0)."
-            )
-        if s.numel() > 1 and not (s[1:] > s[:-1]).all():
-            raise ValueError(f"times must be strictly increasing, got {s.tolist()}.")
-        if s[0] == 0:
-            return s, False
-        return torch.cat([s.new_zeros(1), s]), True
+    # ------------------------------------------------------------------ the budget against its reference
+    def error(self, func: Callable[..., Any], y0: State, *, reverse: bool = False, **kwargs: Any) -> Tensor:
+        r"""The mean absolute difference at the far end between the budgeted solve and an adaptive reference.
 
-    @staticmethod
-    def _check_resolved(grid: Tensor, s: Tensor, start: float, end: float) -> None:
-        """Refuses points of ``times`` that coincide, or nearly, once placed on the interval."""
-        tiny = 64 * torch.finfo(grid.dtype).eps * max(abs(start), abs(end), abs(end - start))
-        gaps = (grid[1:] - grid[:-1]).abs()
-        if bool((gaps <= tiny).any()):
-            raise ValueError(
-                f"times has points too close together to be resolved on the interval from {start:.6g} to {end:.6g} "
-                f"in {grid.dtype} (with the start 0 included: {s.tolist()}): consecutive points must differ by "
-                f"more than {tiny:.3g} in time. Merge or drop the coinciding points."
-            )
+        The reference is ``torchdiffeq.odeint(func, y0, [t0, T], **kwargs)``
+        (the call's adaptive settings: ``method``, ``rtol``, ``atol``, ``options``),
+        solved without gradients; the budgeted solve backpropagates to
+        :attr:`placement` when grad mode is on.
 
-    @staticmethod
-    def _check_solution(sol: Any, is_tuple: bool, n: int, steps: int) -> tuple[Tensor, ...]:
-        parts = tuple(sol) if is_tuple else (sol,)
-        if len(parts) != n or not all(isinstance(p, Tensor) and p.dim() >= 1 and p.shape[0] == steps for p in parts):
-            raise ValueError(
-                "solver must return the solution at every time of t, stacked along a leading dimension, "
-                f"with the structure of y0 ({n} tensor(s), leading size {steps}); got {type(sol).__name__}. "
-                "Wrap solvers that return only the final state."
-            )
-        return parts
+        Returns:
+            One value per part of the state (e.g. the state and the log-density of a CNF).
+
+        Example:
+            >>> import torch
+            >>> horizon = LearnableHorizon(T0=1.0, budget=2)
+            >>> err = horizon.error(lambda t, y: -y, torch.ones(1), rtol=1e-9, atol=1e-9)
+            >>> bool(err < 1e-3)  # two rk4 steps of exp(-t): 3e-4 from exp(-1)
+            True
+        """
+        is_tuple, parts = check_state("y0", y0)
+        return self._error(func, is_tuple, parts, flag("reverse", reverse), self._reference(func, is_tuple, parts, reverse, kwargs))
+
+    def fit(self, func: Callable[..., Any], y0: State, *, steps: int = 100, lr: float = 0.05, reverse: bool = False,
+            **kwargs: Any) -> tuple[Tensor, Tensor]:
+        r"""Fits :attr:`placement` to an adaptive reference on ``y0`` (e.g. a trained model's held-out batch).
+
+        Minimises the sum over parts of :meth:`error` with Adam for ``steps``
+        steps; the reference is solved once. Nothing else is changed.
+
+        Returns:
+            :meth:`error` before and after, detached.
+        """
+        is_tuple, parts = check_state("y0", y0)
+        reverse = flag("reverse", reverse)
+        if self.placement is None:
+            raise ValueError("fit needs a budget; construct the horizon with budget=N or call set_budget(N).")
+        ref = self._reference(func, is_tuple, parts, reverse, kwargs)
+        opt = torch.optim.Adam([self.placement], lr=real("lr", lr))
+        before = None
+        for _ in range(whole("steps", steps, 0)):
+            with torch.enable_grad():
+                err = self._error(func, is_tuple, parts, reverse, ref)
+                (self.placement.grad,) = torch.autograd.grad(err.sum(), self.placement)
+            before = err.detach() if before is None else before
+            opt.step()
+        self.placement.grad = None
+        with torch.no_grad():
+            after = self._error(func, is_tuple, parts, reverse, ref)
+        return (after if before is None else before), after
+
+    def _reference(self, func: Callable[..., Any], is_tuple: bool, parts: tuple[Tensor, ...], reverse: bool,
+                   kwargs: dict[str, Any]) -> tuple[Tensor, ...]:
+        if self.placement is None:
+            raise ValueError("error needs a budget; construct the horizon with budget=N or call set_budget(N).")
+        dtype, device = _time_dtype(parts[0].dtype), parts[0].device
+        t0, T = self.t0.to(dtype=dtype, device=device), self.T.to(dtype=dtype, device=device)
+        s = torch.tensor([0.0, 1.0], dtype=dtype, device=device)
+        ref = {k: v for k, v in kwargs.items() if k in ("method", "options", "rtol", "atol")}
+        with torch.no_grad():
+            return tuple(q[-1] for q in self._adaptive(func, is_tuple, parts, s, (T, t0) if reverse else (t0, T),
+                                                       torchdiffeq.odeint, ref))
+
+    def _error(self, func: Callable[..., Any], is_tuple: bool, parts: tuple[Tensor, ...], reverse: bool,
+               ref: tuple[Tensor, ...]) -> Tensor:
+        dtype, device = _time_dtype(parts[0].dtype), parts[0].device
+        t0, T = self.t0.to(dtype=dtype, device=device).detach(), self.T.to(dtype=dtype, device=device).detach()
+        s = torch.tensor([0.0, 1.0], dtype=dtype, device=device)
+        out = self._budgeted(func, is_tuple, parts, s, t0, T, reverse, torchdiffeq.odeint, {}, track=True)
+        return torch.stack([(q[-1] - r).abs().mean().to(dtype) for q, r in zip(out, ref)])
+
+    # ------------------------------------------------------------------ module plumbing
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> LearnableHorizon:
+        super()._apply(fn, recurse)
+        for p in (self.T, self.t0, self.placement):  # .half() keeps time in float32: T is not rounded to 1e-3
+            if p is not None and p.dtype in (torch.float16, torch.bfloat16):
+                p.data = p.data.float()
+        return self
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
+        saved = state_dict.get(prefix + "placement")
+        if isinstance(saved, Tensor) and saved.shape != getattr(self.placement, "shape", None):
+            self.set_budget(saved.shape[0])  # a checkpoint taken after the guard grew the budget
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_last": None}
 
     def extra_repr(self) -> str:
-        lo, hi = self.bounds
-        t0 = f"{self.t0.item():.4g}" + (" (learned)" if self.learn_t0 else "")
-        return f"T={self.T.item():.4g}, t0={t0}, bounds=[{lo:.4g}, {hi:.4g}]"
+        text = f"T={self.T.item():.4g}, t0={self.t0.item():.4g}, bounds=({self.bounds[0]:.4g}, {self.bounds[1]:.4g})"
+        return text + ("" if self.placement is None else f", budget={self.budget}, method={self.method!r}")
 
-
-def load_state_dict_adding_horizons(model: nn.Module, state_dict: Mapping[str, Any], *, strict: bool = True) -> dict[str, str]:
-    r"""Loads a checkpoint saved before ``model`` had its horizons, e.g. to switch TO-FLOW on mid-training.
-
-    Every :class:`LearnableHorizon` of ``model`` whose entries (``T``, ``t0``,
-    ``T_init``, ``t0_init``, ``eps``) are missing from ``state_dict`` keeps the
-    values it was constructed with, and the rest of ``model`` is loaded as by
-    ``model.load_state_dict(state_dict, strict=strict)``. **Construct the new
-    horizons with the end time the checkpoint was trained with** (``T0=0.5`` for
-    an FFJORD toy model): that is where T starts. What was initialised is
-    returned and reported in one :class:`UserWarning`. A checkpoint that already
-    holds the horizons loads exactly as with ``load_state_dict``, without warning.
-
-    To continue the optimizer too, pass the old (plain) optimizer's state dict to
-    :meth:`CoordinateDescentStepper.load_state_dict
-    <torch_tempopt.CoordinateDescentStepper.load_state_dict>`: it loads it into the
-    weight optimizer and starts the horizon optimizer fresh.
-
-    Arguments:
-        model: The model, holding :class:`LearnableHorizon` submodules.
-        state_dict: Its state from before the horizons were added.
-        strict: Whether every other key must match, as in :meth:`torch.nn.Module.load_state_dict`.
-
-    Returns:
-        For each horizon initialised from its constructor values, its name in
-        ``model`` mapped to its description (T, t0, bounds); empty if none was.
-
-    Raises:
-        TypeError: If ``model`` is not a module or ``state_dict`` not a mapping.
-        ValueError: If ``strict`` and keys other than the horizons' are missing
-            or unexpected (nothing is loaded then).
-
-    Example:
-        >>> import torch
-        >>> old = torch.nn.Sequential(torch.nn.Linear(2, 2))
-        >>> new = torch.nn.Sequential(torch.nn.Linear(2, 2), LearnableHorizon(T0=0.5))
-        >>> import warnings
-        >>> with warnings.catch_warnings():
-        ...     warnings.simplefilter("ignore")  # it warns that horizon '1' starts from its constructor values
-        ...     added = load_state_dict_adding_horizons(new, old.state_dict())
-        >>> added
-        {'1': 'T=0.5, t0=0, bounds [0.1, 0.9]'}
-        >>> torch.equal(new[0].weight, old[0].weight)
-        True
-
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module holding LearnableHorizon submodules, got {type(model).__name__}.")
-    if not isinstance(state_dict, Mapping):
-        raise TypeError(f"state_dict must be a mapping from names to tensors (model.state_dict()), got {type(state_dict).__name__}.")
-    if not isinstance(strict, bool):
-        raise TypeError(f"strict must be True or False, got {strict!r}.")
-    current = model.state_dict()
-    horizons = [(name, h) for name, h in model.named_modules() if isinstance(h, LearnableHorizon)]
-    horizon_keys = {(f"{name}." if name else "") + key: name for name, h in horizons for key in h.state_dict()}
-    missing = [k for k in current if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in current]
-    others = [k for k in missing if k not in horizon_keys]
-    if strict and (others or unexpected):
-        raise ValueError(
-            "state_dict does not match model apart from its horizons: "
-            f"missing {others or 'nothing'}, unexpected {unexpected or 'nothing'}. Nothing was loaded. "
-            "Pass strict=False to load the matching entries anyway."
-        )
-    filled = dict(state_dict)
-    keys: dict[str, list[str]] = {}
-    for key in missing:
-        name = horizon_keys.get(key)
-        if name is not None:
-            filled[key] = current[key]
-            keys.setdefault(name, []).append(key.rsplit(".", 1)[-1])
-    model.load_state_dict(filled, strict=strict)
-    added: dict[str, str] = {}
-    by_name = dict(horizons)
-    for name, entries in keys.items():
-        horizon = by_name[name]
-        lo, hi = horizon.bounds
-        text = f"T={horizon.T.item():.6g}, t0={horizon.t0.item():.6g}, bounds [{lo:.6g}, {hi:.6g}]"
-        if len(entries) < len(horizon.state_dict()):
-            text += f" (only {', '.join(entries)} initialised)"
-        added[name] = text
-    if added:
-        listed = "; ".join(f"{name or '<model>'!r}: {text}" for name, text in added.items())
-        warnings.warn(
-            f"load_state_dict_adding_horizons: {len(added)} horizon(s) absent from the checkpoint start from "
-            f"their constructor values: {listed}.",
-            UserWarning,
-            stacklevel=2,
-        )
-    return added
