@@ -175,6 +175,7 @@ class LearnableHorizon(nn.Module):
     References:
         | TO-FLOW: Efficient Continuous Normalizing Flows with Temporal Optimization adjoint with Moving Speed
         | Du et al., 2022 (https://arxiv.org/abs/2203.10335)
+
     """
 
     T: nn.Parameter
@@ -277,6 +278,7 @@ class LearnableHorizon(nn.Module):
         A failing solve keeps its exception, with a note that names the likely
         cause: a non-finite or half-precision ``y0``, a field that fails or
         returns the wrong structure, or a collapsing step size.
+
         """
         if not callable(func):
             raise TypeError(f"func must be callable as func(t, y), got {type(func).__name__}.")
@@ -390,6 +392,7 @@ class LearnableHorizon(nn.Module):
             >>> err = horizon.error(lambda t, y: -y, torch.ones(1), rtol=1e-9, atol=1e-9)
             >>> bool(err < 1e-3)  # two rk4 steps of exp(-t): 3e-4 from exp(-1)
             True
+
         """
         is_tuple, parts = check_state("y0", y0)
         return self._error(func, is_tuple, parts, flag("reverse", reverse), self._reference(func, is_tuple, parts, reverse, kwargs))
@@ -403,6 +406,7 @@ class LearnableHorizon(nn.Module):
 
         Returns:
             :meth:`error` before and after, detached.
+
         """
         is_tuple, parts = check_state("y0", y0)
         reverse = flag("reverse", reverse)

@@ -111,6 +111,7 @@ class CoordinateDescentStepper(Optimizer):
         >>> opt.step(); opt.zero_grad()
         >>> horizon.T.item() != 0.5
         True
+
     """
 
     def __init__(self, optimizer: Optimizer, horizons: Horizons, *, lr: float = 1e-2, alpha: float = 0.1,
@@ -225,6 +226,7 @@ class CoordinateDescentStepper(Optimizer):
 
         Returns:
             The closure's loss, if a closure was given.
+
         """
         if closure is not None and not callable(closure):
             raise TypeError(f"closure must be callable, got {type(closure).__name__}.")
