@@ -2,8 +2,9 @@ r"""A learnable integration interval [t0, T] that replaces an ``odeint`` call, o
 
 from __future__ import annotations
 
+import contextlib
 import re
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Callable, Iterator, Sequence, Union
 
 import torch
 import torchdiffeq
@@ -81,8 +82,10 @@ class _TimeGrad(torch.autograd.Function):
                 except Exception as error:
                     _add_note(error, "torch_tempopt: the field failed at the one evaluation F(t, y(t)) that dL/dt needs.")
                     raise
-                dot = sum(torch.sum(fi.to(torch.float64) * g.to(torch.float64)) for fi, g in zip(f, grads))
-                grad_t = (ctx.sign * dot).to(t.dtype).reshape(t.shape)
+                for fi, g in zip(f, grads):
+                    acc = torch.promote_types(torch.promote_types(fi.dtype, g.dtype), t.dtype)
+                    grad_t = grad_t + torch.sum(fi.to(acc) * g.to(acc)).to(t.dtype)
+                grad_t = ctx.sign * grad_t
         return (None, None, None, grad_t, *grads)
 
 
@@ -202,6 +205,7 @@ class LearnableHorizon(nn.Module):
         if budget is not None:
             self.set_budget(budget)
         self._last: tuple[Any, ...] | None = None  # the last budgeted call in training, for the stepper's guard
+        self._off = False  # inside adaptive()
 
     # ------------------------------------------------------------------ time parameters
     @property
@@ -237,6 +241,25 @@ class LearnableHorizon(nn.Module):
         logits = new.diff().clamp_min(1e-6).log()
         # A new parameter (the stepper follows it): a live graph may still hold the old one's shape.
         self.placement = nn.Parameter(logits - logits.mean(), requires_grad=self.placement.requires_grad)
+
+    @contextlib.contextmanager
+    def adaptive(self) -> Iterator[None]:
+        """Within the block, solves with the call's own (adaptive) settings, ignoring the budget: to score a model.
+
+        Example:
+            >>> import torch
+            >>> horizon = LearnableHorizon(T0=1.0, budget=2)
+            >>> with horizon.adaptive():
+            ...     y = horizon(lambda t, y: -y, torch.ones(1), rtol=1e-9, atol=1e-9)
+            >>> round(y[-1].item(), 6)  # exp(-1), not the 2-step rk4 value 0.368171
+            0.367879
+
+        """
+        self._off, before = True, self._off
+        try:
+            yield
+        finally:
+            self._off = before
 
     def fractions(self) -> Tensor:
         """The budget's N + 1 step boundaries as fractions of [t0, T], from 0 to 1 (increasing by construction)."""
@@ -293,7 +316,7 @@ class LearnableHorizon(nn.Module):
         dtype, device = _time_dtype(parts[0].dtype), parts[0].device
         s = self._times(times, dtype, device)
         t0, T = self.t0.to(dtype=dtype, device=device), self.T.to(dtype=dtype, device=device)
-        if self.placement is None:
+        if self.placement is None or self._off:
             out = self._adaptive(func, is_tuple, parts, s, (T, t0) if reverse else (t0, T), solver, kwargs)
         else:
             if solver is not torchdiffeq.odeint and solver is not torchdiffeq.odeint_adjoint:
