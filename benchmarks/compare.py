@@ -1,19 +1,22 @@
-"""Side-by-side training benchmark: FFJORD, STEER, TO-FLOW, RNODE and variants on the same budget.
+"""Side-by-side training benchmark: FFJORD, TO-FLOW, RNODE, step budgets and flow matching, same harness.
 
-Every configuration trains on the same data, seed and number of iterations, one after another
-in this process with 1 thread (``examples.train.run``), and is evaluated on the same held-out set
-with the same fixed solver. The table reports, per configuration: the final test NLL, the total
-forward and backward NFE, the CPU time per iteration, and the **NFE and CPU time needed to reach
-FFJORD's final test NLL, as a ratio to FFJORD's totals** ("not reached" if it never does, at the
-evaluation points). Results go to ``benchmarks/results/<name>.json`` and ``<name>.md``.
+Every configuration trains on the same data, seed and iterations, one after another in this process
+with 1 thread (``examples.train.run``), and is scored on the same held-out set with the same adaptive
+solve (dopri5 1e-5). The table reports, per configuration: the final test NLL, the total forward and
+backward NFE (the budget guard's reference solves included), the CPU time per iteration, and the **NFE
+and CPU time needed to reach FFJORD's final test NLL plus ``--margin``, as ratios to FFJORD's totals**
+("not reached" if it never does, at the evaluation points). Flow matching (``fm``) trains for FFJORD's
+CPU time. Results go to ``benchmarks/results/<name>.json``, ``<name>.md`` and, with ``--figure``, a
+Pareto figure ``<name>.png`` (test NLL against total NFE and CPU time).
 
 Run from the repository root::
 
-    python benchmarks/compare.py --data 8gaussians --iters 2000 --seeds 0
-    python benchmarks/compare.py --data checkerboard --configs ffjord toflow toflow-rk4 ffjord-rk4
+    python benchmarks/compare.py --data 8gaussians --iters 2000 --seeds 0 --configs ffjord toflow ffjord-b4 fm
+    python benchmarks/compare.py --data checkerboard --configs ffjord ffjord-b2 --config "b2-tight=ffjord:--budget 2 --guard-tol 1e-3"
 
-A configuration is a method of ``examples.train`` plus flags (see ``CONFIGS``); add your own with
-``--config NAME=METHOD:FLAGS``, e.g. ``--config "toflow-a1=toflow:--alpha 1"``.
+A configuration is a method of ``examples.train`` plus flags (see ``CONFIGS``): ``ffjord-bN`` trains on
+N uniform rk4 steps with T fixed, ``ffjord-bN-learned`` learns the steps' placement, ``toflow-bN-uniform``
+learns T on a uniform grid, ``toflow-bN`` learns both, ``rnode-bN`` adds RNODE's penalties.
 """
 
 from __future__ import annotations
@@ -42,15 +45,23 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
     "toflow-a1": ("toflow", ["--alpha", "1.0"]),
     "rnode": ("rnode", []),
     "rnode+toflow": ("rnode+toflow", []),
-    "joint": ("joint", []),
-    # fixed-grid rk4: NFE per solve is proportional to T, so a shorter T is directly cheaper
+    "fm": ("fm", ["--max-cpu-seconds", "ffjord"]),  # FFJORD's CPU time of the same seed
+    # fixed-grid rk4 with a step size: NFE per solve is proportional to T
     "ffjord-rk4": ("ffjord", ["--solver", "rk4", "--step-size", "0.05"]),
     "toflow-rk4": ("toflow", ["--solver", "rk4", "--step-size", "0.05"]),
     "toflow-rk4-a1": ("toflow", ["--solver", "rk4", "--step-size", "0.05", "--alpha", "1.0"]),
     "rnode+toflow-rk4": ("rnode+toflow", ["--solver", "rk4", "--step-size", "0.05"]),
 }
+for _n in (2, 3, 4, 6, 8):
+    CONFIGS[f"ffjord-b{_n}"] = ("ffjord", ["--budget", str(_n)])
+    CONFIGS[f"ffjord-b{_n}-learned"] = ("ffjord", ["--budget", str(_n), "--placement", "learned"])
+    CONFIGS[f"toflow-b{_n}-uniform"] = ("toflow", ["--budget", str(_n), "--placement", "uniform"])
+    CONFIGS[f"toflow-b{_n}"] = ("toflow", ["--budget", str(_n)])
+    CONFIGS[f"rnode-b{_n}"] = ("rnode", ["--budget", str(_n)])
+    CONFIGS[f"ffjord-b{_n}-noguard"] = ("ffjord", ["--budget", str(_n), "--guard-every", "0"])
 
-DEFAULT_CONFIGS = ["ffjord", "steer", "toflow", "rnode", "rnode+toflow", "ffjord-rk4", "toflow-rk4", "toflow-rk4-a1"]
+DEFAULT_CONFIGS = ["ffjord", "toflow", "ffjord-b4", "toflow-b4", "fm"]
+MARGINS = {"nats": 0.01, "bits/dim": 0.005}
 
 
 def finished_run(out: Path, train_args: list[str]) -> dict[str, Any] | None:
@@ -60,7 +71,8 @@ def finished_run(out: Path, train_args: list[str]) -> dict[str, Any] | None:
         return None
     metrics = json.loads(path.read_text())
     wanted = resolve_config(train_args)
-    if metrics.get("iters") != wanted["iters"] or config_differences(metrics.get("config", {}), wanted):
+    capped = wanted["max_cpu_seconds"] is not None  # a CPU budget: stopped before --iters
+    if (not capped and metrics.get("iters") != wanted["iters"]) or config_differences(metrics.get("config", {}), wanted):
         return None
     return metrics
 
@@ -73,56 +85,76 @@ def reach(curve: list[dict[str, Any]], target: float) -> dict[str, Any] | None:
     return None
 
 
-def summarise(runs: dict[str, dict[str, Any]], baseline: str = "ffjord") -> list[dict[str, Any]]:
-    """One row per configuration, with the ratios to the baseline's totals at its final NLL."""
+def summarise(runs: dict[str, dict[str, Any]], margin: float, baseline: str = "ffjord") -> list[dict[str, Any]]:
+    """One row per configuration, with the ratios to the baseline's totals at its final NLL plus ``margin``."""
     base = runs[baseline]
-    target = base["test_nll"]
-    base_nfe = base["nfe_forward_total"] + base["nfe_backward_total"]
-    base_cpu = base["cpu_seconds"]
+    target = base["test_nll"] + margin
+    base_nfe, base_cpu = base["nfe_total"], base["cpu_seconds"]
     rows = []
     for name, m in runs.items():
         hit = reach(m["eval_curve"], target)
-        nfe_total = m["nfe_forward_total"] + m["nfe_backward_total"]
-        rows.append(
-            {
-                "config": name,
-                "test_nll": m["test_nll"],
-                "unit": m["unit"],
-                "nfe_forward_total": m["nfe_forward_total"],
-                "nfe_backward_total": m["nfe_backward_total"],
-                "nfe_per_iteration": nfe_total / m["iters"],
-                "cpu_seconds": m["cpu_seconds"],
-                "cpu_ms_per_iteration": 1000 * m["cpu_seconds"] / m["iters"],
-                "T": m["T"],
-                "reached_at_iteration": None if hit is None else hit["iteration"],
-                "nfe_ratio_to_reach": None if hit is None else hit["nfe_total"] / base_nfe,
-                "cpu_ratio_to_reach": None if hit is None else hit["cpu_seconds"] / base_cpu,
-            }
-        )
+        rows.append({
+            "config": name, "test_nll": m["test_nll"], "unit": m["unit"], "iters": m["iters"],
+            "nfe_forward_total": m["nfe_forward_total"], "nfe_backward_total": m["nfe_backward_total"],
+            "nfe_per_iteration": m["nfe_total"] / max(m["iters"], 1), "cpu_seconds": m["cpu_seconds"],
+            "cpu_ms_per_iteration": 1000 * m["cpu_seconds"] / max(m["iters"], 1), "T": m["T"],
+            "budget": m.get("budget"), "guard_events": len(m.get("guard_events") or []),
+            "target": target, "reached_at_iteration": None if hit is None else hit["iteration"],
+            "nfe_ratio_to_reach": None if hit is None else hit["nfe_total"] / base_nfe,
+            "cpu_ratio_to_reach": None if hit is None else hit["cpu_seconds"] / base_cpu,
+            "nfe_ratio_total": m["nfe_total"] / base_nfe, "cpu_ratio_total": m["cpu_seconds"] / base_cpu,
+        })
     return rows
 
 
 def markdown(rows: list[dict[str, Any]], title: str) -> str:
     """The results table."""
-    unit = rows[0]["unit"]
-    lines = [
-        f"**{title}**",
-        "",
-        f"| config | test NLL ({unit}) | NFE fwd | NFE bwd | NFE/iter | CPU ms/iter | final T | "
-        "reached FFJORD's NLL at | NFE ratio to reach | CPU ratio to reach |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    unit, target = rows[0]["unit"], rows[0]["target"]
+    lines = [f"**{title}** (target: FFJORD's final NLL + margin = {target:.4f} {unit})", "",
+             f"| config | test NLL ({unit}) | iters | NFE fwd | NFE bwd | NFE/iter | CPU ms/iter | final T | budget | "
+             "reached target at | NFE ratio to reach | CPU ratio to reach |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         T = ", ".join(f"{t:.3f}" for t in r["T"])
-        if r["reached_at_iteration"] is None:
-            reached = "not reached | - | -"
-        else:
-            reached = f"iter {r['reached_at_iteration']} | {r['nfe_ratio_to_reach']:.2f} | {r['cpu_ratio_to_reach']:.2f}"
-        lines.append(
-            f"| {r['config']} | {r['test_nll']:.4f} | {r['nfe_forward_total']} | {r['nfe_backward_total']} | "
-            f"{r['nfe_per_iteration']:.1f} | {r['cpu_ms_per_iteration']:.1f} | {T} | {reached} |"
-        )
+        budget = ", ".join("-" if b is None else str(b) for b in (r["budget"] or [None]))
+        budget += f" ({r['guard_events']} grown)" if r["guard_events"] else ""
+        reached = "not reached | - | -" if r["reached_at_iteration"] is None else \
+            f"iter {r['reached_at_iteration']} | {r['nfe_ratio_to_reach']:.2f} | {r['cpu_ratio_to_reach']:.2f}"
+        lines.append(f"| {r['config']} | {r['test_nll']:.4f} | {r['iters']} | {r['nfe_forward_total']} | "
+                     f"{r['nfe_backward_total']} | {r['nfe_per_iteration']:.1f} | {r['cpu_ms_per_iteration']:.1f} | "
+                     f"{T} | {budget} | {reached} |")
     return "\n".join(lines) + "\n"
+
+
+def figure(runs_by_seed: dict[int, dict[str, dict[str, Any]]], title: str, path: Path) -> None:
+    """Test NLL against total training NFE and CPU seconds, one curve per configuration (first seed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = next(iter(runs_by_seed.values()))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    base = runs["ffjord"]["test_nll"]
+    for name, m in runs.items():
+        curve = [p for p in m["eval_curve"] if p["iteration"] > 0]
+        for ax, key in zip(axes, ("nfe_total", "cpu_seconds")):
+            line, = ax.plot([p[key] for p in curve], [p["test_nll"] for p in curve], lw=1.2, label=name)
+            ax.plot([curve[-1][key]], [curve[-1]["test_nll"]], "o", color=line.get_color(), ms=4)
+    for ax, label in zip(axes, ("total training NFE (forward + backward)", "training CPU seconds (1 thread)")):
+        ax.set_xscale("log")
+        ax.axhline(base, color="k", lw=0.6, ls=":")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    unit = next(iter(runs.values()))["unit"]
+    axes[0].set_ylabel(f"test NLL ({unit}, dopri5 1e-5)")
+    lo = min(m["test_nll"] for m in runs.values())
+    axes[0].set_ylim(lo - 0.05 * abs(lo) if unit == "nats" else lo - 0.05, base + (0.5 if unit == "nats" else 0.3))
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -137,6 +169,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--name", default=None, help="results file stem (default: compare_<data>)")
+    parser.add_argument("--margin", type=float, default=None, help="added to FFJORD's NLL for the target "
+                        "(default 0.01 nats, 0.005 bits/dim)")
+    parser.add_argument("--figure", action="store_true", help="also write the Pareto figure <name>.png")
     parser.add_argument(
         "--reuse",
         action="store_true",
@@ -161,11 +196,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     name = args.name or f"compare_{args.data}"
     command = "python benchmarks/compare.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     per_seed: dict[int, list[dict[str, Any]]] = {}
+    all_runs: dict[int, dict[str, dict[str, Any]]] = {}
     started = time.time()
     for seed in args.seeds:
         runs: dict[str, dict[str, Any]] = {}
         for cfg in args.configs:
             method, flags = configs[cfg]
+            if "ffjord" in flags:  # --max-cpu-seconds ffjord: FFJORD's CPU time on this seed, for many iterations
+                flags = [f"{runs['ffjord']['cpu_seconds']:.3f}" if f == "ffjord" else f for f in flags]
+                flags += ["--iters", str(50 * args.iters)]
             out = args.runs / args.data / f"{cfg}-s{seed}"
             train_args = [
                 "--data", args.data, "--method", method, "--iters", str(args.iters), "--seed", str(seed),
@@ -180,7 +219,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             m = runs[cfg]
             print(f"    test NLL {m['test_nll']:.4f}  NFE {m['nfe_forward_total']}+{m['nfe_backward_total']}  "
                   f"CPU {m['cpu_seconds']:.0f}s  T {m['T']}", flush=True)
-        per_seed[seed] = summarise(runs)
+        margin = args.margin if args.margin is not None else MARGINS[runs["ffjord"]["unit"]]
+        per_seed[seed] = summarise(runs, margin)
+        all_runs[seed] = runs
 
     tables = [markdown(rows, f"{args.data}, seed {seed}, {args.iters} iterations") for seed, rows in per_seed.items()]
     if len(args.seeds) > 1:  # medians over seeds of the ratios
@@ -204,6 +245,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     (args.out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / f"{name}.md").write_text(text)
+    if args.figure:
+        figure(all_runs, f"{args.data}, seed {args.seeds[0]}, {args.iters} iterations", args.out / f"{name}.png")
     print(text)
     return result
 

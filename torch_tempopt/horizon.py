@@ -425,7 +425,8 @@ class LearnableHorizon(nn.Module):
         r"""Fits :attr:`placement` to an adaptive reference on ``y0`` (e.g. a trained model's held-out batch).
 
         Minimises the sum over parts of :meth:`error` with Adam for ``steps``
-        steps; the reference is solved once. Nothing else is changed.
+        steps; the reference is solved once. Nothing else is changed (a placement
+        frozen with ``requires_grad_(False)`` is fitted all the same, and stays frozen).
 
         Returns:
             :meth:`error` before and after, detached.
@@ -436,15 +437,18 @@ class LearnableHorizon(nn.Module):
         if self.placement is None:
             raise ValueError("fit needs a budget; construct the horizon with budget=N or call set_budget(N).")
         ref = self._reference(func, is_tuple, parts, reverse, kwargs)
-        opt = torch.optim.Adam([self.placement], lr=real("lr", lr))
-        before = None
-        for _ in range(whole("steps", steps, 0)):
-            with torch.enable_grad():
-                err = self._error(func, is_tuple, parts, reverse, ref)
-                (self.placement.grad,) = torch.autograd.grad(err.sum(), self.placement)
-            before = err.detach() if before is None else before
-            opt.step()
-        self.placement.grad = None
+        p, frozen = self.placement, not self.placement.requires_grad
+        opt, before = torch.optim.Adam([p.requires_grad_(True)], lr=real("lr", lr)), None
+        try:
+            for _ in range(whole("steps", steps, 0)):
+                with torch.enable_grad():
+                    err = self._error(func, is_tuple, parts, reverse, ref)
+                    (p.grad,) = torch.autograd.grad(err.sum(), p)
+                before = err.detach() if before is None else before
+                opt.step()
+        finally:
+            p.grad = None
+            p.requires_grad_(not frozen)
         with torch.no_grad():
             after = self._error(func, is_tuple, parts, reverse, ref)
         return (after if before is None else before), after
