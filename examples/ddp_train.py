@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rtol", type=float, default=1e-5)
     p.add_argument("--atol", type=float, default=1e-5)
     p.add_argument("--step-size", type=float, default=None, help="for fixed-grid solvers")
+    p.add_argument("--budget", type=int, default=None, help="N rk4 steps per solve, placement learned (guard raises)")
     p.add_argument("--adjoint", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--find-unused-parameters", action="store_true", help="DDP's option (not needed for T)")
     p.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto", help="auto: nccl with CUDA")
@@ -124,7 +125,9 @@ def train(args: argparse.Namespace) -> dict[str, Any] | None:
             T0=args.T0,
             solver_kwargs=_solver_kwargs(args),
             adjoint=args.adjoint,
-            horizon_kwargs={"eps": args.eps},
+            eps=args.eps,
+            budget=args.budget,
+            learn_placement=args.budget is not None,
         ).to(device)
         ddp = DistributedDataParallel(
             model,
@@ -137,6 +140,7 @@ def train(args: argparse.Namespace) -> dict[str, Any] | None:
             lr=args.tempopt_lr,
             alpha=args.alpha,
             mode=args.mode,
+            guard_action="raise",  # a grown budget would change a parameter's shape under DDP
         )
         torch.manual_seed(args.seed + 1 + rank)  # Hutchinson probes: independent per rank
         rng = np.random.default_rng(args.seed)  # the global batches: the same stream on every rank
@@ -167,7 +171,7 @@ def train(args: argparse.Namespace) -> dict[str, Any] | None:
         seconds = time.perf_counter() - start
 
         # Every rank must hold the same T and weights, bit for bit.
-        mine = {"T": [repr(t) for t in end_times(model)], "weights": _digest(list(model.parameters()))}
+        mine = {"T": [repr(t) for t in end_times(model)], "weights": _digest(list(model.parameters()))}  # placement too
         everyone: list[Any] = [None] * world
         dist.all_gather_object(everyone, mine)
         if rank != 0:

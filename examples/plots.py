@@ -52,7 +52,7 @@ from torch import nn
 
 from .cnf import end_times, sample, standard_normal_logprob
 from .data import TOY_DATASETS, toy_sample
-from .train import METHODS, load_model, solver_override
+from .train import METHODS, load_model, scoring
 
 PathLike = Union[str, Path]
 
@@ -65,7 +65,7 @@ _LABELS = {
     "toflow": "TO-FLOW",
     "rnode": "RNODE",
     "rnode+toflow": "RNODE + TO-FLOW",
-    "joint": "joint T",
+    "fm": "flow matching",
 }
 
 DEFAULT_BOUNDS = (-4.0, 4.0)
@@ -156,7 +156,7 @@ def model_samples(
 
 
 def _maybe_override(model: nn.Module, solver_kwargs: dict[str, Any] | None) -> Any:
-    return contextlib.nullcontext() if solver_kwargs is None else solver_override(model, solver_kwargs)
+    return contextlib.nullcontext() if solver_kwargs is None else scoring(model, solver_kwargs)
 
 
 def _read_csv(path: Path) -> dict[str, np.ndarray]:
@@ -202,6 +202,8 @@ def read_run(run_dir: PathLike) -> dict[str, Any]:
     extras = []
     if config.get("solver", "dopri5") != "dopri5":
         extras.append(f"{config['solver']} h={config.get('step_size')}")
+    if config.get("budget"):
+        extras.append(f"{config['budget']} rk4 steps" + (", learned placement" if config.get("placement") == "learned" else ""))
     if config.get("mode") and config.get("alpha") is not None and config["alpha"] != 0.1:
         extras.append(f"alpha={config['alpha']:g}")
     extra = f", {', '.join(extras)}" if extras else ""
