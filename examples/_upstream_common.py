@@ -1,22 +1,17 @@
-"""Shared machinery of the upstream patches (FFJORD, RNODE, OT-Flow): reversible patching, shims and logging.
+"""One runner for the upstream patches: a reversible patch of an unchanged checkout, ``tempopt.csv``, the command line.
 
-The three patch modules (:mod:`examples.ffjord_patch`, :mod:`examples.rnode_patch`,
-:mod:`examples.otflow_patch`) run someone else's training script unchanged on
-disk. What they share lives here:
+A patch (``ffjord_patch``, ``rnode_patch``, ``otflow_patch``) is an :class:`Upstream`: the commit it was checked
+against, its scripts with the optimizer classes they build, and an ``install`` function that patches the few names a
+:class:`~torch_tempopt.LearnableHorizon` needs, through :meth:`Patch.set`. :class:`Patch` does the rest:
 
-* :class:`Patcher` sets attributes (and ``sys.modules`` entries) and undoes every
-  one of them, in reverse order, when the patch is left.
-* :func:`isolated_process` saves and restores what a script run changes in the
-  process: ``sys.argv``, ``sys.path``, the working directory, the checkout's
-  modules in ``sys.modules``, the root logger's handlers, torch's default dtype
-  and ``cudnn.benchmark``.
-* :func:`apply_stack_shims` adds the runtime shims for the current stack (a
-  ``six`` stub, matplotlib's removed ``cm.get_cmap`` / ``Axes.set_axis_bgcolor``,
-  ``torch.load(weights_only=True)`` accepting ``argparse.Namespace``).
-* :class:`Registry` holds one :class:`~torch_tempopt.LearnableHorizon` per
-  upstream block, and :func:`optimizer_factory` stands in for the optimizer class
-  that the script calls: it builds the optimizer over the weights only and wraps
-  it in a :class:`LoggingStepper`, which steps T and writes ``tempopt.csv``.
+* it puts the checkout first on ``sys.path`` with fresh modules, and on exit restores every patched name
+  (:attr:`Patch.names`), ``sys.argv``, ``sys.path``, ``sys.modules``, the working directory, the warnings filters,
+  the root logger, the default dtype and ``cudnn.benchmark``;
+* it replaces the script's optimizer classes by factories that wrap the weight optimizer in a
+  :class:`~torch_tempopt.CoordinateDescentStepper` (which takes T out of it); each step also averages dL/dT over
+  distributed ranks (FFJORD's T sits outside the DDP module) and appends a row per block to ``tempopt.csv``;
+* it checks each name before patching it; a checkout that differs stops with a :class:`PatchError` naming the name
+  and the commit the patch was checked against.
 """
 
 from __future__ import annotations
@@ -24,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import functools
 import importlib
 import importlib.machinery
 import importlib.util
@@ -32,711 +28,390 @@ import logging
 import math
 import os
 import runpy
+import subprocess
 import sys
 import types
 import warnings
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from torch_tempopt import CoordinateDescentStepper, LearnableHorizon
-from torch_tempopt.nfe import NFECounter
+from torch_tempopt import CoordinateDescentStepper, LearnableHorizon, NFECounter
 
-__all__ = [
-    "layout_error",
-    "CSV_COLUMNS",
-    "Block",
-    "LoggingStepper",
-    "PATCH_MODES",
-    "PatchSession",
-    "Patcher",
-    "Registry",
-    "TempoptConfigError",
-    "TempoptOptions",
-    "UpstreamLayoutError",
-    "add_tempopt_arguments",
-    "apply_stack_shims",
-    "checkout_commit",
-    "import_upstream",
-    "isolated_process",
-    "optimizer_factory",
-    "require_attrs",
-    "require_params",
-    "run_script",
-    "save_dir_from_argv",
-    "split_cli",
-    "top_level_names",
-]
+__all__ = ["CSV_COLUMNS", "Patch", "PatchError", "Upstream", "importable", "main"]
 
 #: The columns of ``tempopt.csv``: one row per optimizer step and block.
 CSV_COLUMNS = ("iteration", "block", "T", "dLdT", "nfe_forward", "nfe_backward")
 
-#: The stepper modes usable with unmodified scripts (``"exact"`` needs a closure; upstream calls ``step()``).
-PATCH_MODES = ("alternate", "joint")
 
-# Captured at import, before any patch: the time optimizer Q is always a plain torch Adam.
-_TORCH_ADAM = torch.optim.Adam
+class PatchError(RuntimeError):
+    """A checkout that does not match its patch, or a setting that does not fit the upstream model."""
 
 
-class UpstreamLayoutError(RuntimeError):
-    """The upstream checkout lacks a name, or a signature, that a patch relies on."""
-
-
-class TempoptConfigError(ValueError):
-    """A ``--tempopt-*`` setting does not fit the upstream model (e.g. ``eps`` >= a block's T0)."""
-
-
-# ----------------------------------------------------------------------------------------------- options
 @dataclass(frozen=True)
-class TempoptOptions:
-    """The ``--tempopt-*`` settings of a patch.
+class Upstream:
+    """The specification of a patch: what it patches in which repository.
 
     Arguments:
-        lr: Adam's learning rate for T (the paper: 1e-2).
-        alpha: The temporal regulariser's weight (the paper: 0.1).
-        eps: The clip margin: T stays in ``[eps, 2 T0 - eps]`` (the paper: 0.1).
-        mode: ``"alternate"`` (Algorithm 1) or ``"joint"`` (T in the weight optimizer, an ablation).
-        off: The baseline: the same patch with T fixed at T0 (no dL/dT, no extra evaluation).
+        name: The short name, also the command line's option for the checkout (``--ffjord``).
+        repo: The GitHub repository, ``owner/name``.
+        commit: The commit the patch was checked against.
+        marker: A file every checkout has, relative to its root.
+        scripts: Per script, its ``--save`` default and the optimizer classes it builds (dotted names);
+            another script is treated as the first one.
+        install: Patches the checkout through :meth:`Patch.set` (the optimizer classes aside).
+        flags: The patch's own switches, keyword -> help (``--tempopt-KEYWORD`` on the command line).
 
     """
 
-    lr: float = 1e-2
-    alpha: float = 0.1
-    eps: float = 0.1
-    mode: str = "alternate"
-    off: bool = False
-
-    def __post_init__(self) -> None:
-        for name in ("lr", "alpha", "eps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"--tempopt-{name} must be a number, got {value!r}.")
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(f"--tempopt-{name} must be a finite number >= 0, got {value}.")
-        if self.eps <= 0:
-            raise ValueError(f"--tempopt-eps must be > 0, got {self.eps}; the paper uses 0.1.")
-        if self.mode == "exact":
-            raise ValueError(
-                "--tempopt-mode exact needs optimizer.step(closure), and the upstream scripts call optimizer.step() "
-                "without one; use --tempopt-mode alternate (the paper's Algorithm 1)."
-            )
-        if self.mode not in PATCH_MODES:
-            raise ValueError(f"--tempopt-mode must be one of {PATCH_MODES}, got {self.mode!r}.")
-        if not isinstance(self.off, bool):
-            raise TypeError(f"off must be True or False, got {self.off!r}.")
+    name: str
+    repo: str
+    commit: str
+    marker: str
+    scripts: dict[str, tuple[str, tuple[str, ...]]]
+    install: Callable[[Patch], None]
+    flags: dict[str, str] = field(default_factory=dict)
 
 
-def add_tempopt_arguments(parser: argparse.ArgumentParser) -> None:
-    """Adds the shared ``--tempopt-*`` flags to a patch's command line."""
-    parser.add_argument("--tempopt-lr", type=float, default=1e-2, help="Adam learning rate for T (default 1e-2)")
-    parser.add_argument("--tempopt-alpha", type=float, default=0.1, help="temporal regulariser alpha*|T| (default 0.1)")
-    parser.add_argument("--tempopt-eps", type=float, default=0.1, help="clip margin: T in [eps, 2*T0-eps] (default 0.1)")
-    parser.add_argument("--tempopt-mode", default="alternate", choices=PATCH_MODES, help="update scheme (default alternate)")
-    parser.add_argument("--tempopt-off", action="store_true", help="baseline: the same patch with T fixed at T0")
-    parser.add_argument("--tempopt-csv", type=Path, default=None, help="where to write tempopt.csv (default: the script's --save dir)")
+class Patch:
+    """A checkout patched for temporal optimization: a context manager that undoes everything on exit.
 
-
-def split_cli(argv: Sequence[str], prog: str, example: str) -> tuple[list[str], str, list[str]]:
-    """Splits ``[ours..] -- script [theirs..]``; exits with a usage message when ``--`` or the script is missing."""
-    argv = list(argv)
-    if "--" not in argv:
-        raise SystemExit(f"{prog}: separate the patch's options from the upstream script with --, e.g.\n  {example}")
-    i = argv.index("--")
-    ours, rest = argv[:i], argv[i + 1 :]
-    if not rest:
-        raise SystemExit(f"{prog}: name the upstream script after --, e.g.\n  {example}")
-    return ours, rest[0], rest[1:]
-
-
-def save_dir_from_argv(argv: Sequence[str], default: str) -> str:
-    """The ``--save`` directory the upstream script will use, parsed as argparse would (abbreviations included)."""
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--save", default=default)
-    ns, _ = parser.parse_known_args(list(argv))
-    return str(ns.save)
-
-
-# ----------------------------------------------------------------------------------------------- patching
-class Patcher:
-    """Sets attributes and ``sys.modules`` entries, and undoes them all in reverse order.
+    Arguments:
+        upstream: The patch's specification.
+        checkout: The checkout's root directory.
+        script: The script that :meth:`run` runs (its optimizer classes are patched), or None: the model only.
+        lr: Adam's learning rate for T.
+        alpha: The weight of the temporal regulariser.
+        eps: The clip margin: T stays in ``[eps, 2 T0 - eps]``.
+        budget: Solve each block on this many rk4 steps (``LearnableHorizon(..., budget=N)``); upstream's
+            solver settings become the reference of the stepper's guard.
+        off: The baseline: the same patch with T fixed at T0.
+        flags: The upstream's own switches (:attr:`Upstream.flags`).
 
     Attributes:
-        names: What was patched, as dotted labels, in order.
+        names: What is patched, as dotted names.
+        horizons: One horizon per upstream block, in construction order (the ``block`` column).
+        owners: The upstream module of each horizon.
+        stepper: The stepper around the script's weight optimizer, once the script built it.
+        commit: The checkout's git commit, or None.
+        after_step: Called after every step of the stepper.
+        csv_path: Where :meth:`run` writes ``tempopt.csv``.
 
     """
 
-    def __init__(self) -> None:
-        self._undo: list[Callable[[], None]] = []
+    def __init__(self, upstream: Upstream, checkout: str | Path, *, script: str | None = None, lr: float = 1e-2,
+                 alpha: float = 0.1, eps: float = 0.1, budget: int | None = None, off: bool = False,
+                 **flags: bool) -> None:
+        unknown = sorted(set(flags) - set(upstream.flags))
+        if unknown:
+            raise TypeError(f"{upstream.name}_patch has no option {unknown[0]!r}; its own are {sorted(upstream.flags)}.")
+        self.upstream, self.script, self.flags = upstream, script, flags
+        self.checkout = Path(checkout).expanduser().resolve()
+        self.lr, self.alpha, self.eps, self.budget, self.off = lr, alpha, eps, budget, off
         self.names: list[str] = []
+        self.horizons: list[LearnableHorizon] = []
+        self.owners: list[nn.Module] = []
+        self.after_step: list[Callable[[], None]] = []
+        self.stepper: _Stepper | None = None
+        self.commit = _git_commit(self.checkout)
+        self.csv_path: Path | None = None
+        self._counters: dict[int, list[NFECounter]] = {}
+        self._stack = contextlib.ExitStack()
 
-    def setattr(self, obj: Any, name: str, value: Any, label: str) -> None:
-        """Sets ``obj.name = value``; on :meth:`restore` puts back the old value, or deletes the name if it was absent."""
-        own = vars(obj)
-        had = name in own
-        old = own.get(name)
-        setattr(obj, name, value)
+    def __enter__(self) -> Patch:
+        if not (self.checkout / self.upstream.marker).is_file():
+            raise self.error(f"{self.upstream.marker} is missing (is it the root of a checkout?)")
+        try:
+            self._isolate()
+            self._stack.enter_context(torch.serialization.safe_globals([argparse.Namespace]))  # checkpoints pickle args
+            self.upstream.install(self)
+            for dotted in self._script()[1] if self.script is not None else ():
+                self._wrap_optimizer(dotted)
+        except BaseException:
+            self._stack.close()
+            raise
+        return self
 
-        def undo() -> None:
-            if had:
-                setattr(obj, name, old)
-            elif name in vars(obj):
-                delattr(obj, name)
+    def __exit__(self, *exc_info: object) -> None:
+        self._stack.close()
 
-        self._undo.append(undo)
-        self.names.append(label)
+    # ------------------------------------------------------------------ for the specifications
+    def error(self, detail: str) -> PatchError:
+        """A :class:`PatchError` saying that the checkout differs from the one the patch was checked against."""
+        up = self.upstream
+        return PatchError(f"{up.name}_patch (checked against {up.repo}@{up.commit[:8]}) does not recognise the "
+                          f"checkout {self.checkout}: {detail}.")
 
-    def set_module(self, name: str, module: types.ModuleType, label: str) -> None:
-        """Puts ``module`` in ``sys.modules[name]`` until :meth:`restore`."""
-        had = name in sys.modules
-        old = sys.modules.get(name)
-        sys.modules[name] = module
+    def load(self, name: str) -> types.ModuleType:
+        """Imports the module ``name`` (the checkout's modules come first)."""
+        try:
+            return importlib.import_module(name)
+        except Exception as e:  # noqa: BLE001 - whatever breaks, the message names the module
+            raise self.error(f"cannot import {name} ({type(e).__name__}: {e})") from e
 
-        def undo() -> None:
-            if had:
-                sys.modules[name] = old  # type: ignore[assignment]
-            else:
-                sys.modules.pop(name, None)
+    def require(self, obj: Any, *names: str) -> None:
+        """Raises a :class:`PatchError` naming the attributes of ``names`` that ``obj`` lacks."""
+        missing = [n for n in names if not hasattr(obj, n)]
+        if missing:
+            raise self.error(f"{_dotted(obj)} has no {', '.join(missing)}")
 
-        self._undo.append(undo)
-        self.names.append(label)
-
-    def call_on_restore(self, fn: Callable[[], None]) -> None:
-        """Runs ``fn`` on :meth:`restore`, in reverse order with the other undos."""
-        self._undo.append(fn)
-
-    def restore(self) -> None:
-        """Undoes everything, last patch first; runs every undo even if one fails."""
-        errors: list[BaseException] = []
-        while self._undo:
-            try:
-                self._undo.pop()()
-            except BaseException as e:  # noqa: BLE001 - all undos must run
-                errors.append(e)
-        if errors:
-            raise errors[0]
-
-
-def require_attrs(obj: Any, names: Sequence[str], where: str, error: Callable[[str], Exception]) -> None:
-    """Raises ``error(...)`` naming the first of ``names`` that ``obj`` lacks."""
-    missing = [n for n in names if not hasattr(obj, n)]
-    if missing:
-        raise error(f"{where} has no attribute(s) {', '.join(missing)}")
-
-
-def require_params(func: Any, expected: Sequence[str], where: str, error: Callable[[str], Exception]) -> None:
-    """Raises ``error(...)`` unless ``func``'s parameters start with ``expected``, in that order."""
-    try:
+    def signature(self, func: Callable[..., Any], expected: str) -> None:
+        """Raises a :class:`PatchError` unless the parameters of ``func`` begin with ``expected`` (``"a, b"``)."""
         params = list(inspect.signature(func).parameters)
-    except (TypeError, ValueError) as e:
-        raise error(f"{where} has no inspectable signature ({e})") from e
-    if params[: len(expected)] != list(expected):
-        raise error(f"{where} has parameters ({', '.join(params)}), expected them to start with ({', '.join(expected)})")
+        if params[: expected.count(",") + 1] != expected.split(", "):
+            raise self.error(f"{_dotted(func)} has parameters ({', '.join(params)}), expected ({expected}, ...)")
 
+    def set(self, owner: Any, name: str, value: Any) -> None:
+        """Sets ``owner.name = value`` until exit."""
+        own = vars(owner)
+        undo = functools.partial(setattr, owner, name, own[name]) if name in own else functools.partial(delattr, owner, name)
+        self._stack.callback(undo)
+        setattr(owner, name, value)
+        self.names.append(f"{_dotted(owner)}.{name}")
 
-def import_upstream(name: str, checkout: Path, error: Callable[[str], Exception]) -> types.ModuleType:
-    """Imports ``name`` from the checkout (which must be first on ``sys.path``); wraps any failure in ``error``."""
-    try:
-        module = importlib.import_module(name)
-    except Exception as e:  # noqa: BLE001 - whatever breaks, the message must say which module
-        raise error(f"cannot import {name} ({type(e).__name__}: {e})") from e
-    where = Path(getattr(module, "__file__", "") or "").resolve()
-    if checkout.resolve() not in where.parents:
-        raise error(f"{name} was imported from {where}, not from the checkout {checkout}")
-    return module
+    def stub(self, name: str, **attrs: Any) -> None:
+        """Puts an empty module ``name`` holding ``attrs`` in ``sys.modules`` until exit."""
+        module = types.ModuleType(name)
+        module.__spec__ = importlib.machinery.ModuleSpec(name, None)  # torch._dynamo calls find_spec on modules
+        vars(module).update(attrs)
+        sys.modules[name] = module
+        self._stack.callback(sys.modules.pop, name, None)
+        self.names.append(f"sys.modules[{name!r}] (stub)")
 
+    def horizon(self, owner: nn.Module, T0: float) -> LearnableHorizon:
+        """A new horizon for the upstream block ``owner`` whose end time is ``T0``."""
+        try:
+            horizon = LearnableHorizon(T0, eps=self.eps, budget=self.budget)
+        except (TypeError, ValueError) as e:
+            raise PatchError(f"block {len(self.horizons)} (T0={T0:.6g}) does not fit the --tempopt-* settings: {e}") from e
+        horizon.T.requires_grad_(not self.off)
+        self.horizons.append(horizon)
+        self.owners.append(owner)
+        return horizon
 
-def checkout_commit(checkout: Path) -> str | None:
-    """The commit a git checkout is at (read from ``.git``), or None."""
-    git = checkout / ".git"
-    try:
-        if git.is_file():  # a worktree or submodule: "gitdir: PATH"
-            git = (checkout / git.read_text().split(":", 1)[1].strip()).resolve()
-        head = (git / "HEAD").read_text().strip()
-        if not head.startswith("ref:"):
-            return head
-        ref = head.split(":", 1)[1].strip()
-        if (git / ref).is_file():
-            return (git / ref).read_text().strip()
-        packed = git / "packed-refs"
-        if packed.is_file():
-            for line in packed.read_text().splitlines():
-                if line.endswith(" " + ref):
-                    return line.split()[0]
-    except OSError:
-        return None
-    return None
+    def count(self, horizon: LearnableHorizon, func: Callable[..., Any]) -> Callable[..., Any]:
+        """``func``, its evaluations counted into the next row of ``horizon`` if gradients are on (training)."""
+        if not torch.is_grad_enabled():
+            return func
+        counter = NFECounter(func)
+        self._counters.setdefault(id(horizon), []).append(counter)
+        return counter
 
-
-def top_level_names(checkout: Path) -> set[str]:
-    """The importable top-level names a checkout provides (packages, namespace packages and modules)."""
-    names = set()
-    for entry in checkout.iterdir():
-        if entry.name.startswith("."):
-            continue
-        if entry.is_dir() and entry.name.isidentifier():
-            names.add(entry.name)
-        elif entry.suffix == ".py" and entry.stem.isidentifier():
-            names.add(entry.stem)
-    return names
-
-
-@contextlib.contextmanager
-def isolated_process(checkout: Path) -> Iterator[None]:
-    """Puts the checkout first on ``sys.path`` with fresh modules; restores the process state afterwards.
-
-    Modules of the checkout's top-level names that are already loaded (from
-    another checkout, a stand-in, or an unrelated package of the same name)
-    are set aside and put back on exit, so two checkouts never share ``lib``.
-    """
-    names = top_level_names(checkout)
-    here = Path(__file__).resolve().parent
-
-    def ours(module_name: str) -> bool:
-        return module_name.split(".", 1)[0] in names
-
-    saved_argv, saved_path, saved_cwd = list(sys.argv), list(sys.path), os.getcwd()
-    saved_modules = {k: v for k, v in sys.modules.items() if ours(k)}
-    for k in saved_modules:
-        del sys.modules[k]
-    root = logging.getLogger()
-    saved_handlers, saved_level = list(root.handlers), root.level
-    saved_dtype = torch.get_default_dtype()
-    saved_cudnn = torch.backends.cudnn.benchmark
-    sys.path[:] = [str(checkout)] + [p for p in saved_path if p not in ("", str(here))]
-    try:
-        yield
-    finally:
-        sys.argv[:] = saved_argv
-        sys.path[:] = saved_path
-        os.chdir(saved_cwd)
-        for k in [k for k in sys.modules if ours(k)]:
-            del sys.modules[k]
-        sys.modules.update(saved_modules)
-        for handler in list(root.handlers):
-            if handler not in saved_handlers:
-                root.removeHandler(handler)
-                handler.close()
-        root.setLevel(saved_level)
-        torch.set_default_dtype(saved_dtype)
-        torch.backends.cudnn.benchmark = saved_cudnn
-
-
-def run_script(checkout: Path, script: str, argv: Sequence[str], error: Callable[[str], Exception]) -> None:
-    """Runs ``checkout/script`` as ``__main__`` with ``sys.argv`` set and the checkout as working directory."""
-    path = (checkout / script).resolve()
-    if not path.is_file():
-        raise error(f"the script {script} does not exist in {checkout}")
-    sys.argv[:] = [str(path), *argv]
-    os.chdir(checkout)
-    runpy.run_path(str(path), run_name="__main__")
-
-
-class PatchSession:
-    """What a patch's ``patched(...)`` yields: the registry of horizons, the patched names and a script runner.
-
-    Arguments:
-        checkout: The upstream directory.
-        script: The script the patch was prepared for, or None (library use).
-        registry: The blocks, their horizons and (once built) the stepper.
-        names: The patched names, as dotted labels (filled while patching).
-        commit: The checkout's git commit, if it is a git checkout.
-        default_save: The script's ``--save`` default, where ``tempopt.csv`` goes.
-        after_run: Extra checks after the script returned (e.g. that it made an optimizer step).
-
-    """
-
-    def __init__(
-        self,
-        checkout: Path,
-        script: str | None,
-        registry: Registry,
-        names: list[str],
-        commit: str | None,
-        default_save: str,
-        after_run: Callable[[PatchSession], None] | None = None,
-    ) -> None:
-        self.checkout = checkout
-        self.script = script
-        self.registry = registry
-        self.names = names
-        self.commit = commit
-        self.default_save = default_save
-        self.after_run = after_run
-
-    @property
-    def horizons(self) -> list[LearnableHorizon]:
-        """The horizons of the blocks built so far, in construction order."""
-        return [b.horizon for b in self.registry.blocks]
-
-    @property
-    def stepper(self) -> LoggingStepper | None:
-        """The stepper, once the script built its optimizer."""
-        return self.registry.stepper
-
-    def run(self, argv: Sequence[str], csv_path: str | Path | None = None) -> None:
-        """Runs the script with ``argv``; ``tempopt.csv`` goes to ``csv_path`` or the script's ``--save`` dir.
+    # ------------------------------------------------------------------ running
+    def run(self, argv: Sequence[str]) -> None:
+        """Runs the script as ``__main__`` with the arguments ``argv``; ``tempopt.csv`` goes into its ``--save``.
 
         Raises:
-            UpstreamLayoutError: If blocks were built with a learnable T but no optimizer over them went
-                through the patch (T was not trained), or if ``after_run`` finds a problem.
+            PatchError: If the script returned without a step of the patched optimizer.
 
         """
         if self.script is None:
-            raise ValueError("script is None: pass script='...' to patched() to run a script.")
-        save = save_dir_from_argv(argv, self.default_save)
-        self.registry.csv_path = Path(csv_path) if csv_path is not None else self.checkout / save / "tempopt.csv"
-        run_script(self.checkout, self.script, argv, self.registry.error)
-        learnable = [b for b in self.registry.blocks if b.horizon.T.requires_grad]
-        if learnable and self.registry.stepper is None:
-            raise self.registry.error(
-                f"{self.script} built {len(learnable)} block(s) with a learnable T but no optimizer over them through "
-                f"{' / '.join(self.registry.optimizer_names) or 'a patched optimizer'}; T was not trained"
-            )
-        if self.after_run is not None:
-            self.after_run(self)
+            raise ValueError("script is None; name the script to run when patching, e.g. script='train_toy.py'.")
+        path = self.checkout / self.script
+        if not path.is_file():
+            raise self.error(f"the script {self.script} does not exist")
+        save, optimizers = self._script()
+        parser = argparse.ArgumentParser(add_help=False)
+        parser.add_argument("--save", default=save)
+        self.csv_path = self.checkout / parser.parse_known_args(list(argv))[0].save / "tempopt.csv"
+        sys.argv[:] = [str(path), *argv]
+        os.chdir(self.checkout)
+        runpy.run_path(str(path), run_name="__main__")
+        if optimizers and not (self.stepper and self.stepper.iterations):
+            raise PatchError(f"{self.script} returned without stepping its blocks through "
+                             f"{' or '.join(optimizers)}, so T was not trained (a script that catches its own "
+                             "exceptions, like RNODE's train.py, printed a traceback above).")
+
+    def _script(self) -> tuple[str, tuple[str, ...]]:
+        scripts = self.upstream.scripts
+        return scripts.get(Path(self.script or "").name, next(iter(scripts.values())))
+
+    def _isolate(self) -> None:
+        """Puts the checkout first on ``sys.path`` with fresh modules; restores the process state on exit."""
+        tops = {p.stem for p in self.checkout.iterdir() if p.is_dir() or p.suffix == ".py"}
+        saved = {k: sys.modules.pop(k) for k in [k for k in sys.modules if k.split(".")[0] in tops]}
+        root = logging.getLogger()
+        argv, path, cwd, handlers, level = list(sys.argv), list(sys.path), os.getcwd(), list(root.handlers), root.level
+        dtype, benchmark = torch.get_default_dtype(), torch.backends.cudnn.benchmark
+
+        def restore() -> None:
+            for k in [k for k in sys.modules if k.split(".")[0] in tops]:
+                del sys.modules[k]
+            sys.modules.update(saved)
+            sys.argv[:], sys.path[:] = argv, path
+            os.chdir(cwd)
+            for handler in [h for h in root.handlers if h not in handlers]:
+                root.removeHandler(handler)
+                handler.close()
+            root.setLevel(level)
+            torch.set_default_dtype(dtype)
+            torch.backends.cudnn.benchmark = benchmark
+
+        self._stack.callback(restore)
+        self._stack.enter_context(warnings.catch_warnings())
+        warnings.filterwarnings("ignore", message="invalid escape sequence")  # upstream's docstrings, under -W error
+        here = str(Path(__file__).resolve().parent)  # examples/ holds a train.py and a data.py of its own
+        sys.path[:] = [str(self.checkout)] + [p for p in path if p not in ("", here)]
+
+    def _wrap_optimizer(self, dotted: str) -> None:
+        """Replaces the optimizer class ``dotted`` by a factory that wraps the weight optimizer in the stepper."""
+        module_name, _, name = dotted.rpartition(".")
+        module = self.load(module_name)
+        self.require(module, name)
+        original, patch = getattr(module, name), self
+
+        def build(params: Any, *args: Any, **kwargs: Any) -> Optimizer:
+            optimizer = original(params, *args, **kwargs)
+            given = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            times = {id(p) for h in patch.horizons for p in h.parameters()}
+            mine = [h for h, owner in zip(patch.horizons, patch.owners)
+                    if any(id(p) in given and id(p) not in times for p in owner.parameters())]
+            if not mine:  # not over the blocks' weights (e.g. the stepper's own Adam for T)
+                return optimizer
+            patch.stepper = _Stepper(patch, optimizer, mine)
+            return patch.stepper
+
+        build.__name__ = build.__qualname__ = name
+        build.__doc__ = f"{dotted}, wrapped in a CoordinateDescentStepper when it holds a block's weights."
+        build.__wrapped__ = original  # type: ignore[attr-defined]
+        self.set(module, name, build)
 
 
-# ----------------------------------------------------------------------------------------------- shims
-def _get_cmap(name: Any = None, lut: int | None = None) -> Any:
-    import matplotlib
+class _Stepper(CoordinateDescentStepper):
+    """The stepper that the patched optimizer class returns; it also writes ``tempopt.csv``.
 
-    cmap = matplotlib.colormaps[name or matplotlib.rcParams["image.cmap"]]
-    return cmap if lut is None else cmap.resampled(lut)
-
-
-def apply_stack_shims(patcher: Patcher, stack: contextlib.ExitStack, *, six: bool = True, matplotlib: bool = True) -> None:
-    """Adds the runtime shims for the current stack, each only where it is needed, all undone on exit.
-
-    * ``six``: FFJORD's ``train_misc.py`` does ``import six`` (for ``six.iteritems``);
-      a stub with a ``ModuleSpec`` (torch._dynamo calls ``find_spec`` on modules) if it is not installed.
-    * ``matplotlib.cm.get_cmap`` (removed in matplotlib 3.9) and ``Axes.set_axis_bgcolor``
-      (removed in 2.2), used by FFJORD's ``diagnostics/viz_toy.py`` and ``lib/visualize_flow.py``.
-    * ``torch.load``: torch >= 2.6 loads with ``weights_only=True``, which refuses the
-      ``argparse.Namespace`` that every upstream checkpoint pickles as ``'args'``;
-      :func:`torch.serialization.safe_globals` allows exactly that class, keeping the safe loader.
-    * Warnings filter: "invalid escape sequence" (Deprecation/SyntaxWarning when Python compiles
-      upstream docstrings such as FFJORD's ``lib/custom_optimizers.py:7``), which ``-W error`` or
-      pytest's ``filterwarnings = error`` would turn into a ``SyntaxError`` at import.
-    """
-    stack.enter_context(warnings.catch_warnings())
-    for category in (DeprecationWarning, SyntaxWarning):
-        warnings.filterwarnings("ignore", message="invalid escape sequence", category=category)
-    if six and importlib.util.find_spec("six") is None:
-        stub = types.ModuleType("six")
-        stub.__spec__ = importlib.machinery.ModuleSpec("six", None)
-        stub.iteritems = lambda d, **kw: iter(d.items(**kw))  # type: ignore[attr-defined]
-        stub.itervalues = lambda d, **kw: iter(d.values(**kw))  # type: ignore[attr-defined]
-        stub.iterkeys = lambda d, **kw: iter(d.keys(**kw))  # type: ignore[attr-defined]
-        stub.string_types = (str,)  # type: ignore[attr-defined]
-        stub.PY2, stub.PY3 = False, True  # type: ignore[attr-defined]
-        patcher.set_module("six", stub, "sys.modules['six'] (stub)")
-    if matplotlib and importlib.util.find_spec("matplotlib") is not None:
-        import matplotlib.axes
-        import matplotlib.cm
-
-        if not hasattr(matplotlib.cm, "get_cmap"):
-            patcher.setattr(matplotlib.cm, "get_cmap", _get_cmap, "matplotlib.cm.get_cmap")
-        if not hasattr(matplotlib.axes.Axes, "set_axis_bgcolor"):
-            patcher.setattr(
-                matplotlib.axes.Axes, "set_axis_bgcolor", matplotlib.axes.Axes.set_facecolor, "matplotlib.axes.Axes.set_axis_bgcolor"
-            )
-    safe_globals = getattr(torch.serialization, "safe_globals", None)
-    if safe_globals is not None:
-        stack.enter_context(safe_globals([argparse.Namespace]))
-        patcher.names.append("torch.serialization.safe_globals([argparse.Namespace])")
-
-
-# ----------------------------------------------------------------------------------------------- horizons
-@dataclass
-class Block:
-    """One upstream block (a CNF, or OT-Flow's potential) and its horizon.
-
-    Attributes:
-        index: The block's number, in construction order (the ``block`` column of ``tempopt.csv``).
-        horizon: Its :class:`~torch_tempopt.LearnableHorizon`.
-        owner: A weak reference to the upstream module.
-        last_sqrt: The value last written to (or read from) the owner's ``sqrt_end_time``, if it has one.
-        counters: The NFE counters of this iteration's solves.
-
-    """
-
-    index: int
-    horizon: LearnableHorizon
-    owner: weakref.ReferenceType
-    last_sqrt: float | None = None
-    counters: list[NFECounter] = field(default_factory=list)
-
-
-class Registry:
-    """The horizons of one patch session, the stepper that steps them, and their NFE counts.
-
-    Arguments:
-        options: The ``--tempopt-*`` settings.
-        error: Builds the patch's layout error from a message.
-        mirror: Whether each owner keeps ``sqrt_end_time`` (FFJORD, RNODE): it is then
-            written after every step (so upstream's ``CNF Time`` log and checkpoints show
-            the learned T) and read back when it changed (``load_state_dict``).
-        strict: Whether :meth:`check_wired` raises (a training pass with a learnable T
-            before any optimizer over it was built).
-
+    A row per block and step: ``iteration``, ``block``, ``T`` (used in this step's solve), ``dLdT`` (the loss's,
+    without the regulariser; empty when T is fixed) and the NFE of this step's training solves.
     """
 
-    def __init__(self, options: TempoptOptions, error: Callable[[str], Exception], *, mirror: bool, strict: bool = True) -> None:
-        self.options = options
-        self.strict = strict
-        self.error = error
-        self.mirror = mirror
-        self.blocks: list[Block] = []
-        self.stepper: LoggingStepper | None = None
-        self.csv_path: Path | None = None
-        self.optimizer_names: list[str] = []
-
-    def add(self, owner: nn.Module, T0: float, what: str) -> Block:
-        """Creates the horizon of a new block, owned (weakly) by ``owner``."""
-        try:
-            horizon = LearnableHorizon(T0=T0, eps=self.options.eps)
-        except ValueError as e:
-            raise TempoptConfigError(f"{what} has T0={T0:.6g}: {e} Lower --tempopt-eps below T0.") from e
-        if self.options.off:
-            horizon.T.requires_grad_(False)
-        block = Block(len(self.blocks), horizon, weakref.ref(owner))
-        if self.mirror:
-            block.last_sqrt = float(owner.sqrt_end_time.item())
-        owner.__dict__["_tempopt_block"] = (id(self), block.index)
-        self.blocks.append(block)
-        return block
-
-    def block_of(self, module: Any) -> Block | None:
-        """The block of ``module`` (or of a DataParallel replica of it) in this session, or None."""
-        tag = getattr(module, "__dict__", {}).get("_tempopt_block")
-        if tag is None or tag[0] != id(self):
-            return None
-        return self.blocks[tag[1]]
-
-    def adopt_loaded(self, block: Block, module: nn.Module) -> None:
-        """Reads T back from ``module.sqrt_end_time`` if it changed since last written (a loaded checkpoint)."""
-        if not self.mirror:
-            return
-        s = float(module.sqrt_end_time.item())
-        if s != block.last_sqrt:
-            with torch.no_grad():
-                block.horizon.T.fill_(s * s)
-            block.last_sqrt = s
-
-    def sync_to_owners(self) -> None:
-        """Writes every horizon's T to its owner's ``sqrt_end_time`` (as ``sqrt(T)``)."""
-        if not self.mirror:
-            return
-        with torch.no_grad():
-            for block in self.blocks:
-                owner = block.owner()
-                if owner is None:
-                    continue
-                buf = owner.sqrt_end_time
-                buf.copy_(block.horizon.T.detach().sqrt().to(dtype=buf.dtype, device=buf.device))
-                block.last_sqrt = float(buf.item())
-
-    def counting(self, block: Block, func: Callable[..., Any]) -> NFECounter:
-        """Wraps ``func`` in a fresh NFE counter that is summed into this iteration's row of ``block``."""
-        counter = NFECounter(func)
-        block.counters.append(counter)
-        return counter
-
-    def take_nfe(self, block: Block) -> tuple[int, int]:
-        """This iteration's forward and backward NFE of ``block``; clears them."""
-        f = sum(c.nfe_forward for c in block.counters)
-        b = sum(c.nfe_backward for c in block.counters)
-        block.counters.clear()
-        return f, b
-
-    def check_wired(self, block: Block, training: bool) -> None:
-        """Raises if a block trains with a learnable T but no optimizer was intercepted (T would never move)."""
-        if self.strict and self.stepper is None and training and torch.is_grad_enabled() and block.horizon.T.requires_grad:
-            names = " or ".join(self.optimizer_names) or "the patched optimizer"
-            raise self.error(
-                f"block {block.index} runs a training forward pass before any optimizer over its weights was built "
-                f"through {names}, so T would never be stepped. Build the optimizer over model.parameters() with "
-                "one of those (as the upstream scripts do), or use --tempopt-off."
-            )
-
-
-def _flatten_params(params: Any) -> tuple[list[Any], list[Tensor]]:
-    """``params`` as a list of groups (dicts or tensors) and the flat list of tensors in it."""
-    if isinstance(params, Tensor):
-        raise TypeError("params must be an iterable of tensors or of param-group dicts, got a single tensor.")
-    items = list(params)
-    flat: list[Tensor] = []
-    for item in items:
-        if isinstance(item, dict):
-            group = item.get("params", [])
-            flat.extend([group] if isinstance(group, Tensor) else list(group))
-        else:
-            flat.append(item)
-    return items, flat
-
-
-def _without(items: list[Any], drop: set[int]) -> list[Any]:
-    out: list[Any] = []
-    for item in items:
-        if isinstance(item, dict):
-            group = item.get("params", [])
-            group = [group] if isinstance(group, Tensor) else list(group)
-            out.append({**item, "params": [p for p in group if id(p) not in drop]})
-        elif id(item) not in drop:
-            out.append(item)
-    return out
-
-
-def optimizer_factory(original: type, registry: Registry, label: str) -> Callable[..., Optimizer]:
-    """A stand-in for the optimizer class ``original`` that the upstream script calls.
-
-    Called over parameters of patched blocks, it builds ``original`` over those
-    parameters minus every horizon's time parameters, and returns it wrapped in
-    a :class:`LoggingStepper` over those blocks' horizons. Called over anything
-    else, it returns a plain ``original`` instance.
-    """
-    signature = inspect.signature(original)
-
-    def factory(params: Any, *args: Any, **kwargs: Any) -> Optimizer:
-        items, flat = _flatten_params(params)
-        time_ids = {id(p) for b in registry.blocks for p in b.horizon.parameters_of_time()}
-        given = {id(p) for p in flat}
-        blocks = []
-        for b in registry.blocks:
-            owner = b.owner()
-            if owner is not None and any(id(p) in given for p in owner.parameters() if id(p) not in time_ids):
-                blocks.append(b)
-        optimizer = original(_without(items, time_ids), *args, **kwargs)
-        if not blocks:
-            return optimizer
-        if registry.stepper is not None:
-            raise registry.error(
-                f"a second optimizer over the blocks' weights was built through {label}; the patch wraps one. "
-                "Build one weight optimizer per run."
-            )
-        opts = registry.options
-        stepper = LoggingStepper(
-            optimizer,
-            [b.horizon for b in blocks],
-            registry=registry,
-            blocks=blocks,
-            lr=opts.lr,
-            alpha=opts.alpha,
-            mode=opts.mode,
-            horizon_optimizer=None if opts.mode == "joint" else (lambda ps: _TORCH_ADAM(ps, lr=opts.lr)),
-        )
-        registry.stepper = stepper
-        return stepper
-
-    factory.__name__ = getattr(original, "__name__", "factory")
-    factory.__qualname__ = getattr(original, "__qualname__", factory.__name__)
-    factory.__doc__ = f"torch_tempopt patch of {label}: builds it over the weights and wraps it to step T.\n\n{original.__doc__ or ''}"
-    factory.__wrapped__ = original  # type: ignore[attr-defined]
-    factory.__signature__ = signature  # type: ignore[attr-defined]
-    return factory
-
-
-def _average_over_ranks(params: list[Tensor]) -> None:
-    """Averages the gradients of ``params`` over a ``torch.distributed`` process group, if one runs.
-
-    DDP only reduces the gradients of the model's parameters; T is not one of them.
-    """
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    world = dist.get_world_size()
-    if world <= 1:
-        return
-    for p in params:
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad.div_(world)
-
-
-class LoggingStepper(CoordinateDescentStepper):
-    """A :class:`~torch_tempopt.CoordinateDescentStepper` that also writes ``tempopt.csv`` and mirrors T upstream.
-
-    Each :meth:`step` averages dL/dT over distributed ranks (if any), steps the
-    weights and T, writes T to the owners' ``sqrt_end_time``, and appends one row
-    per block to the registry's CSV: ``iteration, block, T`` (the T of this
-    iteration's solve, before the update), ``dLdT`` (the loss gradient, without
-    the regulariser; empty when T is fixed), ``nfe_forward, nfe_backward``.
-
-    Arguments:
-        optimizer: The weight optimizer (without the time parameters).
-        horizons: The horizons of ``blocks``, in the same order.
-        registry: The session's :class:`Registry`.
-        blocks: The blocks whose horizons are stepped.
-        kwargs: Passed to :class:`~torch_tempopt.CoordinateDescentStepper`.
-
-    """
-
-    def __init__(self, optimizer: Optimizer, horizons: list[LearnableHorizon], *, registry: Registry, blocks: list[Block], **kwargs: Any) -> None:
-        super().__init__(optimizer, horizons, **kwargs)
-        self._registry = registry
-        self._blocks = blocks
-        self._iteration = 0
-        self._csv_file: Any = None
-        self._csv_writer: Any = None
-
-    @property
-    def iterations(self) -> int:
-        """How many times :meth:`step` was called (the ``iteration`` column)."""
-        return self._iteration
+    def __init__(self, patch: Patch, optimizer: Optimizer, horizons: list[LearnableHorizon]) -> None:
+        super().__init__(optimizer, horizons, lr=patch.lr, alpha=patch.alpha)
+        self.patch, self.iterations = patch, 0
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        used = [b.horizon.T.item() for b in self._blocks]
-        _average_over_ranks([p for b in self._blocks for p in b.horizon.parameters_of_time()])
+        rows = []
+        for h in self.horizons:
+            if h.T.grad is not None:
+                _mean_over_ranks(h.T.grad)
+            counters = self.patch._counters.pop(id(h), [])
+            rows.append([self.patch.horizons.index(h), f"{h.T.item():.9g}",
+                         "" if h.T.grad is None else f"{h.T.grad.item():.9g}",
+                         sum(c.nfe_forward for c in counters), sum(c.nfe_backward for c in counters)])
         loss = super().step(closure)
-        self._registry.sync_to_owners()
-        self._iteration += 1
-        self._write_rows(used)
+        self.iterations += 1
+        for hook in self.patch.after_step:
+            hook()
+        _append_csv(self.patch.csv_path, [[self.iterations, *row] for row in rows])
         return loss
 
-    def _write_rows(self, used: list[float]) -> None:
-        rows = []
-        for k, block in enumerate(self._blocks):
-            nfe_f, nfe_b = self._registry.take_nfe(block)
-            dldt = self.stats["horizons"][k]["dLdT"]
-            rows.append([self._iteration, block.index, f"{used[k]:.9g}", "" if dldt is None else f"{dldt:.9g}", nfe_f, nfe_b])
-        path = self._registry.csv_path
-        if path is None:
-            return
-        if self._csv_file is None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fresh = not path.exists() or path.stat().st_size == 0
-            self._csv_file = open(path, "a", newline="")  # noqa: SIM115 - closed by close()
-            self._csv_writer = csv.writer(self._csv_file)
-            if fresh:
-                self._csv_writer.writerow(CSV_COLUMNS)
-        self._csv_writer.writerows(rows)
-        self._csv_file.flush()
-
-    def close(self) -> None:
-        """Closes ``tempopt.csv``."""
-        if self._csv_file is not None:
-            self._csv_file.close()
-            self._csv_file = None
-            self._csv_writer = None
-
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
-        """Loads a stepper state, or a plain optimizer state (an unpatched upstream checkpoint) into the weights' optimizer."""
-        if isinstance(state_dict, dict) and "optimizer" in state_dict and "horizons" in state_dict:
+        """Loads a stepper's state, or an unpatched run's optimizer state into the weights' optimizer (``--resume``)."""
+        if "horizon_optimizer" in state_dict:
             super().load_state_dict(state_dict)
         else:
             self.optimizer.load_state_dict(state_dict)
 
 
-def layout_error(cls: type[UpstreamLayoutError], patch: str, verified: str, checkout: Path) -> Callable[[str], UpstreamLayoutError]:
-    """A factory of ``cls`` errors saying that ``patch`` (verified on ``verified``, ``owner/repo@commit``)
-    does not recognise ``checkout``, with the missing detail appended."""
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
-    def make(detail: str) -> UpstreamLayoutError:
-        return cls(f"{patch} (verified on {verified}) does not recognise the checkout {checkout}: {detail}.")
 
-    return make
+def _mean_over_ranks(grad: Tensor) -> None:
+    if _distributed() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(grad)
+        grad /= torch.distributed.get_world_size()
+
+
+def _append_csv(path: Path | None, rows: list[list[Any]]) -> None:
+    if path is None or (_distributed() and torch.distributed.get_rank() != 0):
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.writer(f)
+        if new:
+            writer.writerow(CSV_COLUMNS)
+        writer.writerows(rows)
+
+
+def _dotted(obj: Any) -> str:
+    """``obj``'s dotted name (an instance's: its class's)."""
+    if isinstance(obj, types.ModuleType):
+        return obj.__name__
+    obj = obj if hasattr(obj, "__qualname__") else type(obj)
+    return f"{obj.__module__}.{obj.__qualname__}"
+
+
+def _git_commit(checkout: Path) -> str | None:
+    """The commit of the git checkout ``checkout`` (None if it is not the root of one)."""
+    try:
+        out = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--show-toplevel", "HEAD"],
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = out.stdout.splitlines()
+    return lines[1] if out.returncode == 0 and len(lines) == 2 and Path(lines[0]).resolve() == checkout else None
+
+
+def importable(name: str) -> bool:
+    """Whether the top-level module ``name`` can be imported."""
+    return importlib.util.find_spec(name) is not None
+
+
+# ---------------------------------------------------------------------- the command line
+def main(upstream: Upstream, argv: Sequence[str] | None = None) -> int:
+    """The command line ``NAME_patch.py --NAME PATH [--tempopt-*] -- SCRIPT [its arguments]``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    prog = f"{upstream.name}_patch.py"
+    if "--" not in argv or argv[-1] == "--":
+        raise SystemExit(f"{prog}: separate the patch's options from the upstream script with --, e.g. "
+                         f"{prog} --{upstream.name} PATH -- {next(iter(upstream.scripts))} --save /tmp/run")
+    i = argv.index("--")
+    ns = _parser(upstream, prog).parse_args(argv[:i])
+    options = {k[len("tempopt_"):]: v for k, v in vars(ns).items() if k.startswith("tempopt_")}
+    try:
+        with Patch(upstream, getattr(ns, upstream.name), script=argv[i + 1], **options) as patch:
+            if patch.commit not in (None, upstream.commit):
+                print(f"{prog}: the checkout is at {patch.commit[:8]}, the patch was checked against "
+                      f"{upstream.commit[:8]}; its names match.", file=sys.stderr)
+            patch.run(argv[i + 2:])
+    except PatchError as e:
+        raise SystemExit(f"{prog}: {e}") from None
+    return 0
+
+
+def _parser(upstream: Upstream, prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=f"Run a {upstream.repo} script, unchanged on disk, "
+                                     "with a learnable end time per block.")
+    parser.add_argument(f"--{upstream.name}", type=Path, required=True,
+                        help=f"the checkout (checked against {upstream.commit[:8]})")
+    parser.add_argument("--tempopt-lr", type=_number(), default=1e-2, help="Adam's learning rate for T (1e-2)")
+    parser.add_argument("--tempopt-alpha", type=_number(), default=0.1, help="the regulariser alpha * T (0.1)")
+    parser.add_argument("--tempopt-eps", type=_number(positive=True), default=0.1,
+                        help="the clip margin: T stays in [eps, 2 T0 - eps] (0.1)")
+    parser.add_argument("--tempopt-budget", type=_steps, default=None, metavar="N",
+                        help="solve each block on N rk4 steps; upstream's solver settings become the guard's reference")
+    parser.add_argument("--tempopt-off", action="store_true", help="the baseline: the same patch with T fixed at T0")
+    for key, text in upstream.flags.items():
+        parser.add_argument(f"--tempopt-{key.replace('_', '-')}", dest=f"tempopt_{key}", action="store_true", help=text)
+    return parser
+
+
+def _number(positive: bool = False) -> Callable[[str], float]:
+    def number(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value) or value < 0 or (positive and value == 0):
+            raise argparse.ArgumentTypeError(f"must be a finite number {'> 0' if positive else '>= 0'}, got {text}")
+        return value
+
+    return number
+
+
+def _steps(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of steps >= 1, got {text}")
+    return int(text)

@@ -3,23 +3,31 @@
 
     TEMPOPT_FFJORD_DIR=../ffjord TEMPOPT_OTFLOW_DIR=../OT-Flow pytest tests/test_upstream_real.py
 
-FFJORD needs ``six`` or the patch's stub; OT-Flow runs without h5py/pandas through the patch's stubs.
+Runs are a few iterations. FFJORD needs ``six`` or the patch's stub; OT-Flow runs without h5py and pandas through
+the patch's stubs. FFJORD's ``odefunc.py:288`` copies t with ``torch.tensor(t)``, which warns on every evaluation,
+patched or not: that warning is ignored here.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
+import math
 import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from test_upstream_patches import column, process_state, read_csv
+from test_upstream_patches import column, finite_difference, process_state, read_csv
 
-from examples._upstream_common import isolated_process
+from examples import ffjord_patch, otflow_patch, rnode_patch
+from examples._upstream_common import Patch
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.upstream, pytest.mark.filterwarnings("ignore:To copy construct from a tensor:UserWarning")]
 
 
 def checkout(variable: str) -> Path:
@@ -39,18 +47,15 @@ def ffjord() -> Path:
 
 
 def test_ffjord_layout_and_commit(ffjord: Path) -> None:
-    from examples import ffjord_patch
-
-    for script in ffjord_patch.SCRIPTS:
-        with ffjord_patch.patched(ffjord, script=script) as session:
-            assert "lib.layers.cnf.CNF.forward" in session.names
-            if session.commit is not None:
-                assert session.commit == ffjord_patch.VERIFIED_COMMIT
+    for script in ffjord_patch.FFJORD.scripts:
+        with ffjord_patch.patched(ffjord, script=script) as patch:
+            assert {"lib.layers.cnf.CNF.__init__", "lib.layers.cnf.odeint"} <= set(patch.names)
+            assert patch.commit in (None, ffjord_patch.COMMIT)
 
 
 def test_ffjord_upstream_alone_never_trains_T(ffjord: Path) -> None:
-    with isolated_process(ffjord), warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # torch 2.13 warns about the two tensor copies
+    with Patch(dataclasses.replace(ffjord_patch.FFJORD, install=lambda patch: None), ffjord), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch warns about upstream's copies of T and t
         import lib.layers as layers
 
         cnf = layers.CNF(layers.ODEfunc(layers.ODEnet((8,), (2,), None, False, "concatsquash", "tanh")), T=0.5, train_T=True)
@@ -60,17 +65,16 @@ def test_ffjord_upstream_alone_never_trains_T(ffjord: Path) -> None:
 
 
 def test_ffjord_dLdT_matches_finite_differences_both_directions(ffjord: Path) -> None:
-    from examples import ffjord_patch
-
-    with ffjord_patch.patched(ffjord, script=None, strict=False) as session:
+    with ffjord_patch.patched(ffjord) as patch:
         import lib.layers as layers
         import lib.layers.wrappers.cnf_regularization as reg_lib
 
-        torch.manual_seed(0)
-        diffeq = layers.ODEnet(hidden_dims=(8,), input_shape=(2,), strides=None, conv=False, layer_type="concatsquash", nonlinearity="tanh")
+        diffeq = layers.ODEnet(hidden_dims=(8,), input_shape=(2,), strides=None, conv=False, layer_type="concatsquash",
+                               nonlinearity="tanh")
         odefunc = layers.ODEfunc(diffeq=diffeq, divergence_fn="brute_force")
-        cnf = layers.CNF(odefunc, T=0.7, train_T=True, regularization_fns=(reg_lib.l2_regularzation_fn,), atol=1e-10, rtol=1e-10)
-        horizon = session.horizons[0]
+        cnf = layers.CNF(odefunc, T=0.7, train_T=True, regularization_fns=(reg_lib.l2_regularzation_fn,), atol=1e-10,
+                         rtol=1e-10)
+        (horizon,) = patch.horizons
         x = torch.randn(5, 2)
 
         def loss(reverse: bool) -> torch.Tensor:
@@ -81,51 +85,33 @@ def test_ffjord_dLdT_matches_finite_differences_both_directions(ffjord: Path) ->
         for reverse in (False, True):  # reverse: T is the start of the solve, where odefunc.py:288 breaks the adjoint
             horizon.T.grad = None
             loss(reverse).backward()
-            T0, step = horizon.T.item(), 1e-4
-            with torch.no_grad():
-                values = []
-                for T in (T0 + step, T0 - step):
-                    horizon.T.fill_(T)
-                    values.append(loss(reverse).item())
-                horizon.T.fill_(T0)
-            fd = (values[0] - values[1]) / (2 * step)
+            fd = finite_difference(lambda: loss(reverse), horizon.T)  # noqa: B023
             assert horizon.T.grad.item() == pytest.approx(fd, rel=1e-6, abs=1e-8), reverse
 
 
-@pytest.mark.parametrize("off", [False, True])
-def test_ffjord_train_toy_with_and_without_temporal_optimization(ffjord: Path, tmp_path: Path, off: bool) -> None:
-    from examples import ffjord_patch
-
-    before = process_state()
+@pytest.mark.parametrize(("off", "budget"), [(False, None), (True, None), (False, 4)])
+def test_ffjord_train_toy(ffjord: Path, tmp_path: Path, off: bool, budget: int | None) -> None:
     torch.set_default_dtype(torch.float32)
-    before["dtype"] = torch.float32
+    before = process_state()
     argv = ["--data", "8gaussians", "--niters", "3", "--batch_size", "50", "--test_batch_size", "100"]
-    argv += ["--viz_freq", "100000", "--val_freq", "3", "--save", str(tmp_path)]
-    with ffjord_patch.patched(ffjord, script="train_toy.py", off=off, skip_trajectory=True) as session:
-        session.run(argv)
+    with ffjord_patch.patched(ffjord, script="train_toy.py", off=off, budget=budget, skip_trajectory=True) as patch:
+        patch.run([*argv, "--viz_freq", "100000", "--val_freq", "3", "--save", str(tmp_path)])
     assert process_state() == before
     rows = read_csv(tmp_path / "tempopt.csv")
     T = column(rows, "T")
-    assert len(T) == 3 and T[0] == pytest.approx(0.5, abs=1e-6)
-    assert (len(set(T)) == 1) == off
+    assert len(T) == 3 and T[0] == pytest.approx(0.5, abs=1e-6) and (len(set(T)) == 1) == off
+    if budget is not None:
+        assert all(int(r["nfe_forward"]) == 4 * budget for r in rows)
     log = (tmp_path / "logs").read_text()
     assert "[TEST] Iter 0003" in log
-    moved = "CNF Time 0.4900" in log or "CNF Time 0.5100" in log  # Adam's first step: lr * sign(dL/dT + alpha)
-    assert moved != off  # upstream's own log line shows the learned T
+    assert ("CNF Time 0.4900" in log or "CNF Time 0.5100" in log) != off  # upstream's own log shows the learned T
 
 
 def test_ffjord_train_cnf_mnist_idx_through_the_patch(ffjord: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Upstream train_cnf.py --data mnist on the IDX stand-in of benchmarks/mnist_idx.py (the GPU check's path, tiny)."""
-    import importlib.util
-    import shutil
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from mnist_idx import write_mnist
 
-    from examples import ffjord_patch
-
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        from mnist_idx import write_mnist
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
     copy = tmp_path / "ffjord"  # train_cnf.py reads ./data inside the checkout: use a copy
     shutil.copytree(ffjord, copy, ignore=shutil.ignore_patterns(".git", "__pycache__", "assets", "imgs"))
     write_mnist(copy / "data", n_train=400, n_test=200)
@@ -136,32 +122,25 @@ def test_ffjord_train_cnf_mnist_idx_through_the_patch(ffjord: Path, tmp_path: Pa
     argv = ["--data", "mnist", "--dims", "8,8", "--strides", "2,1,-2", "--num_epochs", "1", "--batch_size", "200"]
     argv += ["--solver", "rk4", "--step_size", "0.5", "--val_freq", "1000", "--save", str(tmp_path / "run")]
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), ffjord_patch.patched(copy, script="train_cnf.py") as patch:
             warnings.filterwarnings("ignore", message=".*pin_memory.*", category=UserWarning)
-            with ffjord_patch.patched(copy, script="train_cnf.py") as session:
-                session.run(argv)
+            patch.run(argv)
     finally:
-        if standin:
-            for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
-                del sys.modules[name]
+        for name in [n for n in sys.modules if standin and n.split(".")[0] == "torchvision"]:
+            del sys.modules[name]
     rows = read_csv(tmp_path / "run" / "tempopt.csv")
-    assert [int(r["iteration"]) for r in rows] == [1, 2]
-    import math
-
-    assert column(rows, "T")[1] != 1.0
+    assert [int(r["iteration"]) for r in rows] == [1, 2] and column(rows, "T")[1] != 1.0
     assert [int(r["nfe_forward"]) for r in rows] == [4 * math.ceil(T / 0.5 - 1e-6) for T in column(rows, "T")]
 
 
 # ------------------------------------------------------------------------------------------------- RNODE
-def test_rnode_layout_and_dLdT(tmp_path: Path) -> None:
+def test_rnode_layout_and_dLdT() -> None:
     rnode = checkout("TEMPOPT_RNODE_DIR")
-    from examples import rnode_patch
-
-    with rnode_patch.patched(rnode, script=None, strict=False) as session:
+    with rnode_patch.patched(rnode) as patch:
         import lib.layers as layers
 
-        torch.manual_seed(0)
-        cnf = layers.CNF(layers.ODEfunc(layers.ODEnet((8,), (2,), None, False, "concat", "softplus")), T=0.6, atol=1e-10, rtol=1e-10)
+        cnf = layers.CNF(layers.ODEfunc(layers.ODEnet((8,), (2,), None, False, "concat", "softplus")), T=0.6, atol=1e-10,
+                         rtol=1e-10)
         x = torch.randn(4, 2)
 
         def loss() -> torch.Tensor:
@@ -170,14 +149,9 @@ def test_rnode_layout_and_dLdT(tmp_path: Path) -> None:
             return z.pow(2).sum() + dlogp.sum()
 
         loss().backward()
-        horizon = session.horizons[0]
-        with torch.no_grad():
-            values = []
-            for T in (0.6 + 1e-4, 0.6 - 1e-4):
-                horizon.T.fill_(T)
-                values.append(loss().item())
-        assert horizon.T.grad.item() == pytest.approx((values[0] - values[1]) / 2e-4, rel=1e-5)
-    # train.py itself hard-codes .cuda() and dist.all_reduce: see docs/adoption/rnode.md and benchmarks/gpu_check.sh
+        (horizon,) = patch.horizons
+        assert horizon.T.grad.item() == pytest.approx(finite_difference(loss, horizon.T), rel=1e-5)
+    # train.py itself hard-codes .cuda() and dist.all_reduce: see docs/adoption/rnode.md
 
 
 # ------------------------------------------------------------------------------------------------- OT-Flow
@@ -186,42 +160,38 @@ def otflow() -> Path:
     return checkout("TEMPOPT_OTFLOW_DIR")
 
 
-def test_otflow_layout_problem_and_gradient(otflow: Path) -> None:
-    from examples import otflow_patch
-
+@pytest.mark.parametrize("budget", [None, 3])
+def test_otflow_layout_problem_and_gradient(otflow: Path, budget: int | None) -> None:
     before = process_state()
-    with otflow_patch.patched(otflow, script=None, strict=False, mechanism="rescale") as session:
+    with otflow_patch.patched(otflow, budget=budget) as patch:
         import src.OTFlowProblem as ot
         from src.Phi import Phi
 
-        if session.commit is not None:
-            assert session.commit == otflow_patch.VERIFIED_COMMIT
-        torch.manual_seed(0)
-        net = Phi(nTh=2, m=8, d=2, alph=[1.0, 30.0, 15.0])
+        assert patch.commit in (None, otflow_patch.COMMIT)
+        net = Phi(nTh=2, m=8, d=2, alph=[1.0, 30.0, 0.0])  # no HJB term: its |.| has kinks
         x = torch.randn(16, 2)
-        Jc, _ = ot.OTFlowProblem(x, net, [0, 1], nt=8, stepper="rk4", alph=net.alph)
-        Jc_up, _ = ot.OTFlowProblem.__wrapped__(x, net, [0, 1], nt=8, stepper="rk4", alph=net.alph)
-        torch.testing.assert_close(Jc, Jc_up, rtol=1e-12, atol=1e-12)
         z = torch.randn(16, 5)
-        torch.testing.assert_close(otflow_patch.odefun_tensor_t(z, 0.4, net, net.alph), ot.odefun(z, 0.4, net, net.alph))
+        torch.testing.assert_close(otflow_patch.odefun(z, 0.4, net, net.alph), ot.odefun(z, 0.4, net, net.alph))
+        Jc, _ = ot.OTFlowProblem(x, net, [0, 1], nt=32, stepper="rk4", alph=net.alph)
         Jc.backward()
-        values = [ot.OTFlowProblem.__wrapped__(x, net, [0.0, T], 8, alph=net.alph)[0].item() for T in (1 + 1e-4, 1 - 1e-4)]
-        assert session.horizons[0].T.grad.item() == pytest.approx((values[0] - values[1]) / 2e-4, rel=1e-7)
+        (horizon,) = patch.horizons
+        if budget is None:  # upstream's own scheme: the same objective; the continuous dJ/dT on a fine grid
+            torch.testing.assert_close(Jc, ot.OTFlowProblem.__wrapped__(x, net, [0, 1], 32, alph=net.alph)[0])
+            T = torch.tensor(1.0)
+            fd = finite_difference(lambda: ot.OTFlowProblem.__wrapped__(x, net, [0.0, T.item()], 32, alph=net.alph)[0], T)
+        else:  # the exact derivative of the budgeted solve
+            fd = finite_difference(lambda: ot.OTFlowProblem(x, net, [0, 1], nt=32, alph=net.alph)[0], horizon.T)
+        assert horizon.T.grad.item() == pytest.approx(fd, rel=1e-6)
     assert process_state() == before
 
 
 @pytest.mark.parametrize("off", [False, True])
-def test_otflow_train_toy_with_and_without_temporal_optimization(otflow: Path, tmp_path: Path, off: bool) -> None:
-    from examples import otflow_patch
-
+def test_otflow_train_toy(otflow: Path, tmp_path: Path, off: bool) -> None:
     argv = ["--data", "8gaussians", "--niters", "3", "--batch_size", "128", "--val_batch_size", "128"]
-    argv += ["--viz_freq", "3", "--save", str(tmp_path)]
-    with otflow_patch.patched(otflow, off=off) as session:
-        session.run(argv)
+    with otflow_patch.patched(otflow, script="trainToyOTflow.py", off=off) as patch:
+        patch.run([*argv, "--viz_freq", "3", "--save", str(tmp_path)])
     T = column(read_csv(tmp_path / "tempopt.csv"), "T")
     assert len(T) == 3 and T[0] == 1.0 and (len(set(T)) == 1) == off
     (ckpt,) = tmp_path.glob("*_checkpt.pth")
     assert "horizon.T" in torch.load(ckpt, weights_only=False)["state_dict"]
     assert list(tmp_path.glob("figs/*.png"))
-
-

@@ -352,7 +352,7 @@ class LearnableHorizon(nn.Module):
 
     def _budgeted(self, func: Callable[..., Any], is_tuple: bool, parts: tuple[Tensor, ...], s: Tensor, t0: Tensor,
                   T: Tensor, reverse: bool, solver: Callable[..., Any], kwargs: dict[str, Any], track: bool) -> tuple[Tensor, ...]:
-        u = self.fractions().to(s.dtype)
+        u = self.fractions().to(s)  # dtype and device of the state: a horizon may live elsewhere
         u = u if track else u.detach()
         wanted = (1 - s).flip(0) if reverse else s  # the points asked for, as increasing fractions from t0
         extra = wanted[~(wanted[:, None] == u.detach()[None, :]).any(1)]
