@@ -1,11 +1,13 @@
-"""Soak test: a long TO-FLOW training of the toy CNF, checking bounds, finiteness and memory.
+"""Soak test: a long TO-FLOW training of the toy CNF on a step budget, checking bounds, finiteness and memory.
 
 The reference CNF of :mod:`examples.cnf` (concat-squash MLP 32-32, exact trace, batch 100 of
-8gaussians) with a learnable end time, stepped by :class:`torch_tempopt.CoordinateDescentStepper`
-(Adam on the weights and on T, the paper's alpha = 0.1, eps = 0.1), on 1 thread. Every
-iteration checks that
+8gaussians) with a learnable end time, solved on ``--budget`` rk4 steps (a learned placement,
+guarded against dopri5 every ``--guard-every`` steps; ``--budget 0`` solves adaptively), stepped
+by :class:`torch_tempopt.CoordinateDescentStepper` (Adam on the weights, on T and on the
+placement, the paper's alpha = 0.1, eps = 0.1), on 1 thread. Every iteration checks that
 
 * T lies in its clip interval ``horizon.bounds`` (up to the float rounding of the bounds);
+* the placement is finite and its step boundaries increase from 0 to 1 (after any growth of the budget);
 * the loss, T and every weight are finite (no step was skipped);
 
 and every ``--sample-every`` iterations it records the resident set size (``/proc/self/statm``
@@ -71,9 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", choices=TOY_DATASETS, default="8gaussians")
     p.add_argument("--hidden", default="32,32")
     p.add_argument("--batch", type=int, default=100)
-    p.add_argument("--solver", choices=("rk4", "dopri5"), default="rk4")
-    p.add_argument("--step-size", type=float, default=0.125, help="rk4's step")
-    p.add_argument("--tol", type=float, default=1e-5, help="dopri5's rtol = atol")
+    p.add_argument("--budget", type=int, default=4, help="rk4 steps per solve (0: adaptive dopri5)")
+    p.add_argument("--placement", choices=("learned", "uniform"), default="learned")
+    p.add_argument("--guard-every", type=int, default=50)
+    p.add_argument("--guard-tol", type=float, default=0.05)
+    p.add_argument("--tol", type=float, default=1e-5, help="dopri5's rtol = atol (the guard's reference)")
     p.add_argument("--T0", type=float, default=0.5)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--tempopt-lr", type=float, default=1e-2)
@@ -95,134 +99,125 @@ def _within(h: LearnableHorizon) -> bool:
     return min(lo, lo_r) <= T.item() <= max(hi, hi_r)
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def _grid_ok(h: LearnableHorizon) -> bool:
+    """No budget, or a finite placement whose step boundaries increase from 0 to 1."""
+    if h.placement is None:
+        return True
+    u = h.fractions().detach()
+    return bool(torch.isfinite(h.placement).all()) and u[0] == 0 and u[-1] == 1 and bool((u.diff() > 0).all())
+
+
+def _setup(args: argparse.Namespace) -> tuple[torch.nn.Module, CoordinateDescentStepper]:
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
     hidden = tuple(int(h) for h in args.hidden.split(",") if h.strip())
-    if args.solver == "rk4":
-        solver_kwargs: dict[str, Any] = {"method": "rk4", "options": {"step_size": args.step_size}}
-    else:
-        solver_kwargs = {"method": "dopri5", "rtol": args.tol, "atol": args.tol}
-    model = build_toy_model(
-        hidden=hidden, T0=args.T0, solver_kwargs=solver_kwargs, count=True, horizon_kwargs={"eps": args.eps}
-    )
-    horizons = [m for m in model.modules() if isinstance(m, LearnableHorizon)]
-    stepper = CoordinateDescentStepper(
-        torch.optim.Adam(network_parameters(model), lr=args.lr), model, lr=args.tempopt_lr, alpha=args.alpha
-    )
-    params = list(model.parameters())
-    rng = np.random.default_rng(args.seed)
+    model = build_toy_model(hidden=hidden, T0=args.T0, count=True, eps=args.eps, budget=args.budget or None,
+                            learn_placement=args.placement == "learned",
+                            solver_kwargs={"method": "dopri5", "rtol": args.tol, "atol": args.tol})
+    stepper = CoordinateDescentStepper(torch.optim.Adam(network_parameters(model), lr=args.lr), model,
+                                       lr=args.tempopt_lr, alpha=args.alpha, guard_every=args.guard_every,
+                                       guard_tol=args.guard_tol)
+    return model, stepper
 
-    checks = {"T_out_of_bounds": 0, "nonfinite_loss": 0, "nonfinite_parameters": 0, "first_failure": None}
-    samples: list[dict[str, Any]] = []
-    nfe_total = 0
-    loss_window: list[float] = []
-    T_min = [math.inf] * len(horizons)
-    T_max = [-math.inf] * len(horizons)
-    bar = None
-    if args.progress:
-        from tqdm import tqdm
 
-        bar = tqdm(total=args.iters, desc="soak", dynamic_ncols=True, file=sys.stderr)
-    start = time.perf_counter()
-    cpu0 = time.process_time()
+def _check(it: int, value: float, model: torch.nn.Module, checks: dict[str, Any], T_range: list[list[float]]) -> None:
+    """Counts this iteration's failed checks; keeps the first failure's description."""
+    problems = []
+    if not math.isfinite(value):
+        checks["nonfinite_loss"] += 1
+        problems.append(f"loss {value}")
+    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        checks["nonfinite_parameters"] += 1
+        problems.append("a parameter is NaN/inf")
+    for k, h in enumerate(m for m in model.modules() if isinstance(m, LearnableHorizon)):
+        T = h.T.item()
+        T_range[0][k], T_range[1][k] = min(T_range[0][k], T), max(T_range[1][k], T)
+        if not _within(h):
+            checks["T_out_of_bounds"] += 1
+            problems.append(f"T_{k}={T!r} outside {h.bounds}")
+        if not _grid_ok(h):
+            checks["bad_grid"] += 1
+            problems.append(f"horizon {k}: placement not finite or fractions not increasing")
+    if problems and checks["first_failure"] is None:
+        checks["first_failure"] = {"iteration": it, "problems": problems}
+
+
+def _sample(it: int, model: torch.nn.Module, losses: list[float], nfe_total: int, start: float) -> dict[str, Any]:
+    return {"iteration": it, "rss_mb": _mb(rss_bytes()), "peak_rss_mb": _mb(peak_rss_bytes()), "T": end_times(model),
+            "budget": [h.budget for h in model.modules() if isinstance(h, LearnableHorizon)],
+            "mean_loss": float(np.mean(losses)), "nfe_per_iteration": nfe_total / it,
+            "wall_seconds": round(time.perf_counter() - start, 2)}
+
+
+def _train(args: argparse.Namespace, model: torch.nn.Module, stepper: CoordinateDescentStepper) -> dict[str, Any]:
+    """The soak loop: checks every iteration, memory samples every ``--sample-every``."""
+    n = len([m for m in model.modules() if isinstance(m, LearnableHorizon)])
+    checks = {"T_out_of_bounds": 0, "bad_grid": 0, "nonfinite_loss": 0, "nonfinite_parameters": 0, "first_failure": None}
+    T_range, samples, losses, nfe_total = [[math.inf] * n, [-math.inf] * n], [], [], 0
+    rng, bar = np.random.default_rng(args.seed), _bar(args)
+    start, cpu0 = time.perf_counter(), time.process_time()
     for it in range(1, args.iters + 1):
-        x = torch.as_tensor(toy_sample(args.data, args.batch, rng))
         stepper.zero_grad()
-        loss, _ = nll_and_reg(model, x)
+        loss, _ = nll_and_reg(model, torch.as_tensor(toy_sample(args.data, args.batch, rng)))
         loss.backward()
         stepper.step()
         nfe_total += sum(nfe(model, reset=True).values())
-
-        value = loss.item()
-        loss_window.append(value)
-        problems = []
-        if not math.isfinite(value):
-            checks["nonfinite_loss"] += 1
-            problems.append(f"loss {value}")
-        if not all(bool(torch.isfinite(p).all()) for p in params):
-            checks["nonfinite_parameters"] += 1
-            problems.append("a parameter is NaN/inf")
-        for k, h in enumerate(horizons):
-            T = h.T.item()
-            T_min[k], T_max[k] = min(T_min[k], T), max(T_max[k], T)
-            if not _within(h):
-                checks["T_out_of_bounds"] += 1
-                problems.append(f"T_{k}={T!r} outside {h.bounds}")
-        if problems and checks["first_failure"] is None:
-            checks["first_failure"] = {"iteration": it, "problems": problems}
-
+        losses.append(loss.item())
+        _check(it, losses[-1], model, checks, T_range)
         if it % args.sample_every == 0 or it == args.iters or it == min(1000, args.iters):
-            samples.append(
-                {
-                    "iteration": it,
-                    "rss_mb": _mb(rss_bytes()),
-                    "peak_rss_mb": _mb(peak_rss_bytes()),
-                    "T": end_times(model),
-                    "mean_loss": float(np.mean(loss_window)),
-                    "nfe_per_iteration": nfe_total / it,
-                    "wall_seconds": round(time.perf_counter() - start, 2),
-                }
-            )
-            loss_window = []
+            samples.append(_sample(it, model, losses, nfe_total, start))
+            losses = []
         if bar is not None:
             bar.update(1)
-            if it % 50 == 0:
-                bar.set_postfix({"loss": f"{value:.3f}", "T": ",".join(f"{t:.3f}" for t in end_times(model))})
     if bar is not None:
         bar.close()
-    wall, cpu = time.perf_counter() - start, time.process_time() - cpu0
+    return {"checks": checks, "T_range": T_range, "samples": samples, "nfe_total": nfe_total,
+            "wall": time.perf_counter() - start, "cpu": time.process_time() - cpu0}
 
-    by_iter = {s["iteration"]: s for s in samples}
-    at_1k = by_iter.get(min(1000, args.iters))
+
+def _bar(args: argparse.Namespace) -> Any:
+    if not args.progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=args.iters, desc="soak", dynamic_ncols=True, file=sys.stderr)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    model, stepper = _setup(args)
+    loop = _train(args, model, stepper)
+    checks, samples = loop["checks"], loop["samples"]
+    at_1k = {s["iteration"]: s for s in samples}.get(min(1000, args.iters))
     end = samples[-1]
     growth = None
     if at_1k is not None and at_1k["rss_mb"] is not None and end["rss_mb"] is not None:
         growth = round(end["rss_mb"] - at_1k["rss_mb"], 2)
     memory_flat = growth is None or growth <= args.max_growth_mb
-    passed = (
-        checks["T_out_of_bounds"] == 0
-        and checks["nonfinite_loss"] == 0
-        and checks["nonfinite_parameters"] == 0
-        and stepper.stats["skipped_steps"] == 0
-        and memory_flat
-    )
+    failures = checks["T_out_of_bounds"] + checks["bad_grid"] + checks["nonfinite_loss"] + checks["nonfinite_parameters"]
+    stats = stepper.stats
+    horizons = [m for m in model.modules() if isinstance(m, LearnableHorizon)]
     return {
-        "passed": passed,
+        "passed": failures == 0 and stats["skipped_steps"] == 0 and memory_flat,
         "iterations": args.iters,
-        "checks": {
-            **checks,
-            "skipped_steps": stepper.stats["skipped_steps"],
-            "nonfinite_dLdT": [h["nonfinite"] for h in stepper.stats["horizons"]],
-            "clip_counts": [h["clip_count"] for h in stepper.stats["horizons"]],
-            "memory_flat": memory_flat,
-            "rss_growth_after_1k_mb": growth,
-            "max_growth_mb": args.max_growth_mb,
-        },
-        "memory": {
-            "rss_mb_at_1k": None if at_1k is None else at_1k["rss_mb"],
-            "peak_rss_mb_at_1k": None if at_1k is None else at_1k["peak_rss_mb"],
-            "rss_mb_at_end": end["rss_mb"],
-            "peak_rss_mb_at_end": end["peak_rss_mb"],
-        },
-        "T": {
-            "final": end_times(model),
-            "min": T_min,
-            "max": T_max,
-            "bounds": [list(h.bounds) for h in horizons],
-        },
-        "nfe_per_iteration": nfe_total / max(args.iters, 1),
-        "wall_seconds": round(wall, 2),
-        "cpu_seconds": round(cpu, 2),
-        "ms_per_iteration": round(1000 * wall / max(args.iters, 1), 3),
+        "checks": {**checks, "skipped_steps": stats["skipped_steps"],
+                   "nonfinite_dLdT": [h["nonfinite"] for h in stats["horizons"]],
+                   "clip_counts": [h["clip_count"] for h in stats["horizons"]], "guard_events": len(stats["guard_events"]),
+                   "memory_flat": memory_flat, "rss_growth_after_1k_mb": growth, "max_growth_mb": args.max_growth_mb},
+        "memory": {"rss_mb_at_1k": None if at_1k is None else at_1k["rss_mb"],
+                   "peak_rss_mb_at_1k": None if at_1k is None else at_1k["peak_rss_mb"],
+                   "rss_mb_at_end": end["rss_mb"], "peak_rss_mb_at_end": end["peak_rss_mb"]},
+        "T": {"final": end_times(model), "min": loop["T_range"][0], "max": loop["T_range"][1],
+              "bounds": [list(h.bounds) for h in horizons]},
+        "budget": [h.budget for h in horizons],
+        "fractions": [None if h.budget is None else h.fractions().tolist() for h in horizons],
+        "nfe_per_iteration": loop["nfe_total"] / max(args.iters, 1),
+        "wall_seconds": round(loop["wall"], 2),
+        "cpu_seconds": round(loop["cpu"], 2),
+        "ms_per_iteration": round(1000 * loop["wall"] / max(args.iters, 1), 3),
         "samples": samples,
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "environment": {
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "threads": torch.get_num_threads(),
-        },
+        "environment": {"torch": torch.__version__, "python": platform.python_version(),
+                        "platform": platform.platform(), "threads": torch.get_num_threads()},
     }
 
 
@@ -238,29 +233,32 @@ def markdown(result: dict[str, Any]) -> str:
         "| check | value |",
         "|---|---|",
         f"| T outside its bounds (iterations) | {c['T_out_of_bounds']} |",
+        f"| placement not finite or not increasing (iterations) | {c['bad_grid']} |",
         f"| non-finite loss / parameters (iterations) | {c['nonfinite_loss']} / {c['nonfinite_parameters']} |",
         f"| skipped steps, non-finite dL/dT | {c['skipped_steps']}, {c['nonfinite_dLdT']} |",
         f"| T range seen (bounds) | {result['T']['min']} .. {result['T']['max']} ({result['T']['bounds']}) |",
         f"| clip events | {c['clip_counts']} |",
+        f"| budget at the end (guard growths) | {result['budget']} ({c['guard_events']}) |",
         f"| RSS at 1k / end (MiB) | {m['rss_mb_at_1k']} / {m['rss_mb_at_end']} |",
         f"| peak RSS at 1k / end (MiB) | {m['peak_rss_mb_at_1k']} / {m['peak_rss_mb_at_end']} |",
         f"| RSS growth after 1k (limit) | {c['rss_growth_after_1k_mb']} MiB ({c['max_growth_mb']} MiB) |",
         "",
-        "| iteration | RSS MiB | peak RSS MiB | T | mean loss | NFE/iter | wall s |",
-        "|---:|---:|---:|---|---:|---:|---:|",
+        "| iteration | RSS MiB | peak RSS MiB | T | budget | mean loss | NFE/iter | wall s |",
+        "|---:|---:|---:|---|---|---:|---:|---:|",
     ]
     for s in result["samples"]:
         T = ", ".join(f"{t:.4f}" for t in s["T"])
         lines.append(
-            f"| {s['iteration']} | {s['rss_mb']} | {s['peak_rss_mb']} | {T} | {s['mean_loss']:.4f} | "
+            f"| {s['iteration']} | {s['rss_mb']} | {s['peak_rss_mb']} | {T} | {s['budget']} | {s['mean_loss']:.4f} | "
             f"{s['nfe_per_iteration']:.1f} | {s['wall_seconds']} |"
         )
     cfg = result["config"]
     lines += [
         "",
-        f"Config: data {cfg['data']}, hidden {cfg['hidden']}, batch {cfg['batch']}, solver {cfg['solver']} "
-        f"(step {cfg['step_size']} / tol {cfg['tol']}), T0 {cfg['T0']}, lr {cfg['lr']}, T lr {cfg['tempopt_lr']}, "
-        f"alpha {cfg['alpha']}, eps {cfg['eps']}, seed {cfg['seed']}.",
+        f"Config: data {cfg['data']}, hidden {cfg['hidden']}, batch {cfg['batch']}, budget {cfg['budget']} rk4 steps "
+        f"({cfg['placement']} placement, guard every {cfg['guard_every']} at {cfg['guard_tol']} against dopri5 "
+        f"{cfg['tol']}), T0 {cfg['T0']}, lr {cfg['lr']}, T lr {cfg['tempopt_lr']}, alpha {cfg['alpha']}, "
+        f"eps {cfg['eps']}, seed {cfg['seed']}.",
         "",
         "Reproduce: `python benchmarks/soak.py" + ("" if result["iterations"] == 20000 else f" --iters {result['iterations']}") + "`",
         "",
@@ -270,8 +268,8 @@ def markdown(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.iters <= 0 or args.sample_every <= 0:
-        raise SystemExit("--iters and --sample-every must be positive.")
+    if args.iters <= 0 or args.sample_every <= 0 or args.budget < 0:
+        raise SystemExit("--iters and --sample-every must be positive, --budget non-negative.")
     result = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "soak.json").write_text(json.dumps(result, indent=1))

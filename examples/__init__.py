@@ -1,7 +1,6 @@
 r"""Reference code for the ``torch_tempopt`` examples: data sets and an FFJORD-style CNF.
 
-The package is not part of the library's import path: it depends on scikit-learn
-(and, for the image loaders, optionally on torchvision).
+The package is not part of the library's import path: it depends on scikit-learn.
 
 ``examples.data``
     Seeded 2-D toy densities, the 8x8 digits split, dequantization, the logit

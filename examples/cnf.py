@@ -394,7 +394,7 @@ def flow_matching_loss(model: nn.Module, x: Tensor) -> Tensor:
     if len(blocks) != 1:
         raise ValueError(f"flow matching trains one CNF block, the model has {len(blocks)}; use --num-blocks 1.")
     net, h = _core(blocks[0].odefunc).diffeq, blocks[0].horizon
-    t0, T = float(h.t0), float(h.T)
+    t0, T = float(h.t0.detach()), float(h.T.detach())
     eps = torch.randn_like(x)
     s = torch.rand(x.shape[0], 1, dtype=x.dtype, device=x.device)
     sb = s.reshape(-1, *([1] * (x.dim() - 1)))

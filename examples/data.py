@@ -33,7 +33,6 @@ __all__ = [
     "logit_inverse",
     "logit_transform",
     "toy_sample",
-    "torchvision_images",
 ]
 
 import math
@@ -42,7 +41,6 @@ from typing import Callable
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
 
 TOY_DATASETS: tuple[str, ...] = (
     "swissroll",
@@ -426,63 +424,3 @@ def bits_per_dim(log_px: Tensor | float, dim: int) -> Tensor | float:
     if dim <= 0:
         raise ValueError(f"dim must be positive, got {dim}.")
     return -(log_px / dim - math.log(256.0)) / math.log(2.0)
-
-
-# --------------------------------------------------------------------------- torchvision
-
-
-class _ImagesOnly(Dataset):
-    """A view of a labelled image data set that yields the images only."""
-
-    def __init__(self, labelled: Dataset) -> None:
-        self.labelled = labelled
-
-    def __len__(self) -> int:
-        return len(self.labelled)  # type: ignore[arg-type]
-
-    def __getitem__(self, index: int) -> Tensor:
-        return self.labelled[index][0]
-
-
-_TORCHVISION_NAMES: dict[str, str] = {
-    "mnist": "MNIST",
-    "fashion-mnist": "FashionMNIST",
-    "cifar10": "CIFAR10",
-}
-
-
-def torchvision_images(name: str, root: str, train: bool = True, *, download: bool = False) -> Dataset:
-    r"""Loads MNIST, Fashion-MNIST or CIFAR-10 as a data set of uint8 grey-level images.
-
-    torchvision is imported here, not at module import, so the rest of
-    :mod:`examples.data` works without it.
-
-    Arguments:
-        name: ``"mnist"``, ``"fashion-mnist"`` or ``"cifar10"``.
-        root: The directory holding (or receiving) the files.
-        train: The training split if :py:`True`, else the test split.
-        download: Whether torchvision may download the files into ``root``
-            (needs internet access).
-
-    Returns:
-        A data set whose items are :class:`torch.uint8` tensors of shape
-        ``(C, H, W)`` with values in 0..255 (labels are dropped); feed them to
-        :func:`dequantize`.
-
-    Raises:
-        ValueError: If ``name`` is unknown.
-        ImportError: If torchvision is not installed.
-    """
-    if name not in _TORCHVISION_NAMES:
-        raise ValueError(f"name must be one of {tuple(_TORCHVISION_NAMES)}, got {name!r}.")
-    try:
-        from torchvision import datasets, transforms
-    except ImportError as error:
-        raise ImportError(
-            f"torchvision_images({name!r}) needs torchvision, which is not installed; "
-            "install it with `pip install torchvision` (matching your torch build), "
-            "or use load_digits_split() for an offline data set."
-        ) from error
-    cls = getattr(datasets, _TORCHVISION_NAMES[name])
-    labelled = cls(root, train=train, download=download, transform=transforms.PILToTensor())
-    return _ImagesOnly(labelled)

@@ -172,8 +172,10 @@ def resolve_config(args: ArgsLike) -> dict[str, Any]:
     fixed = c["solver"] in FIXED_GRID_SOLVERS
     if fixed != (c["step_size"] is not None):
         raise ValueError(f"--step-size goes with the fixed-grid solvers {FIXED_GRID_SOLVERS}, got --solver {c['solver']}.")
-    if c["budget"] is not None and (fixed or c["method"] in ("fm", "steer")):
-        raise ValueError(f"--budget needs an adaptive --solver (its guard's reference) and a method solving on it, not {c['method']}.")
+    if c["budget"] is not None and fixed:
+        raise ValueError(f"--budget needs an adaptive --solver (its guard's reference), got --solver {c['solver']}.")
+    if c["budget"] is not None and c["method"] in ("fm", "steer"):
+        raise ValueError(f"--budget needs a method that solves on it, got --method {c['method']}.")
     if c["budget"] is None:
         c["placement"] = None
     elif c["placement"] is None:

@@ -1,16 +1,21 @@
-"""Smoke tests: every benchmark script and the demo run for a few iterations and write their outputs."""
+"""Smoke tests: every benchmark script, the demo and the quickstart run for a few iterations and write their outputs."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from examples.train import run
+
 ROOT = Path(__file__).resolve().parents[1]
+TINY = "--batch-size 16 --hidden 8,8 --test-size 64 --rtol 1e-3 --atol 1e-3 --eval-rtol 1e-3 --eval-atol 1e-3"
 
 
 @pytest.fixture(autouse=True)
@@ -27,41 +32,56 @@ def _load(name: str):
     return module
 
 
-def test_overhead_benchmark(tmp_path):
-    res = _load("overhead").main(["--pairs", "2", "--warmup", "0", "--batch", "32", "--out", str(tmp_path)])
-    assert res["extra_evaluations"] == 1
-    assert (tmp_path / "overhead.md").exists() and json.loads((tmp_path / "overhead.json").read_text())["median_ratio"] > 0
+def _metrics(test_nll: float, curve: list[tuple[int, float, int, float]], **extra) -> dict:
+    """Synthetic metrics.json: the final NLL and (iteration, test NLL, NFE so far, CPU so far) points."""
+    last = curve[-1]
+    return {"test_nll": test_nll, "unit": "nats", "iters": last[0], "nfe_forward_total": last[2] // 2,
+            "nfe_backward_total": last[2] - last[2] // 2, "nfe_total": last[2], "cpu_seconds": last[3], "T": [0.5],
+            "eval_curve": [{"iteration": i, "test_nll": v, "nfe_total": n, "cpu_seconds": c} for i, v, n, c in curve],
+            **extra}
 
 
-def test_compare_benchmark(tmp_path):
+# ----------------------------------------------------------------------------- compare.py
+
+
+def test_compare_benchmark_with_a_budget_and_flow_matching(tmp_path: Path) -> None:
     res = _load("compare").main([
-        "--data", "8gaussians", "--iters", "3", "--eval-every", "1", "--configs", "ffjord", "toflow", "toflow-rk4",
-        "--train-args", "--batch-size 16 --hidden 8,8 --test-size 64", "--runs", str(tmp_path / "runs"),
-        "--out", str(tmp_path), "--name", "smoke",
+        "--data", "8gaussians", "--iters", "3", "--eval-every", "2", "--configs", "ffjord", "ffjord-b2", "fm",
+        "--train-args", TINY, "--runs", str(tmp_path / "runs"), "--out", str(tmp_path), "--name", "smoke",
+        "--margin", "0.001", "--figure",
     ])  # fmt: skip
     rows = {r["config"]: r for r in res["rows"]["0"]}
-    assert set(rows) == {"ffjord", "toflow", "toflow-rk4"}
-    assert rows["ffjord"]["nfe_ratio_to_reach"] == pytest.approx(1.0)  # the baseline reaches itself
+    assert list(rows) == ["ffjord", "ffjord-b2", "fm"]
+    base, budget, fm = rows["ffjord"], rows["ffjord-b2"], rows["fm"]
+    assert base["nfe_ratio_to_reach"] == pytest.approx(1.0) and base["reached_at_iteration"] == 3  # its own NLL
+    assert base["target"] == pytest.approx(base["test_nll"] + 0.001)
+    assert budget["budget"] == [2] and budget["guard_events"] == 0 and base["budget"] == [None]
+    # Flow matching trains for FFJORD's CPU time (on up to 50x the iterations), one network evaluation each.
+    assert 3 < fm["iters"] <= 150 and (fm["cpu_seconds"] >= round(base["cpu_seconds"], 3) or fm["iters"] == 150)
+    assert fm["nfe_forward_total"] == fm["iters"] and fm["nfe_backward_total"] == 0
+    assert res["configs"]["fm"] == ("fm", ["--max-cpu-seconds", "ffjord"])
     text = (tmp_path / "smoke.md").read_text()
-    assert "NFE ratio to reach" in text and "Command:" in text
+    assert "NFE ratio to reach" in text and "Command:" in text and "| ffjord-b2 |" in text and "| 2 |" in text
+    assert json.loads((tmp_path / "smoke.json").read_text())["rows"] == json.loads(json.dumps(res["rows"]))
+    assert (tmp_path / "smoke.png").read_bytes()[:4] == b"\x89PNG"
+
     windows = _load("windows")
-    runs = [tmp_path / "runs" / "8gaussians" / f"{c}-s0" for c in ("ffjord", "toflow")]
-    table = windows.table(runs, every=1)
-    lines = table.splitlines()
+    runs = [tmp_path / "runs" / "8gaussians" / f"{c}-s0" for c in ("ffjord", "ffjord-b2")]
+    lines = windows.table(runs, every=1).splitlines()
     assert len(lines) == 2 + 3  # header, rule, one row per iteration
     log = json.loads((runs[1] / "metrics.json").read_text())["log"]
     nfe = log[1]["nfe_forward"] + log[1]["nfe_backward"]
-    assert lines[3].startswith("| 2 |") and f"/ {nfe:.1f} |" in lines[3]
+    assert lines[3].startswith("| 2 |") and f"/ {nfe:.1f} |" in lines[3] and "2 rk4 steps" in lines[0]
     split = windows.table(runs, every=1, split=True).splitlines()
     assert f"/ {log[1]['nfe_forward']:.1f} + {log[1]['nfe_backward']:.1f} |" in split[3]
     with pytest.raises(ValueError, match="every"):
         windows.table(runs, every=0)
 
 
-def test_compare_reuse_takes_only_a_finished_run_with_the_same_settings(tmp_path, monkeypatch):
+def test_compare_reuse_takes_only_a_finished_run_with_the_same_settings(tmp_path: Path, monkeypatch) -> None:
     compare = _load("compare")
     argv = ["--data", "8gaussians", "--iters", "2", "--eval-every", "1", "--configs", "ffjord", "--reuse",
-            "--train-args", "--batch-size 8 --hidden 4 --test-size 16", "--runs", str(tmp_path / "runs"),
+            "--train-args", TINY.replace("8,8", "4"), "--runs", str(tmp_path / "runs"),
             "--out", str(tmp_path), "--name", "reuse"]  # fmt: skip
     first = compare.main(argv)
     calls = []
@@ -75,25 +95,113 @@ def test_compare_reuse_takes_only_a_finished_run_with_the_same_settings(tmp_path
     assert config["hidden"] == "5"
 
 
-def test_compare_summary_says_not_reached():
+def test_compare_summary_reach_and_margin() -> None:
     compare = _load("compare")
-    base = {"test_nll": 1.0, "unit": "nats", "nfe_forward_total": 10, "nfe_backward_total": 10, "cpu_seconds": 2.0,
-            "iters": 2, "T": [0.5], "eval_curve": [{"iteration": 2, "test_nll": 1.0, "nfe_total": 20, "cpu_seconds": 2.0}]}
-    worse = dict(base, test_nll=1.5, eval_curve=[{"iteration": 2, "test_nll": 1.5, "nfe_total": 8, "cpu_seconds": 1.0}])
-    better = dict(base, eval_curve=[{"iteration": 1, "test_nll": 0.9, "nfe_total": 5, "cpu_seconds": 0.5}])
-    rows = {r["config"]: r for r in compare.summarise({"ffjord": base, "worse": worse, "better": better})}
-    assert rows["worse"]["reached_at_iteration"] is None and "not reached" in compare.markdown(list(rows.values()), "t")
-    assert rows["better"]["nfe_ratio_to_reach"] == pytest.approx(0.25)
-    assert rows["better"]["cpu_ratio_to_reach"] == pytest.approx(0.25)
+    base = _metrics(1.0, [(0, 3.0, 0, 0.0), (2, 1.5, 10, 1.0), (4, 1.0, 20, 2.0)])
+    near = _metrics(1.004, [(0, 3.0, 0, 0.0), (2, 1.004, 6, 0.5), (4, 1.004, 12, 1.0)], budget=[2],
+                    guard_events=[{"step": 0}])
+    worse = _metrics(1.5, [(0, 3.0, 0, 0.0), (4, 1.5, 8, 1.0)])
+    rows = {r["config"]: r for r in compare.summarise({"ffjord": base, "near": near, "worse": worse}, margin=0.005)}
+    assert rows["ffjord"]["target"] == pytest.approx(1.005) and rows["ffjord"]["reached_at_iteration"] == 4
+    # Within the margin at its first point below the target: iteration 2, 6 of FFJORD's 20 NFE, 0.5 of its 2 s.
+    assert rows["near"]["reached_at_iteration"] == 2
+    assert rows["near"]["nfe_ratio_to_reach"] == pytest.approx(0.3)
+    assert rows["near"]["cpu_ratio_to_reach"] == pytest.approx(0.25)
+    assert rows["near"]["nfe_ratio_total"] == pytest.approx(0.6) and rows["near"]["guard_events"] == 1
+    assert compare.summarise({"ffjord": base, "near": near}, margin=0.001)[1]["reached_at_iteration"] is None
+    assert rows["worse"]["reached_at_iteration"] is None and rows["worse"]["nfe_ratio_to_reach"] is None
+    text = compare.markdown(list(rows.values()), "t")
+    assert "| worse | 1.5000 |" in text and "not reached | - | -" in text and "iter 2 | 0.30 | 0.25" in text
+    assert "| 2 (1 grown) |" in text and "target: FFJORD's final NLL + margin = 1.0050 nats" in text
+    assert compare.reach(base["eval_curve"], 1.5)["iteration"] == 2 and compare.reach(base["eval_curve"], 0.5) is None
 
 
-def test_soak_benchmark(tmp_path):
+# ----------------------------------------------------------------------------- budget_eval.py, code_lines.py
+
+
+def test_budget_eval_on_a_finished_run(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    run(["--data", "8gaussians", "--method", "ffjord", "--iters", "1", "--out", str(out), "--no-progress", *TINY.split()])
+    rows = _load("budget_eval").main(["--runs", str(out), "--budgets", "2", "3", "--fit-steps", "2", "--fit-size", "16",
+                                      "--samples", "16", "--out", str(tmp_path), "--name", "be"])
+    assert [r["N"] for r in rows] == [2, 3] and [r["nfe_per_solve"] for r in rows] == [8, 12]
+    for r in rows:
+        assert r["nfe_ratio"] == pytest.approx(r["nfe_per_solve"] / r["nfe_dopri5_per_solve"])
+        assert r["nll_error_uniform"] == pytest.approx(r["nll_uniform"] - r["nll_dopri5"])
+        assert r["sample_error_uniform"] >= 0 and len(r["fit_error"]) == 1
+    text = (tmp_path / "be.md").read_text()
+    assert text.count("| run (dopri5") == 2 and "Command:" in text
+    assert json.loads((tmp_path / "be.json").read_text())["rows"][0]["N"] == 2
+
+
+def test_code_lines_counts_code_only(tmp_path: Path) -> None:
+    code_lines = _load("code_lines")
+    source = '''"""A module docstring
+over two lines."""
+# a comment
+import os  # a trailing comment
+
+
+def f(x):
+    """A docstring."""
+    # a comment in a function
+    return (x +
+            1)
+
+
+class A:
+    """A class."""
+
+    def g(self):
+        return os.sep
+'''
+    assert sorted(code_lines.code_lines(source)) == [4, 7, 10, 11, 14, 17, 18]
+    assert code_lines.functions(source, "m.py") == [("m.py:f", 3), ("m.py:A.g", 2)]
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "m.py").write_text(source)
+    (tmp_path / "pkg" / "skip").mkdir()
+    (tmp_path / "pkg" / "skip" / "n.py").write_text("x = 1\n")
+    measured = code_lines.measure([str(tmp_path / "pkg")], [str(tmp_path / "pkg" / "skip")])
+    assert measured["code_lines"] == 7 and measured["longest_functions"][0] == (f"{tmp_path / 'pkg' / 'm.py'}:f", 3)
+
+
+# ----------------------------------------------------------------------------- ablation, soak, overhead
+
+
+def test_ablation_benchmark(tmp_path: Path) -> None:
+    res = _load("ablation").main([
+        "--iters", "2", "--alphas", "0", "1", "--epss", "0.2", "--eval-every", "1", "--train-args", TINY,
+        "--runs", str(tmp_path / "runs"), "--out", str(tmp_path), "--name", "abl",
+    ])  # fmt: skip
+    settings = [(r["ablation"], r["alpha"], r["eps"]) for r in res["results"]]
+    assert settings == [("alpha", 0.0, 0.1), ("alpha", 1.0, 0.1), ("eps", 0.1, 0.2)]
+    assert all(len(r["abs_dLdT"]) == 2 and r["T"] != [0.5] for r in res["results"])
+    assert (tmp_path / "abl.png").read_bytes()[:4] == b"\x89PNG" and "mean abs dL/dT" in (tmp_path / "abl.md").read_text()
+
+
+def test_soak_benchmark(tmp_path: Path) -> None:
     soak = _load("soak")
-    soak.main(["--iters", "20", "--sample-every", "10", "--out", str(tmp_path)])
-    assert (tmp_path / "soak.json").exists() and (tmp_path / "soak.md").exists()
+    argv = ["--iters", "6", "--sample-every", "3", "--hidden", "8", "--batch", "16", "--budget", "2",
+            "--guard-every", "2", "--no-progress", "--out", str(tmp_path)]
+    assert soak.main(argv) == 0
+    result = json.loads((tmp_path / "soak.json").read_text())
+    assert result["passed"] and result["budget"] == [2] and result["checks"]["bad_grid"] == 0
+    assert [s["iteration"] for s in result["samples"]] == [3, 6] and result["T"]["final"] != [0.5]
+    assert result["fractions"][0][1] != 0.5  # the guard stepped the learned placement
+    assert "budget 2 rk4 steps (learned placement" in (tmp_path / "soak.md").read_text()
+    assert soak.main([*argv, "--budget", "0", "--iters", "2"]) == 0
+    assert json.loads((tmp_path / "soak.json").read_text())["budget"] == [None]
 
 
-def test_update_readme_fills_marked_blocks(tmp_path, monkeypatch):
+def test_overhead_benchmark(tmp_path: Path) -> None:
+    res = _load("overhead").main(["--pairs", "2", "--warmup", "0", "--batch", "32", "--out", str(tmp_path)])
+    assert res["outputs_equal"] and res["extra_evaluations"] == 1
+    assert res["nfe_horizon"]["forward"] == res["nfe_bare"]["forward"] and res["nfe_horizon"]["backward"] == 1
+    assert json.loads((tmp_path / "overhead.json").read_text())["median_ratio"] > 0
+    assert "`LearnableHorizon(T0=T)(func, y0)`" in (tmp_path / "overhead.md").read_text()
+
+
+def test_update_readme_fills_marked_blocks(tmp_path: Path, monkeypatch) -> None:
     upd = _load("update_readme")
     (tmp_path / "x.md").write_text("| a |\n")
     monkeypatch.setattr(upd, "RESULTS", tmp_path)
@@ -103,20 +211,45 @@ def test_update_readme_fills_marked_blocks(tmp_path, monkeypatch):
         upd.fill("<!-- results:missing -->\n<!-- /results:missing -->")
 
 
-def test_demo(tmp_path):
+# ----------------------------------------------------------------------------- demo and quickstart
+
+
+def test_demo(tmp_path: Path) -> None:
     from examples.demo import main
 
-    res = main(["--iters", "3", "--hidden", "8,8", "--test-size", "64", "--out", str(tmp_path)])
-    assert set(res) == {"ffjord", "toflow"} and res["ffjord"]["T"] == [0.5]
-    for name in ("comparison.md", "densities.png", "curves.png"):
-        assert (tmp_path / name).stat().st_size > 0
+    res = main(["--iters", "2", "--hidden", "8,8", "--test-size", "64", "--out", str(tmp_path)])
+    assert list(res) == ["ffjord", "ffjord-b4", "toflow-b4"]
+    assert res["ffjord"]["T"] == [0.5] and res["ffjord-b4"]["T"] == [0.5] and res["toflow-b4"]["T"] != [0.5]
+    assert res["ffjord"]["budget"] == [None] and res["ffjord-b4"]["budget"] == res["toflow-b4"]["budget"] == [4]
+    table = (tmp_path / "comparison.md").read_text()
+    assert [line.split("|")[1].strip() for line in table.splitlines()[2:5]] == list(res)
+    for name in ("densities.png", "curves.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
 
 
-def test_ablation_benchmark(tmp_path):
-    res = _load("ablation").main([
-        "--iters", "2", "--alphas", "0", "1", "--epss", "0.2", "--eval-every", "1",
-        "--train-args", "--batch-size 16 --hidden 8,8 --test-size 64", "--runs", str(tmp_path / "runs"),
-        "--out", str(tmp_path), "--name", "abl",
-    ])  # fmt: skip
-    assert [(r["ablation"], r["alpha"], r["eps"]) for r in res["results"]] == [("alpha", 0.0, 0.1), ("alpha", 1.0, 0.1), ("eps", 0.1, 0.2)]
-    assert (tmp_path / "abl.png").stat().st_size > 0 and "mean abs dL/dT" in (tmp_path / "abl.md").read_text()
+def test_quickstart_runs_as_a_script_and_stays_short(tmp_path: Path) -> None:
+    script = ROOT / "examples" / "quickstart.py"
+    assert len(script.read_text().splitlines()) <= 150
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "MPLBACKEND": "Agg"}
+    done = subprocess.run([sys.executable, str(script), "--iters", "3", "--plot", str(tmp_path / "q.png")], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert [line.split()[:2] for line in lines[:3]] == [["iter", "1"], ["iter", "2"], ["iter", "3"]]
+    T = [float(line.split(" T ")[1].split()[0]) for line in lines[:3]]
+    assert T[0] != 0.5 and T[1] != T[0] and T[2] != T[1]
+    nfe = [tuple(map(int, line.split(" NFE ")[1].split("+"))) for line in lines[:3]]
+    # Cumulative: after the first iteration (whose guard check adds its reference solves), 4 rk4 steps x 4 stages
+    # forward; the adjoint on the same steps, plus one evaluation for dL/dT, backward.
+    assert [(b[0] - a[0], b[1] - a[1]) for a, b in zip(nfe, nfe[1:])] == [(16, 17), (16, 17)] and nfe[0][1] == 17
+    assert lines[3].startswith("test NLL ") and "nats (dopri5 1e-5)" in lines[3]
+    assert f"training NFE {sum(nfe[-1])} " in lines[3] and f"T {T[-1]:.4f}" in lines[3]
+    assert (tmp_path / "q.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_quickstart_adaptive(capsys: pytest.CaptureFixture[str]) -> None:
+    from examples.quickstart import main
+
+    result = main(["--iters", "2", "--budget", "0", "--plot", ""])
+    assert result["T"] != 0.5 and result["nfe"] > 2 * 6 and 0 < result["test_nll"] < 20
+    assert "density:" not in capsys.readouterr().out

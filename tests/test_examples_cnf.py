@@ -1,4 +1,4 @@
-"""Tests of examples.cnf: divergence estimators, RNODE integrands and CNF blocks on torch_tempopt."""
+"""Tests of examples.cnf: divergence estimators, RNODE integrands, layers, and CNF blocks through the horizon."""
 
 from __future__ import annotations
 
@@ -6,10 +6,15 @@ import math
 
 import pytest
 import torch
+import torchdiffeq
 from torch import Tensor, nn
 
 from examples.cnf import (
     CNF,
+    ConcatConv2d,
+    ConcatLinear,
+    ConcatSquashConv2d,
+    ConcatSquashLinear,
     ConvODEnet,
     FlatODEnet,
     ODEfunc,
@@ -19,15 +24,15 @@ from examples.cnf import (
     build_image_model,
     build_toy_model,
     end_times,
+    flow_matching_loss,
     network_parameters,
     nfe,
     nll_and_reg,
     sample,
     standard_normal_logprob,
-    time_parameters,
 )
 from examples.data import load_digits_split
-from torch_tempopt import CoordinateDescentStepper, count_nfe
+from torch_tempopt import CoordinateDescentStepper
 
 TIGHT = {"method": "dopri5", "rtol": 1e-9, "atol": 1e-10}
 
@@ -44,6 +49,44 @@ def _jacobians(net: nn.Module, t: float, z: Tensor) -> Tensor:
         return net(t, zi.reshape(1, *z.shape[1:])).reshape(-1)
 
     return torch.stack([torch.autograd.functional.jacobian(single, zi) for zi in flat])
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+LAYERS = {
+    "concat": lambda: (ConcatLinear(3, 4), torch.randn(5, 3)),
+    "concatsquash": lambda: (ConcatSquashLinear(3, 4), torch.randn(5, 3)),
+    "concat-conv": lambda: (ConcatConv2d(2, 3), torch.randn(5, 2, 4, 4)),
+    "concatsquash-conv": lambda: (ConcatSquashConv2d(2, 3), torch.randn(5, 2, 4, 4)),
+    "flat-mlp": lambda: (FlatODEnet((2, 3, 3), (8,)), torch.randn(5, 2, 3, 3)),
+}
+
+
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_layers_take_a_scalar_time_or_one_per_sample(kind: str) -> None:
+    layer, x = LAYERS[kind]()
+    scalar = layer(0.3, x)
+    assert layer(torch.tensor(0.3), x).shape == scalar.shape
+    torch.testing.assert_close(layer(torch.full((5, 1), 0.3), x), scalar, rtol=1e-12, atol=1e-12)
+    t = torch.linspace(0.1, 0.9, 5)[:, None]
+    per_sample = layer(t, x)
+    for i in range(5):  # row i sees its own time, as a batch of one at that scalar time would
+        torch.testing.assert_close(per_sample[i : i + 1], layer(float(t[i]), x[i : i + 1]), rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(per_sample, scalar)
+
+
+def test_flat_mlp_on_images_is_the_mlp_on_the_flattened_vector() -> None:
+    net = FlatODEnet((2, 3, 3), (8,), "concatsquash")
+    z = torch.randn(4, 2, 3, 3)
+    flat = ODEnet(18, (8,), "concatsquash", "softplus")
+    flat.load_state_dict(net.state_dict())
+    torch.testing.assert_close(net(0.3, z), flat(0.3, z.reshape(4, 18)).reshape(4, 2, 3, 3))
+    func = ODEfunc(net, "exact")
+    _, neg_div = func(0.3, _state(func, z))
+    torch.testing.assert_close(-neg_div, _jacobians(net, 0.3, z).diagonal(dim1=1, dim2=2).sum(1))
+    with pytest.raises(ValueError, match="net must be one of"):
+        build_image_model(hidden=(4,), net="transformer")
 
 
 # ----------------------------------------------------------------------------- ODEfunc
@@ -73,25 +116,6 @@ def test_exact_divergence_on_images(layer_type: str) -> None:
     z = torch.randn(2, 2, 3, 3)
     _, neg_div = func(0.7, _state(func, z))
     torch.testing.assert_close(-neg_div, _jacobians(net, 0.7, z).diagonal(dim1=1, dim2=2).sum(1))
-
-
-def test_flat_mlp_on_images_is_the_mlp_on_the_flattened_vector() -> None:
-    net = FlatODEnet((2, 3, 3), (8,), "concatsquash")
-    z = torch.randn(4, 2, 3, 3)
-    flat = ODEnet(18, (8,), "concatsquash", "softplus")
-    flat.load_state_dict(net.state_dict())
-    torch.testing.assert_close(net(0.3, z), flat(0.3, z.reshape(4, 18)).reshape(4, 2, 3, 3))
-    func = ODEfunc(net, "exact")
-    _, neg_div = func(0.3, _state(func, z))
-    torch.testing.assert_close(-neg_div, _jacobians(net, 0.3, z).diagonal(dim1=1, dim2=2).sum(1))
-    with pytest.raises(ValueError, match="shape"):
-        FlatODEnet((8, 8), (4,))
-    with pytest.raises(ValueError, match=r"x must have shape"):
-        net(0.3, torch.randn(4, 18))
-    with pytest.raises(ValueError, match="net must be one of"):
-        build_image_model(hidden_channels=(4,), net="transformer")
-    with pytest.raises(ValueError, match="image_shape"):
-        build_image_model(channels=3, hidden_channels=(4,), net="mlp")
 
 
 def test_hutchinson_with_given_probe_by_hand() -> None:
@@ -144,17 +168,17 @@ def test_probe_is_held_between_before_odeint_calls() -> None:
 
 
 def test_probe_drawn_once_per_solve(monkeypatch: pytest.MonkeyPatch) -> None:
-    func = ODEfunc(ODEnet(2, (8, 8)), "hutchinson", jacobian=0.1)
-    model = CNF(count_nfe(func), T0=0.5, solver_kwargs=TIGHT)
     draws = []
-    original = func._draw_probe
-    monkeypatch.setattr(func, "_draw_probe", lambda z: draws.append(1) or original(z))
+    original = torch.randint_like
+    monkeypatch.setattr(torch, "randint_like", lambda *a, **k: draws.append(1) or original(*a, **k))
+    model = build_toy_model((8, 8), divergence="hutchinson", jacobian=0.1, solver_kwargs=TIGHT, adjoint=True,
+                            count=True)
     x = torch.randn(16, 2)
-    nll, _ = nll_and_reg(model, x)
-    nll.backward()
+    nll, regs = nll_and_reg(model, x)
+    (nll + regs["jacobian"]).backward()
     counts = nfe(model)
-    assert len(draws) == 1
-    assert counts["forward"] > 6 and counts["backward"] >= 1  # many evaluations, one probe
+    assert len(draws) == 1  # one probe for the forward solve and the adjoint solve
+    assert counts["forward"] > 6 and counts["backward"] > 6
     model(x)
     assert len(draws) == 2
 
@@ -181,9 +205,10 @@ def test_regularisers_are_a_configuration() -> None:
     assert func.reg_names == () and func.reg_coeffs == {}
     assert len(func(0.0, _state(func, torch.randn(3, 2)))) == 2
     assert ODEfunc(ODEnet(2, (8,)), jacobian=0.5).reg_names == ("jacobian",)
-    with pytest.raises(ValueError, match="reg"):
+    with pytest.raises(ValueError, match="regs"):
         func(0.0, (torch.randn(3, 2), torch.zeros(3), torch.zeros(3)))
-    for kwargs, word in (({"divergence": "approx"}, "divergence"), ({"noise": "uniform"}, "noise")):
+    for kwargs, word in (({"divergence": "approx"}, "divergence"), ({"noise": "uniform"}, "noise"),
+                         ({"kinetic": -1.0}, "kinetic")):
         with pytest.raises(ValueError, match=word):
             ODEfunc(ODEnet(2, (8,)), **kwargs)
     with pytest.raises(ValueError, match="layer_type"):
@@ -219,18 +244,15 @@ def test_cnf_closed_form_on_a_linear_field() -> None:
     kinetic = (a * a + b * b) / (2 * a) * math.expm1(2 * a * T) * z.pow(2).sum(1)  # integral of |f|^2 dt
     # coefficient 0.5 times RNODE's integrand 0.5 |f|^2 / d with d = 2
     torch.testing.assert_close(out.regs["kinetic"], 0.5 * kinetic / 4, rtol=1e-7, atol=1e-8)
-    # The plain torchdiffeq path at the same T agrees, and so does a (B, 1) logp.
-    fixed = block(z, torch.zeros(7, 1), fixed_T=T)
-    torch.testing.assert_close(fixed.z, out.z)
-    torch.testing.assert_close(fixed.logp.reshape(-1), out.logp)
-    # Reverse integration returns to z with a positive penalty of the same size.
+    # A (B, 1) logp works too; reverse integration returns to z with a positive penalty of the same size.
+    torch.testing.assert_close(block(z, torch.zeros(7, 1)).logp.reshape(-1), out.logp)
     back = block(out.z, out.logp, reverse=True)
     torch.testing.assert_close(back.z, z, rtol=1e-7, atol=1e-8)
     torch.testing.assert_close(back.logp, torch.zeros(7), rtol=0, atol=1e-8)
     torch.testing.assert_close(back.regs["kinetic"], out.regs["kinetic"], rtol=1e-6, atol=1e-8)
 
 
-def test_cnf_time_gradient_matches_closed_form() -> None:
+def test_toflow_time_gradient_matches_closed_form() -> None:
     # nll = |z(T)|^2 / 2 + log(2 pi) - 2 a T, so dnll/dT = mean(a e^{2aT} |z|^2) - 2a.
     a, b, T = -0.4, 1.3, 0.5
     block = CNF(ODEfunc(_Spiral(a, b), "exact"), T0=T, solver_kwargs=TIGHT)
@@ -243,7 +265,208 @@ def test_cnf_time_gradient_matches_closed_form() -> None:
     assert block.odefunc.diffeq.a.grad is not None and block.odefunc.diffeq.b.grad is not None
 
 
-# ----------------------------------------------------------------------------- toy models
+def test_toflow_time_gradient_matches_finite_differences() -> None:
+    block = build_toy_model((8, 8), solver_kwargs=TIGHT).chain[0]
+    x = torch.randn(8, 2)
+    nll, _ = nll_and_reg(block, x)
+    nll.backward()
+    h, values = 1e-4, []
+    with torch.no_grad():
+        for T in (0.5 + h, 0.5 - h):
+            block.horizon.T.fill_(T)
+            values.append(nll_and_reg(block, x)[0])
+    torch.testing.assert_close(block.horizon.T.grad, (values[0] - values[1]) / (2 * h), rtol=1e-5, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- the time modes
+
+
+@pytest.mark.parametrize("adjoint", [False, True])
+def test_ffjord_frozen_T_is_a_plain_odeint_solve(adjoint: bool) -> None:
+    model = build_toy_model((8,), time_mode="fixed", kinetic=0.1, solver_kwargs=TIGHT, adjoint=adjoint)
+    block, x = model.chain[0], torch.randn(5, 2)
+    assert not block.horizon.T.requires_grad and block.horizon.placement is None
+    out = block(x)
+    (out.z.sum() + out.logp.sum() + out.regs["kinetic"].sum()).backward()
+    assert block.horizon.T.grad is None
+    grads = [p.grad.clone() for p in network_parameters(model)]
+    model.zero_grad()
+    solver = torchdiffeq.odeint_adjoint if adjoint else torchdiffeq.odeint
+    z, logp, kinetic = solver(block.odefunc, _state(block.odefunc, x), torch.tensor([0.0, 0.5]), **TIGHT)
+    assert torch.equal(out.z, z[-1]) and torch.equal(out.logp, logp[-1])
+    torch.testing.assert_close(out.regs["kinetic"], 0.1 * kinetic[-1], rtol=0, atol=0)
+    (z[-1].sum() + logp[-1].sum() + 0.1 * kinetic[-1].sum()).backward()
+    for a, b in zip(grads, (p.grad for p in network_parameters(model))):
+        assert torch.equal(a, b)
+
+
+def test_steer_draws_T_per_training_solve_restores_it_and_is_deterministic_at_eval() -> None:
+    T0 = 0.5
+    model = build_toy_model((8,), time_mode="steer", T0=T0, solver_kwargs=TIGHT)
+    fixed = build_toy_model((8,), time_mode="fixed", T0=T0, solver_kwargs=TIGHT)
+    fixed.load_state_dict(model.state_dict())
+    block, x = model.chain[0], torch.randn(4, 2)
+    assert not block.horizon.T.requires_grad
+    torch.manual_seed(3)
+    trained = model(x).z
+    assert end_times(model) == [T0]
+    torch.manual_seed(3)
+    T = T0 + (T0 - 0.25) * (2 * float(torch.rand(())) - 1)  # U[0.25, 2 T0 - 0.25]
+    assert 0.25 <= T <= 2 * T0 - 0.25 and T != T0
+    with torch.no_grad():
+        fixed.chain[0].horizon.T.fill_(T)
+    torch.testing.assert_close(trained, fixed(x).z, rtol=1e-12, atol=1e-12)
+    model.eval()
+    with torch.no_grad():
+        fixed.chain[0].horizon.T.fill_(T0)
+    torch.manual_seed(3)
+    first = model(x).z
+    assert torch.equal(first, model(x).z) and torch.equal(first, fixed(x).z)
+    # A failing training solve restores T too.
+    model.train()
+    block.odefunc.diffeq = _Failing()
+    with pytest.raises(RuntimeError, match="field failed"):
+        model(x)
+    assert end_times(model) == [T0]
+
+
+class _Failing(nn.Module):
+    def forward(self, t: Tensor, z: Tensor) -> Tensor:
+        raise RuntimeError("field failed")
+
+
+@pytest.mark.parametrize("time_mode", ["learn", "fixed", "steer"])
+def test_every_parameter_gets_a_gradient(time_mode: str) -> None:
+    model = build_toy_model((8,), num_blocks=2, kinetic=0.1, time_mode=time_mode, solver_kwargs=TIGHT)
+    nll, regs = nll_and_reg(model, torch.randn(8, 2))
+    (nll + sum(regs.values())).backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None, name
+    learned = time_mode == "learn"
+    for block in model.chain:
+        assert block.horizon.T.requires_grad is learned and (block.horizon.T.grad is not None) is learned
+    horizon_ids = {id(block.horizon.T) for block in model.chain}
+    assert all(id(p) not in horizon_ids for p in network_parameters(model))
+    assert len(network_parameters(model)) + 2 * learned == sum(p.requires_grad for p in model.parameters())
+
+
+def test_coordinate_descent_step_moves_T_only_in_learn_mode() -> None:
+    for time_mode, moves in (("learn", True), ("steer", False)):
+        model = build_toy_model((8,), time_mode=time_mode, solver_kwargs=TIGHT)
+        weights = torch.optim.Adam(network_parameters(model), lr=1e-3)
+        stepper = CoordinateDescentStepper(weights, model) if moves else weights
+        nll, _ = nll_and_reg(model, torch.randn(16, 2))
+        nll.backward()
+        stepper.step()
+        (T,) = end_times(model)
+        assert (T != 0.5) is moves and 0.1 <= T <= 0.9
+
+
+# ----------------------------------------------------------------------------- budgets
+
+
+@pytest.mark.parametrize("time_mode", ["fixed", "learn"])
+@pytest.mark.parametrize("adjoint", [False, True])
+def test_budget_blocks_take_4N_evaluations(time_mode: str, adjoint: bool) -> None:
+    model = build_toy_model((8,), num_blocks=2, time_mode=time_mode, solver_kwargs=TIGHT, adjoint=adjoint,
+                            budget=3, count=True)
+    nll, _ = nll_and_reg(model, torch.randn(5, 2))
+    assert nfe(model, reset=True) == {"forward": 2 * 4 * 3, "backward": 0}  # whatever solver_kwargs say
+    nll.backward()
+    # odeint: autograd through the steps; odeint_adjoint: the adjoint rk4 on the same grid, plus F(T) for dL/dT.
+    extra = 1 if time_mode == "learn" else 0
+    assert nfe(model) == {"forward": 0, "backward": 2 * (4 * 3 + extra) if adjoint else 0}
+    assert all((b.horizon.T.grad is not None) == (time_mode == "learn") for b in model.chain)
+
+
+def test_budget_block_matches_an_rk4_solve_and_scores_adaptively() -> None:
+    model = build_toy_model((8,), time_mode="fixed", solver_kwargs=TIGHT, budget=3, count=True)
+    block, x = model.chain[0], torch.randn(5, 2)
+    state = _state(block.odefunc, x)
+    grid = torch.linspace(0, 0.5, 4)
+    rk4 = torchdiffeq.odeint(block.odefunc, state, grid, method="rk4")
+    torch.testing.assert_close(block(x).z, rk4[0][-1], rtol=1e-12, atol=1e-12)
+    with block.horizon.adaptive():
+        exact = block(x)
+    torch.testing.assert_close(exact.z, torchdiffeq.odeint(block.odefunc, state, grid[[0, -1]], **TIGHT)[0][-1])
+    assert not torch.equal(exact.z, rk4[0][-1])
+
+
+@pytest.mark.parametrize("learn_placement", [False, True])
+def test_the_loss_never_moves_the_placement(learn_placement: bool) -> None:
+    model = build_toy_model((8,), solver_kwargs=TIGHT, budget=2, learn_placement=learn_placement)
+    placement = model.chain[0].horizon.placement
+    assert placement.requires_grad is learn_placement
+    assert all(p is not placement for p in network_parameters(model))
+    nll, _ = nll_and_reg(model, torch.randn(5, 2))
+    nll.backward()
+    if learn_placement:  # a zero gradient, so that DDP sees the parameter used
+        assert placement.grad is not None and not placement.grad.any()
+    else:
+        assert placement.grad is None
+
+
+# ----------------------------------------------------------------------------- flow matching
+
+
+class _Recorder(nn.Module):
+    """A field that returns zeros and records its inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(()))
+        self.calls: list[tuple[Tensor, Tensor]] = []
+
+    def forward(self, t: Tensor, x: Tensor) -> Tensor:
+        self.calls.append((t, x))
+        return self.w * x
+
+
+def test_flow_matching_loss_by_hand() -> None:
+    model = build_toy_model((8,), T0=0.8, time_mode="fixed", solver_kwargs=TIGHT)
+    core = model.chain[0].odefunc
+    core.diffeq = _Recorder()
+    x = torch.randn(6, 2)
+    torch.manual_seed(4)
+    loss = flow_matching_loss(model, x)
+    torch.manual_seed(4)
+    eps, s = torch.randn_like(x), torch.rand(6, 1)
+    ((t, xs),) = core.diffeq.calls
+    torch.testing.assert_close(t, 0.8 * s)
+    torch.testing.assert_close(xs, (1 - s) * x + s * eps)
+    torch.testing.assert_close(loss, ((eps - x) / 0.8).pow(2).sum(1).mean())
+
+
+@pytest.mark.parametrize("image", [False, True])
+def test_flow_matching_loss_trains_the_field_and_not_T(image: bool) -> None:
+    if image:
+        model = build_image_model(hidden=(4,), num_blocks=1, net="mlp", image_shape=(1, 3, 3), solver_kwargs=TIGHT)
+        x = torch.randn(8, 1, 3, 3)
+    else:
+        model = build_toy_model((16,), time_mode="learn", solver_kwargs=TIGHT)
+        x = torch.randn(32, 2)
+    opt = torch.optim.Adam(network_parameters(model), lr=1e-2)
+    losses = []
+    for _ in range(8):
+        torch.manual_seed(0)  # the same noise and times every step: a fixed objective
+        loss = flow_matching_loss(model, x)
+        opt.zero_grad()
+        loss.backward()
+        for i, p in enumerate(network_parameters(model)):
+            assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.any(), i
+        assert model.chain[0].horizon.T.grad is None  # no ODE solve, no dL/dT
+        opt.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+
+
+def test_flow_matching_refuses_several_blocks() -> None:
+    with pytest.raises(ValueError, match="one CNF block, the model has 2"):
+        flow_matching_loss(build_toy_model((8,), num_blocks=2), torch.randn(4, 2))
+
+
+# ----------------------------------------------------------------------------- models
 
 
 def test_toy_model_round_trip_and_log_density() -> None:
@@ -257,22 +480,6 @@ def test_toy_model_round_trip_and_log_density() -> None:
     torch.testing.assert_close(log_px_back, log_px, rtol=1e-6, atol=1e-7)
     for name in regs:
         torch.testing.assert_close(regs_back[name], regs[name], rtol=1e-5, atol=1e-7)
-    # fixed_T at the horizons' values reproduces the learnable path.
-    z_fixed, delta_fixed, _ = model(x, fixed_T=0.5)
-    torch.testing.assert_close(z_fixed, z)
-    torch.testing.assert_close(delta_fixed, delta)
-
-
-def test_toy_model_time_gradient_matches_finite_differences() -> None:
-    block = build_toy_model((8, 8), solver_kwargs=TIGHT).chain[0]
-    x = torch.randn(8, 2)
-    nll, _ = nll_and_reg(block, x)
-    nll.backward()
-    h = 1e-4
-    with torch.no_grad():
-        up = nll_and_reg(block, x, fixed_T=0.5 + h)[0]
-        down = nll_and_reg(block, x, fixed_T=0.5 - h)[0]
-    torch.testing.assert_close(block.horizon.T.grad, (up - down) / (2 * h), rtol=1e-5, atol=1e-7)
 
 
 def test_toy_model_adjoint_matches_direct() -> None:
@@ -287,68 +494,19 @@ def test_toy_model_adjoint_matches_direct() -> None:
         torch.testing.assert_close(adjoint, direct, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("time_mode", ["learn", "fixed", "steer"])
-def test_every_parameter_gets_a_gradient(time_mode: str) -> None:
-    model = build_toy_model((8,), num_blocks=2, kinetic=0.1, time_mode=time_mode, solver_kwargs=TIGHT)
-    nll, regs = nll_and_reg(model, torch.randn(8, 2))
-    (nll + sum(regs.values())).backward()
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            assert p.grad is not None, name
-    learned = time_mode == "learn"
-    assert len(time_parameters(model)) == (2 if learned else 0)
-    horizon_ids = {id(block.horizon.T) for block in model.chain}
-    assert all(id(p) not in horizon_ids for p in network_parameters(model))
-    assert len(network_parameters(model)) + len(time_parameters(model)) == sum(
-        p.requires_grad for p in model.parameters()
-    )
-    for block in model.chain:
-        assert block.horizon.T.requires_grad is learned
-
-
-def test_steer_samples_T_in_training_and_uses_T0_in_eval() -> None:
-    T0 = 0.5
-    model = build_toy_model((8,), time_mode="steer", T0=T0, solver_kwargs=TIGHT)
-    block = model.chain[0]
-    assert block.steer_b == pytest.approx(T0 - 0.25)
-    x = torch.randn(4, 2)
-    torch.manual_seed(3)
-    trained = model(x).z
-    torch.manual_seed(3)
-    T = T0 + block.steer_b * (2 * torch.rand(()).item() - 1)
-    assert T0 - block.steer_b <= T <= T0 + block.steer_b
-    torch.testing.assert_close(trained, model(x, fixed_T=T).z)
-    model.eval()
-    torch.testing.assert_close(model(x).z, model(x, fixed_T=T0).z)
-    with pytest.raises(ValueError, match="learn_T"):
-        CNF(ODEfunc(ODEnet(2, (8,))), T0=0.5, steer_b=0.1)
-    with pytest.raises(ValueError, match="steer_b"):
-        CNF(ODEfunc(ODEnet(2, (8,))), T0=0.5, learn_T=False, steer_b=0.5)
-
-
-def test_coordinate_descent_step_moves_T_only_in_learn_mode() -> None:
-    model = build_toy_model((8,), solver_kwargs=TIGHT)
-    stepper = CoordinateDescentStepper(torch.optim.Adam(network_parameters(model), lr=1e-3), model)
-    nll, _ = nll_and_reg(model, torch.randn(16, 2))
-    nll.backward()
-    stepper.step()
-    stepper.zero_grad()
-    (T,) = end_times(model)
-    assert T != 0.5 and 0.1 <= T <= 0.9
-
-
 def test_state_dict_round_trip_and_repr() -> None:
-    model = build_toy_model((8,), num_blocks=2, solver_kwargs=TIGHT)
+    model = build_toy_model((8,), num_blocks=2, solver_kwargs=TIGHT, budget=2, learn_placement=True)
     with torch.no_grad():
         model.chain[1].horizon.T.fill_(0.6)
-    clone = build_toy_model((8,), num_blocks=2, solver_kwargs=TIGHT)
+    model.chain[1].horizon.set_budget(3)
+    clone = build_toy_model((8,), num_blocks=2, solver_kwargs=TIGHT, budget=2, learn_placement=True)
     clone.load_state_dict(model.state_dict())
-    assert end_times(clone) == [0.5, 0.6]
+    assert end_times(clone) == [0.5, 0.6] and [b.horizon.budget for b in clone.chain] == [2, 3]
     x = torch.randn(4, 2)
     torch.testing.assert_close(clone(x).z, model(x).z)
     text = repr(model)
-    assert "CNF(" in text and "mode=learn" in text and "LearnableHorizon" in text
-    assert isinstance(SequentialFlow([])(x).logp, Tensor)
+    assert "CNF(" in text and "LearnableHorizon(T=0.6" in text and "budget=3" in text
+    assert torch.equal(SequentialFlow([])(x).logp, torch.zeros(4))
 
 
 def test_cnf_rejects_bad_configuration() -> None:
@@ -356,25 +514,25 @@ def test_cnf_rejects_bad_configuration() -> None:
         CNF(ODEnet(2, (8,)))
     with pytest.raises(ValueError, match="T0"):
         CNF(ODEfunc(ODEnet(2, (8,))), T0=0.0)
+    with pytest.raises(ValueError, match="T0 > 0.25, got 0.2"):
+        CNF(ODEfunc(ODEnet(2, (8,))), T0=0.2, time_mode="steer")
     with pytest.raises(ValueError, match="logpz"):
         CNF(ODEfunc(ODEnet(2, (8,))))(torch.randn(3, 2), torch.zeros(2))
     with pytest.raises(ValueError, match="time_mode"):
         build_toy_model((8,), time_mode="random")
     with pytest.raises(ValueError, match="num_blocks"):
         build_toy_model((8,), num_blocks=0)
-
-
-# ----------------------------------------------------------------------------- image model
+    with pytest.raises(ValueError, match="hidden"):
+        ODEnet(2, (8, 0))
 
 
 def test_image_model_bits_per_dim_and_sampling() -> None:
-    fixed_step = {"method": "rk4", "options": {"step_size": 0.25}}
-    model = build_image_model(hidden_channels=(8,), num_blocks=2, kinetic=0.01, solver_kwargs=fixed_step, count=True)
+    model = build_image_model(hidden=(8,), num_blocks=2, kinetic=0.01, budget=4, count=True)
     train, _ = load_digits_split()
     bpd, regs = bits_per_dim_and_reg(model, train[:4], torch.Generator().manual_seed(0))
     assert bpd.dim() == 0 and math.isfinite(bpd.item()) and bpd.item() > 0
     (bpd + sum(regs.values())).backward()
-    assert all(p.grad is not None for p in model.parameters())
+    assert all(p.grad is not None for p in network_parameters(model))
     assert nfe(model, reset=True)["forward"] == 2 * 4 * 4  # 2 blocks x 4 rk4 steps x 4 stages
     assert nfe(model) == {"forward": 0, "backward": 0}
     x, log_px, _ = sample(model, (2, 1, 8, 8), torch.Generator().manual_seed(0))

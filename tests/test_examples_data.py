@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -17,7 +15,6 @@ from examples.data import (
     load_digits_split,
     logit_inverse,
     logit_transform,
-    torchvision_images,
     toy_sample,
 )
 
@@ -207,54 +204,3 @@ def test_pipeline_uniform_model_gives_eight_bits() -> None:
     log_logistic = (-y - 2 * torch.nn.functional.softplus(-y)).reshape(6, -1).sum(1)
     bpd = bits_per_dim(log_logistic + logdet, 64)
     torch.testing.assert_close(bpd, torch.full((6,), 8.0, dtype=torch.float64), rtol=0, atol=1e-9)
-
-
-# ----------------------------------------------------------------------------- torchvision
-
-
-def _fake_torchvision(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
-    """Installs a tiny stand-in for torchvision; returns the constructor calls it records."""
-    calls: list[dict] = []
-
-    class _FakeSet:
-        def __init__(self, root: str, train: bool, download: bool, transform: object) -> None:
-            calls.append({"cls": type(self).__name__, "root": root, "train": train, "download": download})
-            self.transform = transform
-            self.images = [torch.full((1, 2, 2), i, dtype=torch.uint8) for i in range(3)]
-
-        def __len__(self) -> int:
-            return len(self.images)
-
-        def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-            return self.transform(self.images[i]), i % 10
-
-    datasets = types.SimpleNamespace(
-        MNIST=type("MNIST", (_FakeSet,), {}),
-        FashionMNIST=type("FashionMNIST", (_FakeSet,), {}),
-        CIFAR10=type("CIFAR10", (_FakeSet,), {}),
-    )
-    transforms = types.SimpleNamespace(PILToTensor=lambda: lambda image: image)
-    module = types.ModuleType("torchvision")
-    module.datasets = datasets  # type: ignore[attr-defined]
-    module.transforms = transforms  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "torchvision", module)
-    return calls
-
-
-@pytest.mark.parametrize(
-    ("name", "cls"), [("mnist", "MNIST"), ("fashion-mnist", "FashionMNIST"), ("cifar10", "CIFAR10")]
-)
-def test_torchvision_images_with_stand_in(monkeypatch: pytest.MonkeyPatch, name: str, cls: str) -> None:
-    calls = _fake_torchvision(monkeypatch)
-    data = torchvision_images(name, "/nowhere", train=False)
-    assert calls == [{"cls": cls, "root": "/nowhere", "train": False, "download": False}]
-    assert len(data) == 3
-    assert torch.equal(data[2], torch.full((1, 2, 2), 2, dtype=torch.uint8))  # the image only, no label
-
-
-def test_torchvision_images_errors(monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(ValueError, match="name"):
-        torchvision_images("svhn", "/nowhere")
-    monkeypatch.setitem(sys.modules, "torchvision", None)  # makes `import torchvision` fail
-    with pytest.raises(ImportError, match="pip install torchvision"):
-        torchvision_images("mnist", "/nowhere")

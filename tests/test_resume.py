@@ -1,8 +1,7 @@
-"""Exact resume in a fresh process, and switching temporal optimization on mid-training."""
+"""Exact resume of examples.train (--resume): in fresh processes, on a budget after the guard grew it, and its refusals."""
 
 from __future__ import annotations
 
-import copy
 import os
 import subprocess
 import sys
@@ -11,29 +10,25 @@ from typing import Any
 
 import pytest
 import torch
-import torchdiffeq
-from fields import TimeMLP
-from torch import nn
 
 from examples.train import run
-from torch_tempopt import CoordinateDescentStepper, LearnableHorizon, load_state_dict_adding_horizons
 
 ROOT = Path(__file__).resolve().parents[1]
 # Clocks differ; and the first half of a split run ends with an evaluation that the straight run does not make.
 TIMELESS = ("wall_seconds", "cpu_seconds", "test_nll")
 
 
-def args(out: Path, iters: int) -> list[str]:
+def args(out: Path, iters: int, *extra: str) -> list[str]:
     return [
         "--data", "8gaussians", "--method", "toflow", "--divergence", "hutchinson", "--iters", str(iters),
-        "--seed", "3", "--out", str(out), "--hidden", "16,16", "--batch-size", "64", "--test-size", "64",
+        "--seed", "3", "--out", str(out), "--hidden", "8,8", "--batch-size", "32", "--test-size", "32",
         "--eval-every", "0", "--checkpoint-every", "0", "--no-progress",
-        "--rtol", "1e-3", "--atol", "1e-3", "--eval-rtol", "1e-3", "--eval-atol", "1e-3",
+        "--rtol", "1e-3", "--atol", "1e-3", "--eval-rtol", "1e-3", "--eval-atol", "1e-3", *extra,
     ]  # fmt: skip
 
 
 def same(a: Any, b: Any, where: str = "") -> None:
-    """Bitwise equality of nested checkpoints."""
+    """Bitwise equality of nested checkpoints, clocks aside."""
     if isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
     elif isinstance(a, dict):
@@ -49,133 +44,69 @@ def same(a: Any, b: Any, where: str = "") -> None:
         assert a == b, f"{where}: {a!r} != {b!r}"
 
 
-def test_resume_in_a_fresh_process_continues_bitwise(tmp_path: Path) -> None:
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    run(args(straight, 4))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for extra in ([*args(split, 2)], [*args(split, 4), "--resume"]):  # two fresh processes
-        done = subprocess.run(
-            [sys.executable, "-m", "examples.train", *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
-        )
-        assert done.returncode == 0, done.stderr
+def compare(straight: Path, split: Path) -> tuple[dict, dict]:
+    """The two final checkpoints, equal in model, stepper, RNG states, NFE counters and log."""
     a = torch.load(straight / "checkpoint.pt", weights_only=True)
     b = torch.load(split / "checkpoint.pt", weights_only=True)
-    assert a["iteration"] == b["iteration"] == 4
-    # model (weights, T, bounds), the stepper (Adam on the weights, Adam on T, bounds, stats), the RNG states
-    # (torch, numpy, Python, data), the NFE counters and the log, except wall and CPU clocks.
-    for key in ("model", "optimizer", "rng", "counters", "log"):
+    assert a["format"] == b["format"] == 2 and a["iteration"] == b["iteration"] == 4
+    for key in ("model", "optimizer", "rng", "log"):
         same(a[key], b[key], key)
+    assert a["counters"][:2] == b["counters"][:2]  # NFE forward and backward (then the clocks)
     same(a["evals"][-1], b["evals"][-1], "evals")
-    assert a["evals"][-1]["test_nll"] == b["evals"][-1]["test_nll"]  # the final test NLL, same weights and T
-    assert a["optimizer"]["stats"]["steps"] == 4 and a["optimizer"]["horizon_optimizer"]["state"]
+    assert a["evals"][-1]["test_nll"] == b["evals"][-1]["test_nll"]  # the final test NLL: same weights and T
     same(a["config"] | {"out": None, "resume": None}, b["config"] | {"out": None, "resume": None}, "config")
+    return a, b
 
 
-# ------------------------------------------------------------------ turning temporal optimization on
+def test_resume_in_fresh_processes_continues_bitwise(tmp_path: Path) -> None:
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run(args(straight, 4))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    for extra in (args(split, 2), [*args(split, 4), "--resume"]):  # two fresh processes
+        done = subprocess.run([sys.executable, "-m", "examples.train", *extra], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+    a, _ = compare(straight, split)
+    # model (weights, T), the stepper (Adam on the weights, Adam on T, stats), the RNG states (torch, numpy,
+    # Python, data: the Hutchinson probes and the batches)
+    assert a["optimizer"]["stats"]["steps"] == 4 and a["optimizer"]["horizon_optimizer"]["state"]
+    assert a["model"]["chain.0.horizon.T"] != 0.5
 
 
-class Fixed(nn.Module):
-    """Before: a plain odeint over a fixed [0, 0.5]."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.field = TimeMLP(2, 8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        t = torch.tensor([0.0, 0.5], dtype=x.dtype)
-        return torchdiffeq.odeint(self.field, x, t, method="rk4", options=dict(step_size=0.125))[-1]
-
-
-class Learned(nn.Module):
-    """After: the same field over a learnable horizon starting at the old end time."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.field = TimeMLP(2, 8)
-        self.horizon = LearnableHorizon(T0=0.5, eps=0.2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.horizon(self.field, x, method="rk4", options=dict(step_size=0.125))
+def test_resume_on_a_budget_after_the_guard_grew_it(tmp_path: Path) -> None:
+    # float64 and a tight reference, so that the 2-step error (~1.6e-6 at T0 = 1) is rk4's, not dopri5's:
+    # the guard grows the budget to 3 at the first step, and 3 steps pass (~3e-7).
+    budget = ["--budget", "2", "--guard-every", "1", "--guard-tol", "6e-7", "--T0", "1.0", "--dtype", "float64",
+              "--rtol", "1e-8", "--atol", "1e-8", "--divergence", "exact"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    with pytest.warns(RuntimeWarning, match="2-step rk4 solve .* budget grown to 3 steps"):
+        whole = run(args(straight, 4, *budget))
+    with pytest.warns(RuntimeWarning, match="budget grown to 3 steps"):
+        first = run(args(split, 2, *budget))
+    resumed = run([*args(split, 4, *budget), "--resume"])  # resumed on 3 steps: no growth, no warning
+    assert [e["budget"] for e in whole["guard_events"]] == [[2, 3]] and whole["guard_events"][0]["step"] == 0
+    assert first["budget"] == resumed["budget"] == whole["budget"] == [3]
+    assert resumed["guard_events"] == whole["guard_events"] and resumed["log"][:2] == first["log"]
+    assert [r["budget_0"] for r in whole["log"]] == [3, 3, 3, 3]
+    assert whole["fractions"][0] != pytest.approx([0, 1 / 3, 2 / 3, 1], abs=1e-6)  # learned after the growth
+    a, _ = compare(straight, split)
+    assert a["model"]["chain.0.horizon.placement"].shape == (3,)
+    assert resumed["fractions"] == whole["fractions"] and resumed["T"] == whole["T"]
 
 
-def _fit(model: nn.Module, opt: torch.optim.Optimizer, steps: int) -> list[float]:
-    g = torch.Generator().manual_seed(5)
-    losses = []
-    for _ in range(steps):
-        x = torch.randn(16, 2, generator=g)
-        opt.zero_grad()
-        loss = (model(x) - 1).pow(2).mean()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
-
-
-def test_switching_temporal_optimization_on_mid_training() -> None:
-    old = Fixed()
-    old_opt = torch.optim.Adam(old.parameters(), lr=1e-2)
-    _fit(old, old_opt, 3)
-    model_sd, opt_sd = copy.deepcopy(old.state_dict()), copy.deepcopy(old_opt.state_dict())
-
-    new = Learned()
-    with pytest.warns(UserWarning, match=r"1 horizon\(s\).*'horizon': T=0.5, t0=0, bounds \[0.2, 0.8\]"):
-        added = load_state_dict_adding_horizons(new, model_sd)
-    assert added == {"horizon": "T=0.5, t0=0, bounds [0.2, 0.8]"}
-    for key, value in model_sd.items():
-        assert torch.equal(new.state_dict()[key], value), key
-    x = torch.randn(4, 2)
-    assert torch.equal(new(x), old(x))  # the same function at T = T0
-
-    weights = [p for n, p in new.named_parameters() if not n.startswith("horizon.")]
-    stepper = CoordinateDescentStepper(torch.optim.Adam(weights, lr=1e-2), new)
-    with pytest.warns(UserWarning, match="plain optimizer state.*horizon optimizer and stats start fresh"):
-        stepper.load_state_dict(copy.deepcopy(opt_sd))
-    assert all(stepper.state[p]["step"] == 3 for p in weights)  # Adam continues (bias correction, moments)
-    assert stepper.stats["steps"] == 0 and not stepper.horizon_optimizer.state
-
-    # The next weight step equals the old optimizer's next step; only T moves in addition.
-    reference = Fixed()
-    reference.load_state_dict(model_sd)
-    ref_opt = torch.optim.Adam(reference.parameters(), lr=1e-2)
-    ref_opt.load_state_dict(copy.deepcopy(opt_sd))
-    _fit(reference, ref_opt, 1)
-    _fit(new, stepper, 1)
-    for key, value in reference.state_dict().items():
-        assert torch.equal(new.state_dict()[key], value), key
-    assert new.horizon.T.item() != 0.5 and stepper.stats["steps"] == 1
-
-    # A checkpoint with the horizons loads silently (filterwarnings=error) and initialises nothing.
-    assert load_state_dict_adding_horizons(Learned(), new.state_dict()) == {}
-
-
-def test_adding_horizons_refuses_other_mismatches_and_reports_partial_entries() -> None:
-    new = Learned()
-    before = {k: v.clone() for k, v in new.state_dict().items()}
-    sd = Fixed().state_dict()
-    sd["extra.weight"] = torch.zeros(1)
-    with pytest.raises(ValueError, match=r"unexpected \['extra.weight'\].*Nothing was loaded"):
-        load_state_dict_adding_horizons(new, sd)
-    for key, value in before.items():
-        assert torch.equal(new.state_dict()[key], value), key
-    with pytest.warns(UserWarning, match="horizon"):
-        assert "horizon" in load_state_dict_adding_horizons(new, sd, strict=False)
-    # An older checkpoint with T but without the bounds: T is loaded, the bounds come from the constructor.
-    sd = {k: v for k, v in Learned().state_dict().items() if k in ("field.net.0.weight", "horizon.T")}
-    sd = {**Fixed().state_dict(), "horizon.T": torch.tensor(0.6)}
-    with pytest.warns(UserWarning, match=r"T=0.6.*only t0, T_init, t0_init, eps initialised"):
-        load_state_dict_adding_horizons(new, sd)
-    with pytest.raises(TypeError, match="model"):
-        load_state_dict_adding_horizons({}, sd)  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="state_dict"):
-        load_state_dict_adding_horizons(new, [1])  # type: ignore[arg-type]
-
-
-def test_plain_optimizer_state_that_does_not_fit_is_refused_clearly() -> None:
-    new = Learned()
-    weights = [p for n, p in new.named_parameters() if not n.startswith("horizon.")]
-    stepper = CoordinateDescentStepper(torch.optim.Adam(weights, lr=1e-2), new)
-    wrong = torch.optim.Adam([nn.Parameter(torch.zeros(1))]).state_dict()
-    with pytest.raises(ValueError, match="plain optimizer state that does not fit the weight optimizer"):
-        stepper.load_state_dict(wrong)
-    with pytest.raises(TypeError, match="state_dict"):
-        stepper.load_state_dict([])  # type: ignore[arg-type]
+def test_resume_refuses_another_configuration_an_old_checkpoint_and_none(tmp_path: Path) -> None:
+    out = tmp_path / "a"
+    run(args(out, 1, "--budget", "2"))
+    for flags, name in ((["--alpha", "0.5"], "alpha"), (["--budget", "3"], "budget"),
+                        (["--placement", "uniform"], "placement"), (["--guard-tol", "0.01"], "guard_tol")):
+        with pytest.raises(ValueError, match=rf"different configuration \({name}\)"):
+            run([*args(out, 2, "--budget", "2"), *flags, "--resume"])
+    # What may change: the length, the evaluation and checkpoint periods, the CPU cap.
+    more = run([*args(out, 2, "--budget", "2"), "--resume", "--eval-every", "1", "--max-cpu-seconds", "100"])
+    assert more["iters"] == 2
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    torch.save({**state, "format": 1}, out / "checkpoint.pt")  # as torch_tempopt 0.1 wrote it
+    with pytest.raises(ValueError, match="checkpoint format 1, expected 2"):
+        run([*args(out, 3, "--budget", "2"), "--resume"])
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        run([*args(tmp_path / "missing", 2), "--resume"])
