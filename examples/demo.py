@@ -23,7 +23,7 @@ __all__ = ["main"]
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Runs the demo; returns the two runs' metrics."""
+    """Runs the demo; returns the three runs' metrics."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="8gaussians")
     parser.add_argument("--iters", type=int, default=400)

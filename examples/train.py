@@ -177,7 +177,8 @@ def resolve_config(args: ArgsLike) -> dict[str, Any]:
     if c["budget"] is not None and c["method"] in ("fm", "steer"):
         raise ValueError(f"--budget needs a method that solves on it, got --method {c['method']}.")
     if c["budget"] is None:
-        c["placement"] = None
+        if c["placement"] is not None:
+            raise ValueError(f"--placement {c['placement']} needs --budget N (it places the budget's steps).")
     elif c["placement"] is None:
         c["placement"] = "learned" if spec["learn"] else "uniform"
     if not 0 < c["eps"] < c["T0"]:
