@@ -18,28 +18,35 @@ WORLD = 2
 BATCH = 8  # the global batch; each rank takes BATCH // WORLD rows
 STEPS = 3
 SCENARIOS = {
-    # name: (mode, find_unused_parameters)
-    "alternate": ("alternate", False),
-    "alternate-find-unused": ("alternate", True),
-    "exact": ("exact", False),
+    # name: (mode, find_unused_parameters, budget)
+    "alternate": ("alternate", False, None),
+    "alternate-find-unused": ("alternate", True, None),
+    "exact": ("exact", False, None),
+    "budget": ("alternate", False, 4),  # a learned placement, stepped by the guard on every step
 }
+# The guard checks every step and would raise rather than grow (a placement changing shape breaks DDP);
+# guard_tol is far above the 4-step error, so it steps the placement instead.
+GUARD = dict(guard_every=1, guard_action="raise", guard_tol=10.0)
 
 
 class Tiny(nn.Module):
-    """A time-conditioned MLP field integrated over a learnable horizon, with a learned t0 too."""
+    """A time-conditioned MLP field integrated over a learnable horizon, with a learned t0 too (and a budget)."""
 
-    def __init__(self) -> None:
+    def __init__(self, budget: int | None = None) -> None:
         super().__init__()
         self.field = TimeMLP(2, 8)
-        self.horizon = LearnableHorizon(T0=0.5, t0=0.0, learn_t0=True)
+        # euler: an error (1e-3) far above the reference's, whose noise would otherwise steer the placement
+        self.horizon = LearnableHorizon(T0=0.5, t0=0.0, learn_t0=True, budget=budget, method="euler")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.horizon(self.field, x, method="rk4", options=dict(step_size=0.125))
+        if self.horizon.budget is None:
+            return self.horizon(self.field, x, method="rk4", options=dict(step_size=0.125))[-1]
+        return self.horizon(self.field, x, rtol=1e-10, atol=1e-10)[-1]  # the guard's reference settings
 
 
-def build(seed: int = 0) -> Tiny:
+def build(seed: int = 0, budget: int | None = None) -> Tiny:
     torch.manual_seed(seed)
-    return Tiny()
+    return Tiny(budget)
 
 
 def batches(steps: int = STEPS) -> list[torch.Tensor]:
@@ -54,7 +61,7 @@ def loss_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def train(model: nn.Module, inner: Tiny, mode: str, data: list[torch.Tensor]) -> dict[str, object]:
     """STEPS steps of CoordinateDescentStepper on ``model`` (DDP or plain); returns the per-step records."""
     weights = [p for n, p in inner.named_parameters() if not n.startswith("horizon.")]
-    stepper = CoordinateDescentStepper(torch.optim.Adam(weights, lr=1e-2), model, lr=5e-2, alpha=0.1, mode=mode)
+    stepper = CoordinateDescentStepper(torch.optim.Adam(weights, lr=1e-2), model, lr=5e-2, alpha=0.1, mode=mode, **GUARD)
     losses, t_grads = [], []
     for x in data:
         def closure(x: torch.Tensor = x) -> torch.Tensor:
@@ -88,9 +95,9 @@ def worker(rank: int, port: int, out: str) -> None:
     try:
         results = {}
         shard = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
-        for name, (mode, find_unused) in SCENARIOS.items():
+        for name, (mode, find_unused, budget) in SCENARIOS.items():
             # Different seeds per rank: DDP must broadcast rank 0's initial weights and T.
-            inner = build(seed=rank)
+            inner = build(seed=rank, budget=budget)
             ddp = DistributedDataParallel(inner, find_unused_parameters=find_unused)
             results[name] = train(ddp, inner, mode, [x[shard] for x in batches()])
         torch.save(results, Path(out) / f"rank{rank}.pt")

@@ -42,3 +42,31 @@ class Linear(nn.Module):
 
     def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return y @ self.A.T
+
+
+class Pulse(nn.Module):
+    """dy/dt = y * height * exp(-((t - center) / width)^2) + net(y): dynamics concentrated around ``center``."""
+
+    def __init__(self, dim: int = 2, center: float = 0.9, width: float = 0.05, height: float = 20.0) -> None:
+        super().__init__()
+        self.center, self.width, self.height = center, width, height
+        self.net = nn.Linear(dim, dim)
+        with torch.no_grad():
+            self.net.weight.mul_(0.1)
+            self.net.bias.mul_(0.1)
+
+    def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        rate = self.height * torch.exp(-(((t - self.center) / self.width) ** 2))
+        return y * rate.to(y) + self.net(y)
+
+
+class Stiff(nn.Module):
+    """A small learnable field plus a decay of rate ``k``: a few rk4 steps are unstable for a large ``k``."""
+
+    def __init__(self, dim: int = 2, k: float = 40.0) -> None:
+        super().__init__()
+        self.k = k
+        self.net = nn.Linear(dim, dim)
+
+    def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.net(y) - self.k * y

@@ -1,9 +1,11 @@
-"""count_nfe, the public surface, and what importing the package pulls in."""
+"""count_nfe, the public surface, what importing the package pulls in, and the size of the core."""
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,16 +15,13 @@ from fields import TimeMLP
 import torch_tempopt
 from torch_tempopt import LearnableHorizon, NFECounter, count_nfe
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def test_public_surface():
-    assert set(torch_tempopt.__all__) == {
-        "CoordinateDescentStepper",
-        "LearnableHorizon",
-        "NFECounter",
-        "count_nfe",
-        "load_state_dict_adding_horizons",
-    }
-    assert isinstance(torch_tempopt.__version__, str)
+    assert set(torch_tempopt.__all__) == {"CoordinateDescentStepper", "LearnableHorizon", "NFECounter", "count_nfe"}
+    assert {n for n in dir(torch_tempopt) if not n.startswith("_")} >= set(torch_tempopt.__all__)
+    assert torch_tempopt.__version__ == "0.2.0"
 
 
 def test_import_pulls_in_nothing_beyond_torch_torchdiffeq_numpy():
@@ -33,8 +32,21 @@ def test_import_pulls_in_nothing_beyond_torch_torchdiffeq_numpy():
         "import torch_tempopt\n"
         "print(sorted({m.split('.')[0] for m in sys.modules} - before))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
     assert out.strip() == "['torch_tempopt']"
+
+
+def test_core_size():
+    """At most 700 code lines in the core (contrib aside), no function over 60."""
+    spec = importlib.util.spec_from_file_location("code_lines", ROOT / "benchmarks" / "code_lines.py")
+    code_lines = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(code_lines)
+    pkg = ROOT / "torch_tempopt"
+    result = code_lines.measure([str(pkg)], [str(pkg / "contrib")])
+    assert not any("contrib" in f for f in result["files"]) and str(pkg / "horizon.py") in result["files"]
+    assert 0 < result["code_lines"] <= 700, result["files"]
+    name, longest = result["longest_functions"][0]
+    assert longest <= 60, name
 
 
 def test_counts_forward_and_adjoint_backward():
@@ -46,7 +58,7 @@ def test_counts_forward_and_adjoint_backward():
     f.reset()
     assert (f.nfe_forward, f.nfe_backward) == (0, 0)
     assert count_nfe(f) is f
-    assert "nfe_forward=0" in repr(f)
+    assert "nfe_forward=0, nfe_backward=0" in repr(f)
 
 
 def test_counter_forwards_attributes_and_works_inside_a_horizon():
@@ -58,12 +70,15 @@ def test_counter_forwards_attributes_and_works_inside_a_horizon():
     f.before_odeint()
     assert f.ready
     h = LearnableHorizon(T0=0.5)
-    h(f, torch.randn(2, 2), method="rk4", options=dict(step_size=0.5)).sum().backward()
+    h(f, torch.randn(2, 2), method="rk4", options=dict(step_size=0.5))[-1].sum().backward()
     assert (f.nfe_forward, f.nfe_backward) == (4, 1)
     with pytest.raises(AttributeError):
         f.no_such_attribute  # noqa: B018
+    plain = count_nfe(lambda t, y: -y)  # a plain function: no parameters, still counted
+    plain(torch.tensor(0.0), torch.ones(1))
+    assert plain.nfe_forward == 1 and list(plain.parameters()) == []
 
 
 def test_counter_rejects_non_callable():
-    with pytest.raises(TypeError, match="func"):
+    with pytest.raises(TypeError, match="^func must be callable"):
         NFECounter(3)

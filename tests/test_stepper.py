@@ -1,10 +1,11 @@
-"""CoordinateDescentStepper: compare to vanilla, regulariser, clip, modes, checkpoints, bad input."""
+"""CoordinateDescentStepper: compare to vanilla, regulariser, clip, modes, checkpoints, wiring and bad input."""
 
 from __future__ import annotations
 
 import copy
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from fields import TimeMLP
@@ -23,7 +24,7 @@ class Flow(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kw = dict(rtol=1e-6, atol=1e-6)
-        return self.h2(self.f2, self.h1(self.f1, x, **kw), **kw)
+        return self.h2(self.f2, self.h1(self.f1, x, **kw)[-1], **kw)[-1]
 
 
 def _loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -31,7 +32,7 @@ def _loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _weights(model: nn.Module) -> list[nn.Parameter]:
-    return [p for n, p in model.named_parameters() if n.split(".")[-1] not in ("T", "t0")]
+    return [p for n, p in model.named_parameters() if n.split(".")[-1] not in ("T", "t0", "placement")]
 
 
 def _make(seed: int = 0, **kw) -> tuple[Flow, CoordinateDescentStepper]:
@@ -49,6 +50,27 @@ def _train(model: nn.Module, opt: torch.optim.Optimizer, iters: int, seed: int =
         opt.step()
 
 
+def _assert_same(a, b) -> None:
+    """Nested dicts, lists and tensors, bitwise."""
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            _assert_same(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _assert_same(x, y)
+    else:
+        assert a == b
+
+
+def _lone(h: LearnableHorizon, **kw) -> CoordinateDescentStepper:
+    """A stepper over one horizon and a dummy weight."""
+    return CoordinateDescentStepper(torch.optim.SGD([nn.Parameter(torch.zeros(()))], lr=0.1), [h], **kw)
+
+
 def test_compare_to_vanilla_with_lr_and_alpha_zero():
     model, opt = _make(lr=0.0, alpha=0.0)
     torch.manual_seed(0)
@@ -56,50 +78,49 @@ def test_compare_to_vanilla_with_lr_and_alpha_zero():
     ref_opt = torch.optim.Adam(_weights(ref), lr=1e-2)
     _train(model, opt, 5)
     _train(ref, ref_opt, 5)
-    for a, b in zip(model.parameters(), ref.parameters()):
-        assert torch.equal(a, b)
+    for (name, a), b in zip(model.named_parameters(), ref.parameters()):
+        assert torch.equal(a, b), name
     assert model.h1.T.item() == 0.5 and model.h2.T.item() == 0.8
 
 
 def test_alpha_shrinks_T_without_loss_gradient():
     h = LearnableHorizon(T0=0.5)
-    w = nn.Parameter(torch.zeros(()))
-    opt = CoordinateDescentStepper(torch.optim.SGD([w], lr=0.1), [h], lr=0.01, alpha=0.1)
+    opt = _lone(h, lr=0.01, alpha=0.1)
     for k in range(5):
         h.T.grad = torch.zeros(())
         opt.step()
         assert h.T.item() == pytest.approx(0.5 - 0.01 * (k + 1), abs=1e-7)
 
 
-def test_one_adam_step_moves_T_by_lr_against_gradient_sign():
-    for g in (3.7, -0.02):
-        h = LearnableHorizon(T0=0.5)
-        opt = CoordinateDescentStepper(torch.optim.SGD([nn.Parameter(torch.zeros(()))], lr=0.1), [h], lr=0.01, alpha=0.0)
-        h.T.grad = torch.tensor(g)
-        opt.step()
-        assert h.T.item() == pytest.approx(0.5 - 0.01 * (1 if g > 0 else -1), abs=1e-7)
-        assert h.T.grad.item() == g  # dL/dT is left as it was (the regulariser is not added in place)
+@pytest.mark.parametrize("g", [3.7, -0.02])
+def test_one_adam_step_moves_T_by_lr_against_gradient_sign(g):
+    h = LearnableHorizon(T0=0.5)
+    opt = _lone(h, lr=0.01, alpha=0.0)
+    h.T.grad = torch.tensor(g)
+    opt.step()
+    assert h.T.item() == pytest.approx(0.5 - 0.01 * np.sign(g), abs=1e-7)
+    assert h.T.grad.item() == g  # dL/dT is left as it was
+    assert opt.stats["horizons"][0]["dLdT"] == g and opt.stats["horizons"][0]["T"] == h.T.item()
 
 
 @pytest.mark.parametrize("sign", [+1, -1])
 def test_clip_holds_at_both_bounds(sign):
     h = LearnableHorizon(T0=0.5, eps=0.1)
-    opt = CoordinateDescentStepper(torch.optim.SGD([nn.Parameter(torch.zeros(()))], lr=0.1), [h], lr=0.2, alpha=0.0)
+    opt = _lone(h, lr=0.2, alpha=0.0)
     for _ in range(10):
         h.T.grad = torch.tensor(-sign * 100.0)
         opt.step()
         assert h.bounds[0] <= h.T.item() <= h.bounds[1]
+        assert opt.stats["horizons"][0]["T"] == h.T.item()  # recorded after the clip
     assert h.T.item() == pytest.approx(h.bounds[1] if sign > 0 else h.bounds[0])
-    assert opt.stats["horizons"][0]["clipped"] and opt.stats["horizons"][0]["clip_count"] >= 1
+    assert opt.stats["horizons"][0]["clip_count"] >= 8
 
 
 @pytest.mark.parametrize("reset", [True, False])
 def test_reset_at_bound_releases_T_when_gradient_turns(reset):
     """Pushed to the upper bound for a while, then the gradient turns inward."""
     h = LearnableHorizon(T0=0.5, eps=0.1)
-    opt = CoordinateDescentStepper(
-        torch.optim.SGD([nn.Parameter(torch.zeros(()))], lr=0.1), [h], lr=0.05, alpha=0.0, reset_at_bound=reset
-    )
+    opt = _lone(h, lr=0.05, alpha=0.0, reset_at_bound=reset)
     for _ in range(30):
         h.T.grad = torch.tensor(-1.0)
         opt.step()
@@ -112,33 +133,47 @@ def test_reset_at_bound_releases_T_when_gradient_turns(reset):
         assert h.T.item() == pytest.approx(0.9)  # Adam's momentum still points outward
 
 
-def test_finds_horizons_and_removes_them_from_the_weight_optimizer():
+def test_finds_horizons_and_removes_them_from_the_weight_optimizer_silently():
     torch.manual_seed(0)
     model = Flow()
     inner = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=1e-3)
     _train(model, inner, 1)
     assert model.h1.T in inner.state
-    with pytest.warns(UserWarning, match="removed 2 horizon parameter"):
-        opt = CoordinateDescentStepper(inner, model)
-    assert [h for h in opt.horizons] == [model.h1, model.h2]
+    opt = CoordinateDescentStepper(inner, model)  # filterwarnings = error: no warning
+    assert opt.horizons == [model.h1, model.h2]
+    assert [s["name"] for s in opt.stats["horizons"]] == ["h1", "h2"]
     ids = {id(p) for g in opt.param_groups for p in g["params"]}
-    assert id(model.h1.T) not in ids and id(model.h2.T) not in ids
-    assert model.h1.T not in inner.state
+    assert id(model.h1.T) not in ids and id(model.h2.T) not in ids and len(ids) == len(_weights(model))
+    assert model.h1.T not in inner.state and model.h2.T not in inner.state
+    assert {id(p) for p in opt.time_parameters} == {id(model.h1.T), id(model.h2.T)}
     assert {id(p) for g in opt.horizon_optimizer.param_groups for p in g["params"]} == {id(model.h1.T), id(model.h2.T)}
     # a list of horizons, with duplicates, works too
     opt2 = CoordinateDescentStepper(torch.optim.Adam(_weights(model)), [model.h1, model.h1, model.h2])
-    assert len(opt2.horizons) == 2
+    assert opt2.horizons == [model.h1, model.h2]
 
 
 def test_learned_t0_is_stepped_and_kept_below_T():
     h = LearnableHorizon(T0=1.0, t0=0.0, learn_t0=True)
-    opt = CoordinateDescentStepper(torch.optim.SGD([nn.Parameter(torch.zeros(()))], lr=0.1), [h], lr=0.1, alpha=0.0)
+    opt = _lone(h, lr=0.1, alpha=0.0)
+    assert [p is q for p, q in zip(opt.time_parameters, (h.T, h.t0))] == [True, True]
+    t0s = []
     for _ in range(30):
         h.T.grad = torch.tensor(1.0)  # push T down
         h.t0.grad = torch.tensor(-1.0)  # push t0 up
         opt.step()
-        assert h.t0.item() <= h.T.item() - h.eps.item() + 1e-9
-    assert h.T.item() == pytest.approx(h.bounds[0])
+        t0s.append(h.t0.item())
+        assert h.t0.item() <= h.T.item() - h.eps + 1e-9
+    assert t0s[0] == pytest.approx(0.1) and max(t0s) > 0.3  # stepped up until T came down on it
+    assert h.T.item() == pytest.approx(h.bounds[0]) and h.t0.item() == pytest.approx(h.bounds[0] - h.eps)
+    assert opt.stats["horizons"][0]["t0"] == h.t0.item()
+
+
+def test_alpha_pulls_a_learned_t0_towards_T():
+    h = LearnableHorizon(T0=1.0, t0=0.0, learn_t0=True)
+    opt = _lone(h, lr=0.01, alpha=1.0)
+    h.T.grad, h.t0.grad = torch.zeros(()), torch.zeros(())
+    opt.step()
+    assert h.T.item() == pytest.approx(0.99) and h.t0.item() == pytest.approx(0.01)
 
 
 def test_nonfinite_T_gradient_is_skipped_counted_and_warned_once():
@@ -153,7 +188,11 @@ def test_nonfinite_T_gradient_is_skipped_counted_and_warned_once():
             _loss(model, torch.randn(8, 2)).backward()
             model.h1.T.grad = torch.tensor(float("nan"))
             opt.step()
-    assert sum("NaN or infinite" in str(r.message) for r in rec) == 1
+    assert [str(r.message) for r in rec if "NaN or inf" in str(r.message)] == [
+        "CoordinateDescentStepper: dL/dT of horizon 'h1' is NaN or inf; its update was skipped "
+        "(stats['horizons'][i]['nonfinite'])."
+    ]
+    assert len(rec) == 1 and rec[0].category is RuntimeWarning
     assert model.h1.T.item() == T1 and model.h2.T.item() != T2
     assert opt.stats["horizons"][0]["nonfinite"] == 3 and opt.stats["horizons"][1]["nonfinite"] == 0
     assert any(not torch.equal(a, b) for a, b in zip(w, _weights(model)))  # weights still stepped
@@ -162,24 +201,34 @@ def test_nonfinite_T_gradient_is_skipped_counted_and_warned_once():
 def test_skip_nonfinite_skips_the_whole_step():
     model, opt = _make(skip_nonfinite=True)
     _train(model, opt, 1)
-    before = copy.deepcopy(model.state_dict())
-    opt.zero_grad()
-    _loss(model, torch.randn(8, 2)).backward()
-    next(iter(_weights(model))).grad[0, 0] = float("inf")
-    with pytest.warns(RuntimeWarning, match="skipped a step"):
-        opt.step()
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, before[k]), k
-    assert opt.stats["skipped_steps"] == 1
+    before, state = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    for bad in ("weight", "T"):
+        opt.zero_grad()
+        _loss(model, torch.randn(8, 2)).backward()
+        target = _weights(model)[0] if bad == "weight" else model.h2.T
+        target.grad.view(-1)[0] = float("inf")
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            opt.step()
+        assert [str(r.message) for r in rec] == (  # warned once in all
+            ["CoordinateDescentStepper skipped a step with a NaN or inf gradient (stats['skipped_steps'])."]
+            if bad == "weight" else [])  # fmt: skip
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, before[k]), k
+    assert opt.stats["skipped_steps"] == 2 and opt.stats["steps"] == state["stats"]["steps"] == 1
+    _assert_same(opt.state_dict()["optimizer"], state["optimizer"])
+    _assert_same(opt.state_dict()["horizon_optimizer"], state["horizon_optimizer"])
 
 
 def test_nonfinite_weight_gradient_warns_without_skip():
     model, opt = _make()
     opt.zero_grad()
     _loss(model, torch.randn(8, 2)).backward()
-    next(iter(_weights(model))).grad[0, 0] = float("nan")
+    _weights(model)[0].grad[0, 0] = float("nan")
     with pytest.warns(RuntimeWarning, match="skip_nonfinite=True"):
         opt.step()
+    assert opt.stats["steps"] == 1 and torch.isnan(_weights(model)[0]).any()
+    assert torch.isfinite(model.h1.T)
 
 
 def test_exact_mode_uses_gradient_at_updated_weights():
@@ -195,31 +244,29 @@ def test_exact_mode_uses_gradient_at_updated_weights():
         loss.backward()
         return loss
 
-    opt.step(closure)
-    assert len(calls) == 2
+    loss = opt.step(closure)
+    assert len(calls) == 2 and loss.item() == pytest.approx(_loss(ref, x).item(), rel=1e-12)
     # the reference: step the weights, then take dL/dT at the new weights
     ref_opt = torch.optim.Adam(_weights(ref), lr=1e-2)
     _loss(ref, x).backward()
+    T_grad_before = ref.h1.T.grad.item()
     ref_opt.step()
     ref.zero_grad()
     _loss(ref, x).backward()
     for a, b in zip(_weights(model), _weights(ref)):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-    for h, hr in ((model.h1, ref.h1), (model.h2, ref.h2)):
-        assert opt.stats["horizons"][[model.h1, model.h2].index(h)]["dLdT"] == pytest.approx(hr.T.grad.item(), rel=1e-12)
-        assert h.T.item() == pytest.approx(hr.T.item() - 1e-2 * torch.sign(hr.T.grad).item(), abs=1e-7)
+        assert torch.equal(a, b)
+    for k, hr in enumerate((ref.h1, ref.h2)):
+        assert opt.stats["horizons"][k]["dLdT"] == pytest.approx(hr.T.grad.item(), rel=1e-12)
+        assert [model.h1, model.h2][k].T.item() == pytest.approx(hr.T.item() - 1e-2 * torch.sign(hr.T.grad).item(), abs=1e-7)
+    assert opt.stats["horizons"][0]["dLdT"] != pytest.approx(T_grad_before, rel=1e-9)
 
 
-def test_joint_mode_steps_T_with_the_weight_optimizer_without_clip():
-    h = LearnableHorizon(T0=0.5)
-    w = nn.Parameter(torch.zeros(()))
-    opt = CoordinateDescentStepper(torch.optim.SGD([w], lr=0.1), [h], mode="joint")
-    assert opt.horizon_optimizer is None
-    assert any(p is h.T for g in opt.param_groups for p in g["params"])
-    for _ in range(10):
-        h.T.grad = torch.tensor(-1.0)
+def test_exact_mode_without_closure_is_refused():
+    model, opt = _make(mode="exact")
+    with pytest.raises(ValueError, match="closure"):
         opt.step()
-    assert h.T.item() == pytest.approx(1.5)  # past the clip at 0.9: no clip in joint mode
+    with pytest.raises(TypeError, match="closure"):
+        opt.step(closure=3)
 
 
 def test_state_dict_round_trip_continues_bitwise():
@@ -227,26 +274,16 @@ def test_state_dict_round_trip_continues_bitwise():
     _train(model, opt, 3, seed=5)
     saved_model = copy.deepcopy(model.state_dict())
     saved_opt = copy.deepcopy(opt.state_dict())
+    assert set(saved_opt) == {"optimizer", "horizon_optimizer", "stats"}
     _train(model, opt, 4, seed=6)
 
     fresh, fresh_opt = _make(seed=99)
     fresh.load_state_dict(saved_model)
     fresh_opt.load_state_dict(saved_opt)
     _train(fresh, fresh_opt, 4, seed=6)
-    for a, b in zip(model.parameters(), fresh.parameters()):
-        assert torch.equal(a, b)
-    assert fresh_opt.stats == opt.stats
-    assert fresh.h1.bounds == model.h1.bounds
-
-
-def test_state_dict_restores_bounds():
-    model, opt = _make()
-    sd = copy.deepcopy(opt.state_dict())
-    other = Flow()
-    other.h1 = LearnableHorizon(T0=2.0, eps=0.5)
-    other_opt = CoordinateDescentStepper(torch.optim.Adam(_weights(other), lr=1e-2), other)
-    other_opt.load_state_dict(sd)
-    assert other.h1.bounds == model.h1.bounds
+    for (name, a), b in zip(model.named_parameters(), fresh.parameters()):
+        assert torch.equal(a, b), name
+    assert fresh_opt.stats == opt.stats and opt.stats["steps"] == 7
 
 
 def test_lr_scheduler_and_param_groups_touch_weights_only():
@@ -256,8 +293,13 @@ def test_lr_scheduler_and_param_groups_touch_weights_only():
     sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(5e-3)
     assert opt.horizon_optimizer.param_groups[0]["lr"] == pytest.approx(1e-2)
+    assert opt.param_groups is opt.optimizer.param_groups and opt.state is opt.optimizer.state
+    assert opt.defaults is opt.optimizer.defaults
     torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
-    assert "CoordinateDescentStepper(mode='alternate'" in repr(opt)
+    extra = nn.Parameter(torch.zeros(2))
+    opt.add_param_group({"params": [extra]})
+    assert opt.optimizer.param_groups[-1]["params"] == [extra]
+    assert repr(opt).startswith("CoordinateDescentStepper(mode='alternate', alpha=0.1, optimizer=Adam, horizons=[")
 
 
 def test_zero_grad_clears_horizons():
@@ -275,20 +317,60 @@ def test_custom_horizon_optimizer():
     q = torch.optim.SGD([model.h1.T, model.h2.T], lr=0.1)
     opt = CoordinateDescentStepper(torch.optim.Adam(_weights(model)), model, horizon_optimizer=q, alpha=0.0)
     assert opt.horizon_optimizer is q
-    opt2 = CoordinateDescentStepper(torch.optim.Adam(_weights(model)), model,
-                                    horizon_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.3))
-    assert opt2.horizon_optimizer.param_groups[0]["lr"] == 0.3
     model.h1.T.grad = torch.tensor(1.0)
     opt.step()
     assert model.h1.T.item() == pytest.approx(0.4)
+    seen = []
+
+    def factory(ps):
+        seen.append(ps)
+        return torch.optim.SGD(ps, lr=0.3)
+
+    opt2 = CoordinateDescentStepper(torch.optim.Adam(_weights(model)), model, horizon_optimizer=factory)
+    assert opt2.horizon_optimizer.param_groups[0]["lr"] == 0.3
+    assert [p is q for p, q in zip(seen[0], (model.h1.T, model.h2.T))] == [True, True]
+    with pytest.raises(ValueError, match="horizon_optimizer must hold exactly the 2 time parameters"):
+        CoordinateDescentStepper(torch.optim.Adam(_weights(model)), model, horizon_optimizer=torch.optim.SGD([model.h1.T], lr=1))
+    with pytest.raises(ValueError, match="horizon_optimizer"):
+        CoordinateDescentStepper(torch.optim.Adam(_weights(model)), model,
+                                 horizon_optimizer=lambda ps: torch.optim.SGD([*ps, nn.Parameter(torch.zeros(()))], lr=1))
 
 
 def test_unused_horizon_is_left_alone():
     model, opt = _make()
     opt.zero_grad()
-    model.h1(model.f1, torch.randn(4, 2)).sum().backward()  # h2 not used
-    opt.step()
+    model.h1(model.f1, torch.randn(4, 2))[-1].sum().backward()  # h2 not used
+    opt.step()  # no warning: h1 has its dL/dT
     assert model.h2.T.item() == 0.8 and opt.stats["horizons"][1]["dLdT"] is None
+    assert model.h1.T.item() != 0.5 and opt.stats["horizons"][0]["dLdT"] is not None
+
+
+def test_a_step_without_any_dLdT_warns_once():
+    model, opt = _make()
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            opt.zero_grad()
+            _loss(model, torch.randn(4, 2)).backward()
+            model.h1.T.grad = model.h2.T.grad = None  # e.g. the output was detached
+            opt.step()
+    assert len(rec) == 1 and rec[0].category is RuntimeWarning
+    assert "found no dL/dT on any horizon" in str(rec[0].message)
+    assert model.h1.T.item() == 0.5 and model.h2.T.item() == 0.8
+
+
+def test_frozen_T_gives_no_time_parameters_and_no_warning():
+    torch.manual_seed(0)
+    model = Flow()
+    for h in (model.h1, model.h2):
+        h.T.requires_grad_(False)
+    opt = CoordinateDescentStepper(torch.optim.Adam(_weights(model), lr=1e-2), model)
+    assert opt.time_parameters == [] and opt.horizon_optimizer is None
+    w = [p.clone() for p in _weights(model)]
+    _train(model, opt, 2)  # filterwarnings = error: no "found no dL/dT" warning
+    assert model.h1.T.item() == 0.5 and model.h1.T.grad is None
+    assert all(not torch.equal(a, b) for a, b in zip(w, _weights(model)))
+    assert opt.state_dict()["horizon_optimizer"] is None
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -302,45 +384,61 @@ def test_unused_horizon_is_left_alone():
         (dict(alpha=float("inf")), ValueError, "alpha"),
         (dict(alpha=None), TypeError, "alpha"),
         (dict(mode="sometimes"), ValueError, "mode"),
+        (dict(mode="joint"), ValueError, "mode"),
         (dict(horizon_optimizer=3), TypeError, "horizon_optimizer"),
         (dict(horizon_optimizer=lambda ps: 3), TypeError, "horizon_optimizer"),
         (dict(reset_at_bound="yes"), TypeError, "reset_at_bound"),
         (dict(skip_nonfinite=1), TypeError, "skip_nonfinite"),
+        (dict(guard_every=-1), ValueError, "guard_every"),
+        (dict(guard_every=2.5), TypeError, "guard_every"),
+        (dict(guard_every=True), TypeError, "guard_every"),
+        (dict(guard_tol=0.0), ValueError, "guard_tol"),
+        (dict(guard_tol=float("nan")), ValueError, "guard_tol"),
+        (dict(guard_tol="small"), TypeError, "guard_tol"),
+        (dict(guard_action="warn"), ValueError, "guard_action"),
+        (dict(max_budget=0), ValueError, "max_budget"),
+        (dict(max_budget=8.0), TypeError, "max_budget"),
+        (dict(placement_lr=-0.1), ValueError, "placement_lr"),
+        (dict(placement_lr=None), TypeError, "placement_lr"),
     ],
 )
 def test_constructor_rejects_bad_input(kwargs, exc, name):
     model = Flow()
-    with pytest.raises(exc, match=name):
+    with pytest.raises(exc, match=rf"^{name} must"):
         CoordinateDescentStepper(torch.optim.Adam(_weights(model)), model, **kwargs)
+
+
+def test_constructor_accepts_numpy_types():
+    model = Flow()
+    opt = CoordinateDescentStepper(
+        torch.optim.Adam(_weights(model)), model, lr=np.float32(0.5), alpha=np.float64(0.0),
+        reset_at_bound=np.bool_(False), skip_nonfinite=np.True_, guard_every=np.int64(3), guard_tol=np.float32(0.25),
+        max_budget=np.int32(8), placement_lr=np.float64(0.125), mode=np.str_("alternate"),
+    )  # fmt: skip
+    assert (opt.lr, opt.alpha, opt.guard_tol, opt.placement_lr) == (0.5, 0.0, 0.25, 0.125)
+    assert (opt.guard_every, opt.max_budget, opt.reset_at_bound, opt.skip_nonfinite) == (3, 8, False, True)
+    assert type(opt.guard_every) is int and type(opt.lr) is float and type(opt.skip_nonfinite) is bool
+    model.h1.T.grad = torch.tensor(1.0)
+    opt.step()
+    assert model.h1.T.item() == pytest.approx(0.1)  # lr 0.5 from 0.5, clipped at the bound 0.1
 
 
 def test_rejects_bad_wiring():
     model = Flow()
-    with pytest.raises(TypeError, match="optimizer"):
+    with pytest.raises(TypeError, match="^optimizer must be a plain torch.optim.Optimizer"):
         CoordinateDescentStepper([p for p in model.parameters()], model)
-    with pytest.raises(ValueError, match="no LearnableHorizon"):
+    with pytest.raises(ValueError, match="^horizons holds no LearnableHorizon"):
         CoordinateDescentStepper(torch.optim.Adam(_weights(model)), nn.Linear(2, 2))
-    with pytest.raises(ValueError, match="no LearnableHorizon"):
+    with pytest.raises(ValueError, match="^horizons holds no LearnableHorizon"):
         CoordinateDescentStepper(torch.optim.Adam(_weights(model)), [])
-    with pytest.raises(TypeError, match=r"horizons\[1\]"):
+    with pytest.raises(TypeError, match=r"^horizons\[1\] must be a LearnableHorizon"):
         CoordinateDescentStepper(torch.optim.Adam(_weights(model)), [model.h1, model.f1])
-    with pytest.raises(TypeError, match="horizons"):
+    with pytest.raises(TypeError, match="^horizons must be"):
         CoordinateDescentStepper(torch.optim.Adam(_weights(model)), 3)
-    with pytest.raises(ValueError, match="horizon_optimizer"):
-        CoordinateDescentStepper(torch.optim.Adam(_weights(model)), model, horizon_optimizer=torch.optim.SGD([model.h1.T], lr=1))
-    with pytest.raises(ValueError, match="horizon_optimizer"):
-        CoordinateDescentStepper(torch.optim.Adam(_weights(model)), model, mode="joint",
-                                 horizon_optimizer=lambda ps: torch.optim.SGD(ps, lr=1))
+    with pytest.raises(TypeError, match="^horizons must be"):
+        CoordinateDescentStepper(torch.optim.Adam(_weights(model)), "h1")
     opt = CoordinateDescentStepper(torch.optim.Adam(_weights(model)), model)
-    with pytest.raises(TypeError, match="already"):
+    with pytest.raises(TypeError, match="^optimizer must be a plain"):
         CoordinateDescentStepper(opt, model)
-    with pytest.raises(ValueError, match="state_dict"):
-        opt.load_state_dict({"state": {}})
-
-
-def test_exact_mode_without_closure_is_refused():
-    model, opt = _make(mode="exact")
-    with pytest.raises(ValueError, match="closure"):
-        opt.step()
-    with pytest.raises(TypeError, match="closure"):
-        opt.step(closure=3)
+    with pytest.raises(ValueError, match="^state_dict must come from CoordinateDescentStepper.state_dict"):
+        opt.load_state_dict({"state": {}, "param_groups": []})

@@ -112,12 +112,13 @@ def _diagnose(func: Callable[..., Any], is_tuple: bool, y: Sequence[Tensor], t: 
     return "y0 and func(t0, y0) look fine; see the error above."
 
 
-def _place(s: Tensor, start: Tensor, end: Tensor) -> Tensor:
-    """Times ``start + s (end - start)``, exactly ``start`` where ``s == 0`` and ``end`` where ``s == 1``."""
+def _place(s: Tensor, start: Tensor, end: Tensor) -> list[Tensor]:
+    """Times ``start + s (end - start)``, exactly ``start`` where ``s == 0`` and ``end`` where ``s == 1``.
+
+    A list of 0-dim tensors, so that an end that does not require grad gets no time gradient (nor an evaluation).
+    """
     t = start + s * (end - start)
-    head = start[None] if bool(s[0] == 0) else t[:1]
-    tail = end[None] if bool(s[-1] == 1) else t[-1:]
-    return torch.cat([head, t[1:-1], tail])
+    return [start if v == 0 else end if v == 1 else t[i] for i, v in enumerate(s.tolist())]
 
 
 class LearnableHorizon(nn.Module):
@@ -347,7 +348,7 @@ class LearnableHorizon(nn.Module):
         y = parts
         if torch.is_grad_enabled() and start.requires_grad:
             y = _TimeGrad.apply(func, is_tuple, -1.0, start, *parts)
-        sol = self._solve(solver, func, is_tuple, y, grid.detach(), kwargs)
+        sol = self._solve(solver, func, is_tuple, y, torch.stack(grid).detach(), kwargs)
         return self._assemble(func, is_tuple, parts, sol, grid)
 
     def _budgeted(self, func: Callable[..., Any], is_tuple: bool, parts: tuple[Tensor, ...], s: Tensor, t0: Tensor,
@@ -360,23 +361,23 @@ class LearnableHorizon(nn.Module):
         idx = torch.searchsorted(v.detach(), wanted)
         grid = _place(v, t0, T)
         if reverse:
-            grid, idx = grid.flip(0), (v.numel() - 1 - idx).flip(0)
+            grid, idx = grid[::-1], (v.numel() - 1 - idx).flip(0)
         kw = {k: v for k, v in kwargs.items() if k not in _ADAPTIVE_KEYS}
         kw["method"] = self.method
         if solver is torchdiffeq.odeint:  # backprop through the steps: the exact derivative of the discrete solution
-            sol = self._solve(solver, func, is_tuple, parts, grid, kw)
+            sol = self._solve(solver, func, is_tuple, parts, torch.stack(grid), kw)
             return tuple(torch.cat([p[None], q[idx[1:]]]) for p, q in zip(parts, sol))
         y, start = parts, T if reverse else t0
         if torch.is_grad_enabled() and start.requires_grad:
             y = _TimeGrad.apply(func, is_tuple, -1.0, start, *parts)
-        sol = self._solve(solver, func, is_tuple, y, grid.detach(), kw)
-        return self._assemble(func, is_tuple, parts, tuple(q[idx] for q in sol), grid[idx])
+        sol = self._solve(solver, func, is_tuple, y, torch.stack(grid).detach(), kw)
+        return self._assemble(func, is_tuple, parts, tuple(q[idx] for q in sol), [grid[i] for i in idx.tolist()])
 
     def _assemble(self, func: Callable[..., Any], is_tuple: bool, parts: tuple[Tensor, ...],
-                  sol: tuple[Tensor, ...], grid: Tensor) -> tuple[Tensor, ...]:
+                  sol: tuple[Tensor, ...], grid: Sequence[Tensor]) -> tuple[Tensor, ...]:
         """Stacks ``y0`` and the solution at ``grid[1:]``, attaching dL/dt to every point of the grid in the graph."""
         rows = [parts]
-        for i in range(1, grid.numel()):
+        for i in range(1, len(grid)):
             y = tuple(q[i] for q in sol)
             if torch.is_grad_enabled() and grid[i].requires_grad:
                 y = _TimeGrad.apply(func, is_tuple, 1.0, grid[i], *y)
@@ -475,10 +476,11 @@ class LearnableHorizon(nn.Module):
 
     # ------------------------------------------------------------------ module plumbing
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> LearnableHorizon:
+        before = [None if p is None else p.detach() for p in (self.T, self.t0, self.placement)]
         super()._apply(fn, recurse)
-        for p in (self.T, self.t0, self.placement):  # .half() keeps time in float32: T is not rounded to 1e-3
+        for p, old in zip((self.T, self.t0, self.placement), before):  # .half() keeps time in float32, unrounded
             if p is not None and p.dtype in (torch.float16, torch.bfloat16):
-                p.data = p.data.float()
+                p.data = old.to(device=p.device, dtype=torch.float32)
         return self
 
     def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:

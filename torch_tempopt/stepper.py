@@ -239,22 +239,42 @@ class CoordinateDescentStepper(Optimizer):
                 loss = closure()
         weights = [p.grad for g in self.optimizer.param_groups for p in g["params"]]
         if self.skip_nonfinite and not (_finite(weights) and _finite(p.grad for p in self.time_parameters)):
-            self.stats["skipped_steps"] += 1
-            self._warn_once("skip", "CoordinateDescentStepper skipped a step with a NaN or inf gradient (stats['skipped_steps']).")
-            return loss
+            return self._skip(loss)
         if not _finite(weights):
             self._warn_once("weights", "CoordinateDescentStepper: a weight gradient is NaN or inf and reaches the weight "
                             "optimizer; pass skip_nonfinite=True to skip such steps.")
+        undo = self._undo() if self.mode == "exact" and self.skip_nonfinite else None
         self.optimizer.step()
         if self.mode == "exact":
             for p in self.time_parameters:
                 p.grad = None
             with torch.enable_grad():
                 closure()  # type: ignore[misc]
+            if undo is not None and not _finite(p.grad for p in self.time_parameters):
+                undo()  # dL/dT at the updated weights is not finite: the weight step is undone, the whole step skipped
+                return self._skip(loss)
         self._guard()
         self._step_horizons()
         self.stats["steps"] += 1
         return loss
+
+    def _skip(self, loss: Any) -> Any:
+        self.stats["skipped_steps"] += 1
+        self._warn_once("skip", "CoordinateDescentStepper skipped a step with a NaN or inf gradient (stats['skipped_steps']).")
+        return loss
+
+    def _undo(self) -> Callable[[], None]:
+        """Returns a function that restores P's weights and state as they are now."""
+        state = copy.deepcopy(self.optimizer.state_dict())
+        saved = [(p, p.detach().clone()) for g in self.optimizer.param_groups for p in g["params"]]
+
+        def undo() -> None:
+            self.optimizer.load_state_dict(state)
+            with torch.no_grad():
+                for p, value in saved:
+                    p.copy_(value)
+
+        return undo
 
     def _guard(self) -> None:
         """On check steps, compares budgeted solves with their reference: grows, raises, or sets the placement's gradient."""
@@ -312,14 +332,14 @@ class CoordinateDescentStepper(Optimizer):
         self.horizon_optimizer.step()
         for k, (_, h) in enumerate(self._horizons):
             s = self.stats["horizons"][k]
-            s["T"], s["dLdT"] = h.T.item(), None if h.T.grad is None else h.T.grad.item()
-            if h.learn_t0:
-                s["t0"] = h.t0.item()
             if h.clip_():
                 s["clip_count"] += 1
                 if self.reset_at_bound:
                     for p in (h.T, h.t0):
                         self.horizon_optimizer.state.pop(p, None)
+            s["T"], s["dLdT"] = h.T.item(), None if h.T.grad is None else h.T.grad.item()  # after the clip
+            if h.learn_t0:
+                s["t0"] = h.t0.item()
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         """The state of P and Q and :attr:`stats` (the horizons' T and placement are in the model's state dict)."""

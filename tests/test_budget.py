@@ -1,0 +1,365 @@
+"""LearnableHorizon(budget=N): exact step counts, the discrete and continuous dL/dT, placement, fit and the guard."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+import torchdiffeq
+from fields import Pulse, Stiff, TimeMLP, TupleField
+from torch import nn
+
+from torch_tempopt import CoordinateDescentStepper, LearnableHorizon, count_nfe
+
+ODEINT, ADJOINT = torchdiffeq.odeint, torchdiffeq.odeint_adjoint
+STAGES = {"euler": 1, "midpoint": 2, "heun3": 3, "rk4": 4}
+REF = dict(rtol=1e-10, atol=1e-10)
+
+
+def _loss(out) -> torch.Tensor:
+    parts = out if isinstance(out, tuple) else (out,)
+    return sum((0.5 + i) * (p[-1].pow(2).sum() + p[-1].sin().sum()) for i, p in enumerate(parts))
+
+
+def _skewed(h: LearnableHorizon, seed: int = 0) -> LearnableHorizon:
+    with torch.no_grad():
+        h.placement.copy_(torch.randn(h.budget, generator=torch.Generator().manual_seed(seed)))
+    return h
+
+
+def _grid(h: LearnableHorizon, reverse: bool) -> torch.Tensor:
+    t0, T = h.t0.detach(), h.T.detach()
+    grid = t0 + h.fractions().detach() * (T - t0)
+    return grid.flip(0) if reverse else grid
+
+
+# ----------------------------------------------------------------------------- the solve
+@pytest.mark.parametrize("method", sorted(STAGES))
+def test_evaluations_per_solve_are_stages_times_budget(method):
+    torch.manual_seed(0)
+    func = count_nfe(TimeMLP())
+    y0 = torch.randn(4, 2)
+    n, k = 5, STAGES[method]
+    h = LearnableHorizon(T0=0.7, learn_t0=True, budget=n, method=method)
+    # the call's adaptive settings define the reference only: they do not change the budgeted solve
+    _loss(h(func, y0, method="dopri5", rtol=1e-9, atol=1e-9, options=dict(first_step=0.1))).backward()
+    assert (func.nfe_forward, func.nfe_backward) == (n * k, 0)  # odeint: the grid is in the graph, nothing extra
+    func.reset()
+    h.t0.requires_grad_(False)
+    _loss(h(func, y0, solver=ADJOINT)).backward()
+    assert (func.nfe_forward, func.nfe_backward) == (n * k, n * k + 1)  # the adjoint's own steps, and dL/dT
+    func.reset()
+    h.t0.requires_grad_(True)
+    _loss(h(func, y0, solver=ADJOINT, reverse=True)).backward()
+    assert (func.nfe_forward, func.nfe_backward) == (n * k, n * k + 2)  # dL/dT and dL/dt0
+    func.reset()
+    with torch.no_grad():
+        h(func, y0, times=[0.0, 0.3, 1.0])  # 0.3 is not on the uniform grid: one more step
+    assert (func.nfe_forward, func.nfe_backward) == ((n + 1) * k, 0)
+
+
+@pytest.mark.parametrize("solver", [ODEINT, ADJOINT], ids=["odeint", "adjoint"])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_output_is_odeint_on_the_explicit_grid(reverse, solver):
+    torch.manual_seed(1)
+    func, y0 = TupleField(), (torch.randn(3, 2), torch.zeros(3, 1), torch.zeros(3, 1))
+    h = _skewed(LearnableHorizon(T0=0.9, t0=0.1, budget=4))
+    out = h(func, y0, solver=solver, reverse=reverse, method="dopri5", rtol=1e-3)
+    ref = ODEINT(func, y0, _grid(h, reverse), method="rk4")
+    for a, b in zip(out, ref):
+        assert a.shape == (2, *b.shape[1:])
+        torch.testing.assert_close(a, b[[0, -1]], rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_times_off_the_grid_add_steps(reverse):
+    torch.manual_seed(2)
+    func, y0 = TimeMLP(), torch.randn(3, 2)
+    h = _skewed(LearnableHorizon(T0=0.9, t0=0.1, budget=3))
+    s = torch.tensor([0.0, 0.3, 0.65, 1.0])
+    out = h(func, y0, times=s, reverse=reverse)
+    u = h.fractions().detach()
+    wanted = (1 - s).flip(0) if reverse else s
+    v = torch.sort(torch.cat([u, wanted[1:-1]])).values
+    grid = 0.1 + v * 0.8
+    ref = ODEINT(func, y0, grid.flip(0) if reverse else grid, method="rk4")
+    rows = [int(torch.nonzero(v == w)) for w in wanted]
+    rows = [len(v) - 1 - r for r in rows][::-1] if reverse else rows
+    assert out.shape == (4, 3, 2)
+    torch.testing.assert_close(out, ref[rows], rtol=1e-13, atol=1e-13)
+
+
+def test_adaptive_block_ignores_the_budget():
+    func, y0 = TimeMLP(), torch.randn(3, 2)
+    h = LearnableHorizon(T0=0.6, budget=2)
+    with h.adaptive():
+        out = h(func, y0, **REF)
+    assert torch.equal(out, ODEINT(func, y0, torch.tensor([0.0, 0.6]), **REF))
+    assert not torch.equal(h(func, y0, **REF), out)
+
+
+# ----------------------------------------------------------------------------- dL/dT on a budget
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_odeint_dLdT_is_the_derivative_of_what_is_computed(n, reverse):
+    torch.manual_seed(3)
+    func, y0 = TimeMLP(), torch.randn(4, 2)
+    h = _skewed(LearnableHorizon(T0=0.7, t0=0.1, learn_t0=True, budget=n), seed=n)
+    _loss(h(func, y0, reverse=reverse)).backward()
+    for p in (h.T, h.t0):
+        x, vals = p.item(), []
+        with torch.no_grad():
+            for s in (1e-4, -1e-4):
+                p.fill_(x + s)
+                vals.append(_loss(h(func, y0, reverse=reverse)).item())
+            p.fill_(x)
+        fd = (vals[0] - vals[1]) / 2e-4
+        assert abs(p.grad.item() - fd) < 1e-7 * abs(fd), (p.grad.item(), fd)
+
+
+def _dLdT_both(n: int, reverse: bool) -> tuple[float, float, float]:
+    """dL/dT with odeint (discrete) and odeint_adjoint, and the continuous formula computed by hand."""
+    torch.manual_seed(4)
+    func, y0 = TimeMLP(), torch.randn(4, 2)
+    h = LearnableHorizon(T0=0.7, t0=0.1, budget=n)
+    _loss(h(func, y0, reverse=reverse)).backward()
+    discrete, h.T.grad = h.T.grad.item(), None
+    y0 = y0.clone().requires_grad_()
+    out = h(func, y0, reverse=reverse, solver=ADJOINT)
+    _loss(out).backward()
+    T = h.T.detach()
+    with torch.no_grad():
+        if reverse:  # T is the start: -<a(T), F(T, y0)> with the adjoint a(T) = dL/dy0
+            formula = -(y0.grad * func(T, y0)).sum().item()
+        else:  # <dL/dy(T), F(T, y(T))>
+            end = out[-1].detach().requires_grad_()
+            with torch.enable_grad():
+                (a,) = torch.autograd.grad(_loss(end[None]), end)
+            formula = (a * func(T, end)).sum().item()
+    return discrete, h.T.grad.item(), formula
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_adjoint_dLdT_is_the_continuous_formula_within_h4_of_the_discrete(reverse):
+    ns = [4, 8, 16, 32]
+    gaps = []
+    for n in ns:
+        discrete, adjoint, formula = _dLdT_both(n, reverse)
+        assert adjoint == pytest.approx(formula, rel=1e-12, abs=1e-14)
+        gaps.append(abs(adjoint - discrete))
+    x, y = torch.tensor(ns, dtype=torch.float64).log(), torch.tensor(gaps).log()
+    slope = ((x - x.mean()) * (y - y.mean())).sum() / (x - x.mean()).pow(2).sum()
+    assert -4.3 < slope.item() < -3.7, gaps  # rk4: the two derivatives differ by O(h^4)
+
+
+# ----------------------------------------------------------------------------- placement
+def test_fractions_increase_from_exactly_0_to_exactly_1():
+    h = LearnableHorizon(budget=7)
+    torch.testing.assert_close(h.fractions(), torch.linspace(0, 1, 8), rtol=0, atol=1e-15)
+    for n in range(1, 13):  # a cumulative sum of the step lengths alone ends at 1 +- 2e-16 for most of these
+        h.set_budget(n)
+        for scale in (0.0, 1.0, 10.0, 40.0):
+            _skewed(h, seed=n)
+            with torch.no_grad():
+                h.placement.mul_(scale)
+            u = h.fractions()
+            assert u[0].item() == 0.0 and u[-1].item() == 1.0 and u.shape == (n + 1,)
+            assert bool((u[1:] >= u[:-1]).all())
+
+
+def test_error_gradient_matches_finite_differences():
+    torch.manual_seed(5)
+    func, y0 = TupleField(), (torch.randn(4, 2), torch.zeros(4, 1), torch.zeros(4, 1))
+    h = _skewed(LearnableHorizon(T0=0.8, budget=3))
+    h.error(func, y0, **REF).sum().backward()
+    g = h.placement.grad.clone()
+    assert g.abs().max() > 0
+    for i in range(3):
+        vals = []
+        for s in (1e-6, -1e-6):
+            with torch.no_grad():
+                h.placement[i] += s
+                vals.append(h.error(func, y0, **REF).sum().item())
+                h.placement[i] -= s
+        assert g[i].item() == pytest.approx((vals[0] - vals[1]) / 2e-6, rel=1e-5, abs=1e-10)
+    assert h.T.grad is None  # error() moves nothing but the placement
+
+
+@pytest.mark.parametrize("solver", [ODEINT, ADJOINT], ids=["odeint", "adjoint"])
+def test_training_loss_gives_the_placement_a_zero_gradient(solver):
+    func = TimeMLP()
+    h = _skewed(LearnableHorizon(T0=0.8, budget=3))
+    _loss(h(func, torch.randn(4, 2), solver=solver)).backward()
+    assert h.placement.grad is not None and torch.equal(h.placement.grad, torch.zeros(3))
+    assert h.T.grad.abs() > 0
+    h.zero_grad()
+    h.placement.requires_grad_(False)  # a frozen placement: no link at all
+    _loss(h(func, torch.randn(4, 2), solver=solver)).backward()
+    assert h.placement.grad is None and h.T.grad is not None
+
+
+def test_set_budget_keeps_the_density_in_a_new_parameter():
+    h = LearnableHorizon(budget=3)
+    old = h.placement
+    h.set_budget(5)
+    assert h.placement is not old and isinstance(h.placement, nn.Parameter) and h.budget == 5
+    torch.testing.assert_close(h.fractions(), torch.linspace(0, 1, 6), rtol=0, atol=1e-14)  # uniform stays uniform
+    _skewed(h)
+    before = h.fractions().detach()
+    h.set_budget(10)
+    after = h.fractions().detach()
+    torch.testing.assert_close(after[::2], before, rtol=0, atol=1e-12)  # old boundaries kept when doubling
+    torch.testing.assert_close(after[1::2], (before[1:] + before[:-1]) / 2, rtol=0, atol=1e-12)  # halves
+    h.placement.requires_grad_(False)
+    h.set_budget(4)
+    assert not h.placement.requires_grad  # a frozen placement stays frozen
+
+
+def test_state_dict_with_a_larger_budget_loads():
+    six = _skewed(LearnableHorizon(T0=0.8, budget=6))
+    four = LearnableHorizon(T0=0.8, budget=4)
+    four.load_state_dict(six.state_dict())
+    assert four.budget == 6 and torch.equal(four.fractions(), six.fractions())
+
+
+def test_fit_learns_a_placement_that_beats_uniform():
+    torch.manual_seed(6)
+    func, y0 = Pulse(), torch.randn(8, 2)
+    h = LearnableHorizon(T0=1.0, budget=4)
+    uniform = h.error(func, y0, **REF).detach()
+    T = h.T.detach().clone()
+    before, after = h.fit(func, y0, steps=60, lr=0.1, **REF)
+    torch.testing.assert_close(before, uniform)
+    assert after.item() < uniform.item() / 10, (uniform, after)
+    torch.testing.assert_close(after, h.error(func, y0, **REF).detach())
+    u = h.fractions().detach()
+    assert (u[-1] - u[-2]) < 0.25 and (u[1] - u[0]) > 0.25  # steps moved towards the pulse at t = 0.9
+    assert torch.equal(h.T, T) and all(p.grad is None for p in (*func.parameters(), h.placement))
+
+
+# ----------------------------------------------------------------------------- the stepper's guard
+class Model(nn.Module):
+    def __init__(self, field: nn.Module, budget: int = 2, method: str = "rk4") -> None:
+        super().__init__()
+        self.field = field
+        self.horizon = LearnableHorizon(T0=1.0, budget=budget, method=method)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.horizon(self.field, x, rtol=1e-8, atol=1e-8)
+
+
+def _build(k: float = 12.0, seed: int = 0, **kw) -> tuple[Model, CoordinateDescentStepper]:
+    torch.manual_seed(seed)
+    model = Model(Stiff(k=k))
+    kw = {"guard_every": 2, "guard_tol": 1e-2, **kw}
+    return model, CoordinateDescentStepper(torch.optim.Adam(model.field.parameters(), lr=1e-2), model, **kw)
+
+
+def _train(model: Model, stepper: CoordinateDescentStepper, steps: int, seed: int = 1) -> list[torch.Tensor]:
+    """Steps of training; returns the placement after each."""
+    g, placements = torch.Generator().manual_seed(seed), []
+    for _ in range(steps):
+        x = torch.randn(6, 2, generator=g)
+        stepper.zero_grad()
+        (model(x)[-1] - 1).pow(2).mean().backward()
+        stepper.step()
+        placements.append(model.horizon.placement.detach().clone())
+    return placements
+
+
+def test_guard_grows_the_budget_of_a_stiff_field():
+    model, stepper = _build(k=12.0)
+    with pytest.warns(RuntimeWarning, match="budget grown to") as rec:
+        _train(model, stepper, 1)
+    assert len(rec) == 1 and "horizon 'horizon'" in str(rec[0].message)
+    (event,) = stepper.stats["guard_events"]
+    assert event["step"] == 0 and event["horizon"] == "horizon" and event["budget"][0] == 2
+    assert model.horizon.budget == event["budget"][1] > 2 and stepper.stats["horizons"][0]["budget"] == model.horizon.budget
+    assert event["error"][0] > 1e-2
+    new = model.horizon.placement  # followed at once: a checkpoint taken now holds the grown placement
+    assert any(p is new for g in stepper.horizon_optimizer.param_groups for p in g["params"])
+    assert any(p is new for p in stepper.time_parameters) and len(stepper.time_parameters) == 2
+    x = torch.randn(6, 2)
+    assert model.horizon.error(model.field, x, rtol=1e-8, atol=1e-8).item() < 1e-2  # the grown budget suffices
+
+
+def test_guard_is_quiet_on_an_easy_field():
+    model, stepper = _build(k=0.5, max_budget=2)  # a growth would raise: max_budget is the budget
+    _train(model, stepper, 3)  # filterwarnings=error: no warning either
+    assert stepper.stats["guard_events"] == [] and model.horizon.budget == 2
+    assert stepper.stats["horizons"][0]["error"][0] < 1e-2
+
+
+def test_guard_action_raise_names_the_horizon():
+    model, stepper = _build(k=12.0, guard_action="raise")
+    with pytest.raises(RuntimeError, match=r"horizon 'horizon': the 2-step rk4 solve is .*\(guard_tol=0.01\)"):
+        _train(model, stepper, 1)
+    assert model.horizon.budget == 2
+
+
+def test_max_budget_is_respected():
+    model, stepper = _build(k=12.0, max_budget=8)
+    with pytest.raises(RuntimeError, match="max_budget=8"):
+        _train(model, stepper, 1)
+    assert model.horizon.budget == 2
+    model, stepper = _build(k=12.0, max_budget=64)
+    with pytest.warns(RuntimeWarning):
+        _train(model, stepper, 1)
+    assert 8 < model.horizon.budget <= 64
+
+
+def test_stepper_follows_the_grown_placement_and_training_goes_on():
+    model, stepper = _build(k=12.0)
+    old = model.horizon.placement
+    with pytest.warns(RuntimeWarning, match="budget grown"):
+        placements = _train(model, stepper, 5)
+    new = model.horizon.placement
+    assert new is not old and new.shape[0] == model.horizon.budget
+    q = [p for g in stepper.horizon_optimizer.param_groups for p in g["params"]]
+    assert any(p is new for p in q) and not any(p is old for p in q)
+    assert any(p is new for p in stepper.time_parameters) and not any(p is old for p in stepper.time_parameters)
+    assert not torch.equal(placements[2], placements[1])  # the new placement was stepped on the next check
+    # The regression: a graph built before the budget changed still backpropagates.
+    out = model(torch.randn(6, 2))
+    model.horizon.set_budget(model.horizon.budget + 3)
+    out[-1].sum().backward()
+    stepper.step()
+    assert any(p is model.horizon.placement for p in stepper.time_parameters)
+
+
+def test_placement_is_stepped_on_guard_steps_only():
+    model, stepper = _build(k=0.5, guard_every=3)
+    placements = _train(model, stepper, 7)
+    before = [torch.zeros(2)] + placements[:-1]
+    moved = [not torch.equal(a, b) for a, b in zip(placements, before)]
+    assert moved == [True, False, False, True, False, False, True]
+
+
+def test_frozen_placement_is_not_stepped():
+    model, _ = _build(k=0.5)
+    model.horizon.placement.requires_grad_(False)
+    stepper = CoordinateDescentStepper(torch.optim.Adam(model.field.parameters()), model, guard_every=1)
+    assert not any(p is model.horizon.placement for p in stepper.time_parameters)
+    placements = _train(model, stepper, 2)
+    assert all(torch.equal(p, torch.zeros(2)) for p in placements)
+
+
+def test_resume_after_a_growth_is_bitwise_exact():
+    model, stepper = _build(k=12.0, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        _train(model, stepper, 3, seed=5)
+        saved_model, saved_stepper = copy.deepcopy(model.state_dict()), copy.deepcopy(stepper.state_dict())
+        assert model.horizon.budget > 2 and stepper.stats["guard_events"]
+        _train(model, stepper, 4, seed=6)
+        fresh, fresh_stepper = _build(k=12.0, seed=99)
+        fresh.load_state_dict(saved_model)
+        fresh_stepper.load_state_dict(saved_stepper)
+        _train(fresh, fresh_stepper, 4, seed=6)
+    for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert fresh_stepper.stats == stepper.stats
+    assert math.isfinite(stepper.stats["horizons"][0]["T"])
