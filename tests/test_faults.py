@@ -10,6 +10,7 @@ import pytest
 import torch
 import torchdiffeq
 from fields import TimeMLP
+from helpers import assert_same
 from torch import nn
 
 from torch_tempopt import CoordinateDescentStepper, LearnableHorizon
@@ -226,19 +227,6 @@ class Model(nn.Module):
         return self.horizon(self.field, x, **RK4)[-1]
 
 
-def _assert_same(a: object, b: object) -> None:
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b)
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for k in a:
-            _assert_same(a[k], b[k])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            _assert_same(x, y)
-    else:
-        assert a == b
 
 
 CASES = [
@@ -281,10 +269,10 @@ def test_a_nonfinite_gradient_never_half_applies_a_step(mode: str, where: str, s
     T_after = model.horizon.T.detach().clone()
     weights_moved = any(not torch.equal(p, model_before[n]) for n, p in model.state_dict().items() if "horizon" not in n)
     if skip:  # the whole step is skipped: weights, T and both optimizers as before
-        _assert_same(model.state_dict(), model_before)
+        assert_same(model.state_dict(), model_before)
         state = stepper.state_dict()
-        _assert_same(state["optimizer"], stepper_before["optimizer"])
-        _assert_same(state["horizon_optimizer"], stepper_before["horizon_optimizer"])
+        assert_same(state["optimizer"], stepper_before["optimizer"])
+        assert_same(state["horizon_optimizer"], stepper_before["horizon_optimizer"])
         assert stepper.stats["skipped_steps"] == 1 and stepper.stats["steps"] == 1
     else:
         assert torch.isfinite(T_after)  # T is protected whatever happens
@@ -347,5 +335,5 @@ def _scaled_run(scale: float | None, steps: int = 3) -> tuple[Model, CoordinateD
 def test_grad_scaler_recipe_matches_the_unscaled_run_bitwise() -> None:
     plain, plain_stepper = _scaled_run(None)
     scaled, scaled_stepper = _scaled_run(2.0**12)  # powers of two scale exactly
-    _assert_same(scaled.state_dict(), plain.state_dict())
+    assert_same(scaled.state_dict(), plain.state_dict())
     assert scaled_stepper.stats == plain_stepper.stats and plain_stepper.stats["steps"] == 3

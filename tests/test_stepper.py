@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from fields import TimeMLP
+from helpers import assert_same
 from torch import nn
 
 from torch_tempopt import CoordinateDescentStepper, LearnableHorizon
@@ -50,20 +51,6 @@ def _train(model: nn.Module, opt: torch.optim.Optimizer, iters: int, seed: int =
         opt.step()
 
 
-def _assert_same(a, b) -> None:
-    """Nested dicts, lists and tensors, bitwise."""
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b)
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for k in a:
-            _assert_same(a[k], b[k])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            _assert_same(x, y)
-    else:
-        assert a == b
 
 
 def _lone(h: LearnableHorizon, **kw) -> CoordinateDescentStepper:
@@ -216,8 +203,8 @@ def test_skip_nonfinite_skips_the_whole_step():
         for k, v in model.state_dict().items():
             assert torch.equal(v, before[k]), k
     assert opt.stats["skipped_steps"] == 2 and opt.stats["steps"] == state["stats"]["steps"] == 1
-    _assert_same(opt.state_dict()["optimizer"], state["optimizer"])
-    _assert_same(opt.state_dict()["horizon_optimizer"], state["horizon_optimizer"])
+    assert_same(opt.state_dict()["optimizer"], state["optimizer"])
+    assert_same(opt.state_dict()["horizon_optimizer"], state["horizon_optimizer"])
 
 
 def test_nonfinite_weight_gradient_warns_without_skip():

@@ -1,0 +1,106 @@
+"""The README's headline: one table and one figure from the finished benchmark results, no new training.
+
+Reads ``benchmarks/results/headline_<data>.json`` (``compare.py`` over three seeds: FFJORD dopri5, the
+best budgeted configuration, TO-FLOW with dopri5 where run, flow matching) and the runs they name, and
+writes ``benchmarks/results/headline.md`` (the table, with medians over seeds of the ratios to
+FFJORD's totals at its final NLL plus the margin) and ``docs/img/headline.png`` (test NLL against
+training CPU seconds, first seed, one panel per data set)::
+
+    python benchmarks/headline.py && python benchmarks/update_readme.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+LABELS = {"ffjord": "FFJORD (dopri5 1e-5)", "toflow": "TO-FLOW (dopri5, learned T)", "fm": "flow matching"}
+
+
+def _label(config: str) -> str:
+    if config in LABELS:
+        return LABELS[config]
+    name, _, rest = config.partition("-b")
+    n, _, placement = rest.partition("-")
+    what = {"ffjord": "T fixed", "toflow": "learned T", "rnode": "RNODE, T fixed"}[name]
+    place = {"": "learned placement" if name == "toflow" else "uniform", "uniform": "uniform",
+             "learned": "learned placement", "noguard": "uniform, no guard"}[placement]
+    return f"budget {n} rk4 steps ({what}, {place})"
+
+
+def _median(values: list[float | None]) -> str:
+    got = [v for v in values if v is not None]
+    return "-" if not got else f"{statistics.median(got):.2f}"
+
+
+def table(results: dict[str, dict[str, Any]]) -> str:
+    lines = ["| data | configuration | test NLL (median over seeds) | seeds reaching FFJORD's NLL + margin | "
+             "NFE to reach (x FFJORD) | CPU to reach (x FFJORD) | total NFE (x FFJORD) | total CPU (x FFJORD) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for data, res in results.items():
+        seeds = list(res["rows"])
+        for i, row in enumerate(res["rows"][seeds[0]]):
+            per_seed = [res["rows"][s][i] for s in seeds]
+            unit = row["unit"]
+            reached = sum(r["reached_at_iteration"] is not None for r in per_seed)
+            nll = statistics.median(r["test_nll"] for r in per_seed)
+            lines.append(
+                f"| {data} | {_label(row['config'])} | {nll:.4f} {unit} | {reached}/{len(per_seed)} | "
+                f"{_median([r['nfe_ratio_to_reach'] for r in per_seed])} | {_median([r['cpu_ratio_to_reach'] for r in per_seed])} | "
+                f"{_median([r['nfe_ratio_total'] for r in per_seed])} | {_median([r['cpu_ratio_total'] for r in per_seed])} |")
+    return "\n".join(lines) + "\n"
+
+
+def figure(results: dict[str, dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(4.6 * len(results), 3.8))
+    for ax, (data, res) in zip(list(axes) if len(results) > 1 else [axes], results.items()):
+        seed = res["seeds"][0]
+        base = None
+        for config in res["configs"]:
+            m = json.loads((ROOT / "runs" / "bench" / data / f"{config}-s{seed}" / "metrics.json").read_text())
+            curve = [p for p in m["eval_curve"] if p["iteration"] > 0]
+            ax.plot([p["cpu_seconds"] for p in curve], [p["test_nll"] for p in curve], lw=1.3, label=_label(config))
+            base = m["test_nll"] if config == "ffjord" else base
+        unit = "bits/dim" if data == "digits" else "nats"
+        ax.axhline(base, color="k", lw=0.6, ls=":")
+        ax.set(xscale="log", xlabel="training CPU seconds (1 thread)", ylabel=f"test NLL ({unit}, dopri5)", title=f"{data}, seed {seed}")
+        ax.set_ylim(None, base + (0.4 if unit == "nats" else 0.2))
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7) if len(results) > 1 else axes.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", nargs="+", default=["8gaussians", "checkerboard", "digits"])
+    parser.add_argument("--figure", type=Path, default=ROOT / "docs" / "img" / "headline.png")
+    args = parser.parse_args(argv)
+    results = {d: json.loads((RESULTS / f"headline_{d}.json").read_text()) for d in args.data}
+    text = table(results)
+    commands = "\n".join(f"- `{r['command']}`" for r in results.values())
+    margins = "0.01 nats on the toy sets, 0.005 bits/dim on digits"
+    text += (f"\nTest NLL always scored with dopri5 1e-5 on the same held-out set; NFE and CPU seconds count every "
+             f"training solve, the budget guard's reference solves included; ratios to FFJORD's totals of the same seed, "
+             f"medians over the seeds that reached the target (FFJORD's final NLL + {margins}). Flow matching trains for "
+             f"FFJORD's CPU time and solves no ODE in training (its NFE counts one network evaluation per iteration). "
+             f"Commands:\n\n{commands}\n\nthen `python benchmarks/headline.py`.\n")
+    (RESULTS / "headline.md").write_text(text)
+    figure(results, args.figure)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
