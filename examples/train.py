@@ -76,6 +76,7 @@ _TOY = {"batch_size": 100, "T0": 0.5, "hidden": "64,64,64", "num_blocks": 1, "di
         "test_size": 10000, "layer_type": "concatsquash", "nonlinearity": "tanh"}
 _IMAGE = {"batch_size": 200, "T0": 1.0, "hidden": "64,64,64", "num_blocks": 2, "divergence": "hutchinson",
           "test_size": None, "layer_type": "concat", "nonlinearity": "softplus", "net": "conv"}
+_GUARD = frozenset({"guard_every", "guard_tol"})
 ArgsLike = Union[Sequence[str], argparse.Namespace, dict, None]
 
 
@@ -128,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--step-size", type=float, default=None, help="step size of fixed-grid solvers")
     g.add_argument("--budget", type=_positive_int, default=None, help="train on N rk4 steps per solve")
     g.add_argument("--placement", choices=("uniform", "learned"), default=None, help="default: learned for TO-FLOW")
-    g.add_argument("--guard-every", type=_natural, default=50, help="budget guard period (0: off)")
+    g.add_argument("--guard-every", type=_natural, default=100, help="budget guard period (0: off)")
     g.add_argument("--guard-tol", type=float, default=0.05, help="budget guard tolerance (mean abs error)")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-every", type=_natural, default=100, help="test NLL every N iterations (0: only at the end)")
@@ -342,8 +343,12 @@ def _tuples(value: Any) -> Any:
 
 
 def config_differences(saved: dict[str, Any], config: dict[str, Any]) -> list[str]:
-    """The settings, outside those a ``--resume`` may change, on which two configurations differ."""
-    return sorted(k for k in set(saved) | set(config) if k not in _RESUMABLE and saved.get(k) != config.get(k))
+    """The settings, outside those a ``--resume`` may change, on which two configurations differ.
+
+    The guard's settings do not count for runs without a budget, where they do nothing.
+    """
+    idle = _GUARD if saved.get("budget") is None and config.get("budget") is None else frozenset()
+    return sorted(k for k in set(saved) | set(config) if k not in _RESUMABLE | idle and saved.get(k) != config.get(k))
 
 
 def run(args: ArgsLike = None) -> dict[str, Any]:

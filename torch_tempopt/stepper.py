@@ -116,7 +116,7 @@ class CoordinateDescentStepper(Optimizer):
 
     def __init__(self, optimizer: Optimizer, horizons: Horizons, *, lr: float = 1e-2, alpha: float = 0.1,
                  mode: str = "alternate", horizon_optimizer: Optimizer | Callable[[list], Optimizer] | None = None,
-                 reset_at_bound: bool = True, skip_nonfinite: bool = False, guard_every: int = 50,
+                 reset_at_bound: bool = True, skip_nonfinite: bool = False, guard_every: int = 100,
                  guard_tol: float = 0.05, guard_action: str = "grow", max_budget: int = 64,
                  placement_lr: float = 0.05) -> None:
         if isinstance(optimizer, CoordinateDescentStepper) or not isinstance(optimizer, Optimizer):
