@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             method, flags = configs[cfg]
             if "ffjord" in flags:  # --max-cpu-seconds ffjord: FFJORD's CPU time on this seed, for many iterations
                 flags = [f"{runs['ffjord']['cpu_seconds']:.3f}" if f == "ffjord" else f for f in flags]
-                flags += ["--iters", str(50 * args.iters)]
+                flags += ["--iters", str(1000 * args.iters), "--eval-every", str(20 * args.eval_every)]  # cheap iterations
             out = args.runs / args.data / f"{cfg}-s{seed}"
             train_args = [
                 "--data", args.data, "--method", method, "--iters", str(args.iters), "--seed", str(seed),
