@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import warnings
@@ -291,6 +292,30 @@ def test_guard_is_quiet_on_an_easy_field():
     _train(model, stepper, 3)  # filterwarnings=error: no warning either
     assert stepper.stats["guard_events"] == [] and model.horizon.budget == 2
     assert stepper.stats["horizons"][0]["error"][0] < 1e-2
+
+
+class _WithRegulariser(nn.Module):
+    """An easy field whose third part, like RNODE's penalty integrals, a 2-step budget gets badly wrong."""
+
+    def forward(self, t: torch.Tensor, state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        z = state[0]
+        return -0.5 * z, -z.sum(1, keepdim=True), 50.0 * torch.cos(40.0 * t) * torch.ones_like(state[2])
+
+
+@pytest.mark.parametrize("parts, grows", [(2, False), (None, True)])
+def test_guard_compares_the_sample_and_the_log_density_only_by_default(parts, grows):
+    h = LearnableHorizon(T0=1.0, budget=2)
+    h.T.requires_grad_(False)  # the guard alone
+    h.placement.requires_grad_(False)
+    weight = nn.Parameter(torch.zeros(1))
+    stepper = CoordinateDescentStepper(torch.optim.SGD([weight], lr=0.0), [h], guard_every=1, guard_parts=parts)
+    y0 = (torch.randn(4, 2), torch.zeros(4, 1), torch.zeros(4, 1))
+    h(_WithRegulariser(), y0, rtol=1e-8, atol=1e-8)  # a training call: the guard's batch
+    with contextlib.ExitStack() as stack:
+        if grows:
+            stack.enter_context(pytest.warns(RuntimeWarning, match="budget grown"))
+        stepper.step()
+    assert (h.budget > 2) == grows and len(stepper.stats["horizons"][0]["error"]) == (2 if parts else 3)
 
 
 def test_guard_action_raise_names_the_horizon():

@@ -65,8 +65,8 @@ class CoordinateDescentStepper(Optimizer):
 
     **Budget guard.** Every ``guard_every`` steps, each horizon solving on a
     budget is compared, on the batch of its last call, with the adaptive
-    reference that call's settings define (:meth:`LearnableHorizon.error`,
-    state and log-density alike). Above ``guard_tol`` the budget grows to the
+    reference that call's settings define (:meth:`LearnableHorizon.error` of
+    the sample and the log-density: the first ``guard_parts`` parts). Above ``guard_tol`` the budget grows to the
     number of steps the method's order says brings the error back under the
     tolerance (``guard_action="grow"``, at most ``max_budget``) or the step
     raises (``"raise"``); otherwise a learned :attr:`~LearnableHorizon.placement`
@@ -100,6 +100,8 @@ class CoordinateDescentStepper(Optimizer):
         guard_action: ``"grow"`` or ``"raise"``.
         max_budget: The largest budget ``"grow"`` may set before it raises.
         placement_lr: The learning rate of learned placements in the default Q.
+        guard_parts: The guard compares the first this many parts of the state: a CNF's
+            sample and log-density, not RNODE's regulariser integrals (``None``: all).
 
     Example:
         >>> import torch
@@ -118,7 +120,7 @@ class CoordinateDescentStepper(Optimizer):
                  mode: str = "alternate", horizon_optimizer: Optimizer | Callable[[list], Optimizer] | None = None,
                  reset_at_bound: bool = True, skip_nonfinite: bool = False, guard_every: int = 100,
                  guard_tol: float = 0.05, guard_action: str = "grow", max_budget: int = 64,
-                 placement_lr: float = 0.05) -> None:
+                 placement_lr: float = 0.05, guard_parts: int | None = 2) -> None:
         if isinstance(optimizer, CoordinateDescentStepper) or not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a plain torch.optim.Optimizer over the weights, got {type(optimizer).__name__}.")
         if mode not in ("alternate", "exact"):
@@ -133,6 +135,7 @@ class CoordinateDescentStepper(Optimizer):
         if self.guard_tol <= 0:
             raise ValueError(f"guard_tol must be > 0, got {self.guard_tol}.")
         self.guard_every, self.max_budget = whole("guard_every", guard_every, 0), whole("max_budget", max_budget)
+        self.guard_parts = None if guard_parts is None else whole("guard_parts", guard_parts)
         self.mode, self.guard_action = mode, guard_action
         self.reset_at_bound, self.skip_nonfinite = flag("reset_at_bound", reset_at_bound), flag("skip_nonfinite", skip_nonfinite)
         self.optimizer = optimizer
@@ -288,6 +291,7 @@ class CoordinateDescentStepper(Optimizer):
             func, is_tuple, parts, reverse, reference = h._last
             with torch.enable_grad() if learned else torch.no_grad():
                 err = h._error(func, is_tuple, parts, reverse, h._reference(func, is_tuple, parts, reverse, reference))
+                err = err[: self.guard_parts]
             worst = _all_reduce(err.detach().max().clone(), "max").item()
             s = self.stats["horizons"][k]
             s["error"], n = err.detach().tolist(), h.budget
