@@ -135,6 +135,8 @@ def figure(runs_by_seed: dict[int, dict[str, dict[str, Any]]], title: str, path:
 
     runs = next(iter(runs_by_seed.values()))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax in axes:
+        ax.set_prop_cycle(color=plt.cm.tab20.colors)
     base = runs["ffjord"]["test_nll"]
     for name, m in runs.items():
         curve = [p for p in m["eval_curve"] if p["iteration"] > 0]
