@@ -113,11 +113,13 @@ def evaluate_run(run_dir: Path, budgets: list[int], fit_steps: int, fit_size: in
 
 
 def markdown(rows: list[dict]) -> str:
-    unit = "bits/dim" if any("digits" in r["run"] for r in rows) else "nats"
-    lines = [f"| run | N | NFE per solve (ratio to dopri5) | NLL error, uniform ({unit}) | NLL error, fitted | "
+    lines = ["| run | N | NFE per solve (ratio to dopri5) | NLL error, uniform | NLL error, fitted | "
              "sample distance, uniform | sample distance, fitted |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {Path(r['run']).name} (dopri5 {r['nll_dopri5']:.4f}, {r['nfe_dopri5_per_solve']:.0f} NFE) | "
+        run = Path(r["run"])
+        unit = "bits/dim" if run.parent.name == "digits" else "nats"
+        lines.append(f"| {run.parent.name}/{run.name} (dopri5 {r['nll_dopri5']:.4f} {unit}, "
+                     f"{r['nfe_dopri5_per_solve']:.0f} NFE) | "
                      f"{r['N']} | {r['nfe_per_solve']:.0f} ({r['nfe_ratio']:.2f}x) | {r['nll_error_uniform']:+.4f} | "
                      f"{r['nll_error_fitted']:+.4f} | {r['sample_error_uniform']:.4f} | {r['sample_error_fitted']:.4f} |")
     return "\n".join(lines) + "\n"

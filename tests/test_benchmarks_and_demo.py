@@ -130,7 +130,7 @@ def test_budget_eval_on_a_finished_run(tmp_path: Path) -> None:
         assert r["nll_error_uniform"] == pytest.approx(r["nll_uniform"] - r["nll_dopri5"])
         assert r["sample_error_uniform"] >= 0 and len(r["fit_error"]) == 1
     text = (tmp_path / "be.md").read_text()
-    assert text.count("| run (dopri5") == 2 and "Command:" in text
+    assert text.count(f"| {tmp_path.name}/run (dopri5") == 2 and "nats" in text and "Command:" in text
     assert json.loads((tmp_path / "be.json").read_text())["rows"][0]["N"] == 2
 
 
