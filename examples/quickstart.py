@@ -9,6 +9,7 @@ Prints T, the NFE and the test NLL (always scored with dopri5), and writes a den
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import time
 
@@ -89,6 +90,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--budget", type=int, default=4, help="rk4 steps per solve (0: adaptive dopri5)")
     parser.add_argument("--plot", default="quickstart_density.png", help="'' for none")
     args = parser.parse_args(argv)
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        parser.error("--plot needs matplotlib: pip install matplotlib, or pass --plot ''")
     torch.manual_seed(0)
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
