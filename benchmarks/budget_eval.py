@@ -45,14 +45,14 @@ def _data(config: dict[str, Any], fit_size: int) -> tuple[torch.Tensor, torch.Te
 
 def _fit(model: torch.nn.Module, x: torch.Tensor, image: bool, ref: dict[str, Any], steps: int) -> list[float]:
     """Fits every block's placement on the batch's input to that block (the flow's forward direction)."""
-    from examples.cnf import to_logit_space
+    from examples.cnf import _core, to_logit_space
 
     torch.manual_seed(0)
     y = to_logit_space(model, x, torch.Generator().manual_seed(0))[0] if image else x
     errors = []
     for block in _blocks(model):
         block.odefunc.before_odeint()
-        state = (y, y.new_zeros(y.shape[0]))
+        state = (y, y.new_zeros(y.shape[0]), *(y.new_zeros(y.shape[0]) for _ in _core(block.odefunc).reg_names))  # RNODE's
         before, after = block.horizon.fit(block.odefunc, state, steps=steps, **ref)
         errors.append(float(after.max()))
         with torch.no_grad(), scoring(model, ref):

@@ -119,9 +119,10 @@ def test_compare_summary_reach_and_margin() -> None:
 # ----------------------------------------------------------------------------- budget_eval.py, code_lines.py
 
 
-def test_budget_eval_on_a_finished_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", ["ffjord", "rnode"])  # RNODE's state carries its regulariser integrals
+def test_budget_eval_on_a_finished_run(tmp_path: Path, method: str) -> None:
     out = tmp_path / "run"
-    run(["--data", "8gaussians", "--method", "ffjord", "--iters", "1", "--out", str(out), "--no-progress", *TINY.split()])
+    run(["--data", "8gaussians", "--method", method, "--iters", "1", "--out", str(out), "--no-progress", *TINY.split()])
     rows = _load("budget_eval").main(["--runs", str(out), "--budgets", "2", "3", "--fit-steps", "2", "--fit-size", "16",
                                       "--samples", "16", "--out", str(tmp_path), "--name", "be"])
     assert [r["N"] for r in rows] == [2, 3] and [r["nfe_per_solve"] for r in rows] == [8, 12]
