@@ -81,6 +81,12 @@ def _grad_and_fd(h, which, call, step=1e-4):
     return param.grad.item(), (vals[0] - vals[1]) / (2 * step)
 
 
+def _assert_time_grads_match_fd(h, call):
+    for which in ("T", "t0"):
+        g, fd = _grad_and_fd(h, which, call)
+        assert g == pytest.approx(fd, rel=1e-6), (which, g, fd)
+
+
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("name", NAMES)
 def test_time_gradients_match_finite_differences(name, reverse, device):
@@ -88,9 +94,7 @@ def test_time_gradients_match_finite_differences(name, reverse, device):
     func = TimeMLP().to(device)
     y0 = torch.randn(5, 2, device=device)
     h = LearnableHorizon(T0=0.7, t0=0.1, learn_t0=True).to(device)
-    for which in ("T", "t0"):
-        g, fd = _grad_and_fd(h, which, lambda: h(func, y0, solver=solver, reverse=reverse, **kw))
-        assert g == pytest.approx(fd, rel=1e-6), (which, g, fd)
+    _assert_time_grads_match_fd(h, lambda: h(func, y0, solver=solver, reverse=reverse, **kw))
 
 
 @pytest.mark.parametrize("reverse", [False, True])
@@ -103,9 +107,7 @@ def test_tuple_state(name, reverse, device):
     h = LearnableHorizon(T0=0.8, t0=0.1, learn_t0=True).to(device)
     out = h(func, y0, solver=solver, reverse=reverse, **kw)
     assert isinstance(out, tuple) and [p.shape for p in out] == [(2, *p.shape) for p in y0]
-    for which in ("T", "t0"):
-        g, fd = _grad_and_fd(h, which, lambda: h(func, y0, solver=solver, reverse=reverse, **kw))
-        assert g == pytest.approx(fd, rel=1e-6), (which, g, fd)
+    _assert_time_grads_match_fd(h, lambda: h(func, y0, solver=solver, reverse=reverse, **kw))
 
 
 @pytest.mark.parametrize("reverse", [False, True])
