@@ -290,8 +290,8 @@ class CoordinateDescentStepper(Optimizer):
                 continue
             func, is_tuple, parts, reverse, reference = h._last
             with torch.enable_grad() if learned else torch.no_grad():
-                err = h._error(func, is_tuple, parts, reverse, h._reference(func, is_tuple, parts, reverse, reference))
-                err = err[: self.guard_parts]
+                ref = h._reference(func, is_tuple, parts, reverse, reference)
+                err = h._error(func, is_tuple, parts, reverse, ref)[: self.guard_parts]
             worst = _all_reduce(err.detach().max().clone(), "max").item()
             s = self.stats["horizons"][k]
             s["error"], n = err.detach().tolist(), h.budget
