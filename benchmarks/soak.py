@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from examples.cnf import build_toy_model, end_times, network_parameters, nfe, nll_and_reg  # noqa: E402
 from examples.data import TOY_DATASETS, toy_sample  # noqa: E402
-from torch_tempopt import CoordinateDescentStepper, LearnableHorizon  # noqa: E402
+from torch_tempopt import BudgetGuard, CoordinateDescentStepper, LearnableHorizon  # noqa: E402
 
 MIB = 1024 * 1024
 
@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=int, default=4, help="rk4 steps per solve (0: adaptive dopri5)")
     p.add_argument("--placement", choices=("learned", "uniform"), default="learned")
     p.add_argument("--guard-every", type=int, default=50)
-    p.add_argument("--guard-tol", type=float, default=0.05)
+    p.add_argument("--guard-tol", type=float, default=0.025)
     p.add_argument("--tol", type=float, default=1e-5, help="dopri5's rtol = atol (the guard's reference)")
     p.add_argument("--T0", type=float, default=0.5)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -112,11 +112,11 @@ def _setup(args: argparse.Namespace) -> tuple[torch.nn.Module, CoordinateDescent
     torch.manual_seed(args.seed)
     hidden = tuple(int(h) for h in args.hidden.split(",") if h.strip())
     model = build_toy_model(hidden=hidden, T0=args.T0, count=True, eps=args.eps, budget=args.budget or None,
-                            learn_placement=args.placement == "learned",
                             solver_kwargs={"method": "dopri5", "rtol": args.tol, "atol": args.tol})
     stepper = CoordinateDescentStepper(torch.optim.Adam(network_parameters(model), lr=args.lr), model,
-                                       lr=args.tempopt_lr, alpha=args.alpha, guard_every=args.guard_every,
-                                       guard_tol=args.guard_tol)
+                                       lr=args.tempopt_lr, alpha=args.alpha, guard=bool(args.budget) and BudgetGuard(
+                                           model, every=args.guard_every, tol=args.guard_tol,
+                                           fit_steps=int(args.placement == "learned")))
     return model, stepper
 
 
@@ -201,7 +201,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "iterations": args.iters,
         "checks": {**checks, "skipped_steps": stats["skipped_steps"],
                    "nonfinite_dLdT": [h["nonfinite"] for h in stats["horizons"]],
-                   "clip_counts": [h["clip_count"] for h in stats["horizons"]], "guard_events": len(stats["guard_events"]),
+                   "clip_counts": [h["clip_count"] for h in stats["horizons"]], "guard_events": len(stepper.guard.stats["events"]) if stepper.guard else 0,
                    "memory_flat": memory_flat, "rss_growth_after_1k_mb": growth, "max_growth_mb": args.max_growth_mb},
         "memory": {"rss_mb_at_1k": None if at_1k is None else at_1k["rss_mb"],
                    "peak_rss_mb_at_1k": None if at_1k is None else at_1k["peak_rss_mb"],

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from torch_tempopt import CoordinateDescentStepper, LearnableHorizon, NFECounter
+from torch_tempopt import BudgetGuard, CoordinateDescentStepper, LearnableHorizon, NFECounter
 
 __all__ = ["CSV_COLUMNS", "Patch", "PatchError", "Upstream", "importable", "main"]
 
@@ -65,6 +65,7 @@ class Upstream:
             another script is treated as the first one.
         install: Patches the checkout through :meth:`Patch.set` (the optimizer classes aside).
         flags: The patch's own switches, keyword -> help (``--tempopt-KEYWORD`` on the command line).
+        select: The parts of the state the guard compares (default: a tuple's first two).
 
     """
 
@@ -75,6 +76,7 @@ class Upstream:
     scripts: dict[str, tuple[str, tuple[str, ...]]]
     install: Callable[[Patch], None]
     flags: dict[str, str] = field(default_factory=dict)
+    select: Callable[[Any], Any] | None = None
 
 
 class Patch:
@@ -87,9 +89,12 @@ class Patch:
         lr: Adam's learning rate for T.
         alpha: The weight of the temporal regulariser.
         eps: The clip margin: T stays in ``[eps, 2 T0 - eps]``.
-        budget: Solve each block on this many rk4 steps (``LearnableHorizon(..., budget=N)``); upstream's
-            solver settings become the reference of the stepper's guard.
+        budget: Solve each block on this many rk4 steps in training (``LearnableHorizon(..., budget=N)``);
+            upstream's adaptive solver settings become its reference (else dopri5 at 1e-5), which scores the
+            model in ``eval()`` and which the stepper's guard checks the steps against.
         off: The baseline: the same patch with T fixed at T0.
+        learn_T: Learn T on a budget too (without a budget T is learned unless ``off``).
+        select: The parts of the state the guard compares (:class:`~torch_tempopt.BudgetGuard`).
         flags: The upstream's own switches (:attr:`Upstream.flags`).
 
     Attributes:
@@ -104,21 +109,25 @@ class Patch:
     """
 
     def __init__(self, upstream: Upstream, checkout: str | Path, *, script: str | None = None, lr: float = 1e-2,
-                 alpha: float = 0.1, eps: float = 0.1, budget: int | None = None, off: bool = False,
-                 **flags: bool) -> None:
+                 alpha: float = 0.0, eps: float = 0.1, budget: int | None = None, off: bool = False,
+                 learn_T: bool = False, **flags: bool) -> None:
         unknown = sorted(set(flags) - set(upstream.flags))
         if unknown:
             raise TypeError(f"{upstream.name}_patch has no option {unknown[0]!r}; its own are {sorted(upstream.flags)}.")
         self.upstream, self.script, self.flags = upstream, script, flags
         self.checkout = Path(checkout).expanduser().resolve()
-        self.lr, self.alpha, self.eps, self.budget, self.off = lr, alpha, eps, budget, off
+        if off and learn_T:
+            raise ValueError("off and learn_T contradict each other; pass one of them.")
+        self.lr, self.alpha, self.eps, self.budget, self.off, self.learn_T = lr, alpha, eps, budget, off, learn_T
+        self.iterations = 0
         self.names: list[str] = []
         self.horizons: list[LearnableHorizon] = []
         self.owners: list[nn.Module] = []
         self.after_step: list[Callable[[], None]] = []
-        self.stepper: _Stepper | None = None
+        self.stepper: CoordinateDescentStepper | None = None
         self.commit = _git_commit(self.checkout)
         self.csv_path: Path | None = None
+        self._resumed = False
         self._counters: dict[int, list[NFECounter]] = {}
         self._stack = contextlib.ExitStack()
 
@@ -185,10 +194,10 @@ class Patch:
     def horizon(self, owner: nn.Module, T0: float) -> LearnableHorizon:
         """A new horizon for the upstream block ``owner`` whose end time is ``T0``."""
         try:
-            horizon = LearnableHorizon(T0, eps=self.eps, budget=self.budget)
+            learn = False if self.off else (True if self.learn_T else None)
+            horizon = LearnableHorizon(T0, eps=self.eps, budget=self.budget, learn_T=learn)
         except (TypeError, ValueError) as e:
             raise PatchError(f"block {len(self.horizons)} (T0={T0:.6g}) does not fit the --tempopt-* settings: {e}") from e
-        horizon.T.requires_grad_(not self.off)
         self.horizons.append(horizon)
         self.owners.append(owner)
         return horizon
@@ -217,11 +226,13 @@ class Patch:
         save, optimizers = self._script()
         parser = argparse.ArgumentParser(add_help=False)
         parser.add_argument("--save", default=save)
-        self.csv_path = self.checkout / parser.parse_known_args(list(argv))[0].save / "tempopt.csv"
+        parser.add_argument("--resume", default=None)
+        known = parser.parse_known_args(list(argv))[0]
+        self.csv_path, self._resumed = self.checkout / known.save / "tempopt.csv", known.resume is not None
         sys.argv[:] = [str(path), *argv]
         os.chdir(self.checkout)
         runpy.run_path(str(path), run_name="__main__")
-        if optimizers and not (self.stepper and self.stepper.iterations):
+        if optimizers and not (self.stepper and self.iterations):
             raise PatchError(f"{self.script} returned without stepping its blocks through "
                              f"{' or '.join(optimizers)}, so T was not trained (a script that catches its own "
                              "exceptions, like RNODE's train.py, printed a traceback above).")
@@ -257,6 +268,39 @@ class Patch:
         here = str(Path(__file__).resolve().parent)  # examples/ holds a train.py and a data.py of its own
         sys.path[:] = [str(self.checkout)] + [p for p in path if p not in ("", here)]
 
+    def _stepper(self, optimizer: Optimizer, horizons: list[LearnableHorizon]) -> CoordinateDescentStepper:
+        """The stepper around the script's weight optimizer; its step hooks write ``tempopt.csv``.
+
+        A row per block and step: ``iteration``, ``block``, ``T`` (used in this step's solve), ``dLdT`` (the loss's,
+        without the regulariser; empty when T is fixed) and the NFE of this step's training solves (the guard's
+        evaluations are its own, in ``stepper.guard.stats``).
+        """
+        budgeted = [h for h in horizons if h.budget is not None]
+        guard = bool(budgeted) and BudgetGuard(budgeted, select=self.upstream.select)
+        stepper = CoordinateDescentStepper(optimizer, horizons, lr=self.lr, alpha=self.alpha, guard=guard)
+        rows: list[list[Any]] = []
+
+        def before(opt: Optimizer, args: Any, kwargs: Any) -> None:
+            for h in horizons:
+                if h.T.grad is not None:
+                    _mean_over_ranks(h.T.grad)
+                counters = self._counters.pop(id(h), [])
+                rows.append([self.horizons.index(h), f"{h.T.item():.9g}",
+                             "" if h.T.grad is None else f"{h.T.grad.item():.9g}",
+                             sum(c.nfe_forward for c in counters), sum(c.nfe_backward for c in counters)])
+
+        def after(opt: Optimizer, args: Any, kwargs: Any) -> None:
+            self.iterations += 1
+            for hook in self.after_step:
+                hook()
+            fresh = self.iterations == 1 and not self._resumed  # a rerun into the same --save starts afresh
+            _write_csv(self.csv_path, [[self.iterations, *row] for row in rows], fresh=fresh)
+            rows.clear()
+
+        stepper.register_step_pre_hook(before)
+        stepper.register_step_post_hook(after)
+        return stepper
+
     def _wrap_optimizer(self, dotted: str) -> None:
         """Replaces the optimizer class ``dotted`` by a factory that wraps the weight optimizer in the stepper."""
         module_name, _, name = dotted.rpartition(".")
@@ -272,48 +316,13 @@ class Patch:
                     if any(id(p) in given and id(p) not in times for p in owner.parameters())]
             if not mine:  # not over the blocks' weights (e.g. the stepper's own Adam for T)
                 return optimizer
-            patch.stepper = _Stepper(patch, optimizer, mine)
+            patch.stepper = patch._stepper(optimizer, mine)
             return patch.stepper
 
         build.__name__ = build.__qualname__ = name
         build.__doc__ = f"{dotted}, wrapped in a CoordinateDescentStepper when it holds a block's weights."
         build.__wrapped__ = original  # type: ignore[attr-defined]
         self.set(module, name, build)
-
-
-class _Stepper(CoordinateDescentStepper):
-    """The stepper that the patched optimizer class returns; it also writes ``tempopt.csv``.
-
-    A row per block and step: ``iteration``, ``block``, ``T`` (used in this step's solve), ``dLdT`` (the loss's,
-    without the regulariser; empty when T is fixed) and the NFE of this step's training solves.
-    """
-
-    def __init__(self, patch: Patch, optimizer: Optimizer, horizons: list[LearnableHorizon]) -> None:
-        super().__init__(optimizer, horizons, lr=patch.lr, alpha=patch.alpha)
-        self.patch, self.iterations = patch, 0
-
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        rows = []
-        for h in self.horizons:
-            if h.T.grad is not None:
-                _mean_over_ranks(h.T.grad)
-            counters = self.patch._counters.pop(id(h), [])
-            rows.append([self.patch.horizons.index(h), f"{h.T.item():.9g}",
-                         "" if h.T.grad is None else f"{h.T.grad.item():.9g}",
-                         sum(c.nfe_forward for c in counters), sum(c.nfe_backward for c in counters)])
-        loss = super().step(closure)
-        self.iterations += 1
-        for hook in self.patch.after_step:
-            hook()
-        _append_csv(self.patch.csv_path, [[self.iterations, *row] for row in rows])
-        return loss
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
-        """Loads a stepper's state, or an unpatched run's optimizer state into the weights' optimizer (``--resume``)."""
-        if "horizon_optimizer" in state_dict:
-            super().load_state_dict(state_dict)
-        else:
-            self.optimizer.load_state_dict(state_dict)
 
 
 def _distributed() -> bool:
@@ -326,14 +335,15 @@ def _mean_over_ranks(grad: Tensor) -> None:
         grad /= torch.distributed.get_world_size()
 
 
-def _append_csv(path: Path | None, rows: list[list[Any]]) -> None:
+def _write_csv(path: Path | None, rows: list[list[Any]], fresh: bool) -> None:
+    """Appends ``rows`` to ``tempopt.csv``, or starts it anew with its header if ``fresh`` or missing."""
     if path is None or (_distributed() and torch.distributed.get_rank() != 0):
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
+    fresh = fresh or not path.exists()
+    with open(path, "w" if fresh else "a", newline="") as f:
         writer = csv.writer(f)
-        if new:
+        if fresh:
             writer.writerow(CSV_COLUMNS)
         writer.writerows(rows)
 
@@ -367,6 +377,10 @@ def main(upstream: Upstream, argv: Sequence[str] | None = None) -> int:
     """The command line ``NAME_patch.py --NAME PATH [--tempopt-*] -- SCRIPT [its arguments]``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     prog = f"{upstream.name}_patch.py"
+    head = argv[: argv.index("--")] if "--" in argv else argv
+    if "-h" in head or "--help" in head:
+        _parser(upstream, prog).print_help()
+        return 0
     if "--" not in argv or argv[-1] == "--":
         raise SystemExit(f"{prog}: separate the patch's options from the upstream script with --, e.g. "
                          f"{prog} --{upstream.name} PATH -- {next(iter(upstream.scripts))} --save /tmp/run")
@@ -390,12 +404,16 @@ def _parser(upstream: Upstream, prog: str) -> argparse.ArgumentParser:
     parser.add_argument(f"--{upstream.name}", type=Path, required=True,
                         help=f"the checkout (checked against {upstream.commit[:8]})")
     parser.add_argument("--tempopt-lr", type=_number(), default=1e-2, help="Adam's learning rate for T (1e-2)")
-    parser.add_argument("--tempopt-alpha", type=_number(), default=0.1, help="the regulariser alpha * T (0.1)")
+    parser.add_argument("--tempopt-alpha", type=_number(), default=0.0,
+                        help="the regulariser alpha * |T - t0| (0: off; TO-FLOW's paper: 0.1)")
     parser.add_argument("--tempopt-eps", type=_number(positive=True), default=0.1,
                         help="the clip margin: T stays in [eps, 2 T0 - eps] (0.1)")
     parser.add_argument("--tempopt-budget", type=_steps, default=None, metavar="N",
-                        help="solve each block on N rk4 steps; upstream's solver settings become the guard's reference")
+                        help="train each block on N rk4 steps, guarded; upstream's adaptive settings are the reference "
+                        "that scores the model in eval() (else dopri5 at 1e-5)")
     parser.add_argument("--tempopt-off", action="store_true", help="the baseline: the same patch with T fixed at T0")
+    parser.add_argument("--tempopt-learn-T", dest="tempopt_learn_T", action="store_true",
+                        help="learn T on a budget too (a budget keeps T fixed unless asked)")
     for key, text in upstream.flags.items():
         parser.add_argument(f"--tempopt-{key.replace('_', '-')}", dest=f"tempopt_{key}", action="store_true", help=text)
     return parser

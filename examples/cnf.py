@@ -256,13 +256,12 @@ class CNF(nn.Module):
         solver_kwargs: The solver settings (default dopri5 at 1e-5); with a budget, its reference.
         adjoint: Solve with :func:`torchdiffeq.odeint_adjoint`.
         budget: Solve on this many rk4 steps (:class:`~torch_tempopt.LearnableHorizon` ``budget``).
-        learn_placement: Whether the budget's step placement is learned (else uniform).
         eps: The horizon's clip margin.
     """
 
     def __init__(self, odefunc: nn.Module, T0: float = 0.5, time_mode: str = "learn",
                  solver_kwargs: dict[str, Any] | None = None, *, adjoint: bool = False, budget: int | None = None,
-                 learn_placement: bool = False, eps: float = 0.1) -> None:
+                 eps: float = 0.1) -> None:
         super().__init__()
         _choose(dict.fromkeys(TIME_MODES), time_mode, "time_mode")
         if time_mode == "steer" and T0 <= 0.25:
@@ -270,10 +269,9 @@ class CNF(nn.Module):
         _core(odefunc)
         self.odefunc, self.time_mode, self.adjoint = odefunc, time_mode, adjoint
         self.solver_kwargs = dict(DEFAULT_SOLVER_KWARGS if solver_kwargs is None else solver_kwargs)
-        self.horizon = LearnableHorizon(T0=T0, eps=eps, budget=budget)
-        self.horizon.T.requires_grad_(time_mode == "learn")
-        if self.horizon.placement is not None:
-            self.horizon.placement.requires_grad_(learn_placement)
+        reference = None if budget is None else self.solver_kwargs
+        self.horizon = LearnableHorizon(T0=T0, eps=eps, budget=budget, learn_T=time_mode == "learn",
+                                        reference=reference)
 
     def forward(self, z: Tensor, logpz: Tensor | None = None, reverse: bool = False) -> FlowOutput:
         """Transports ``z`` from t0 to T (back if ``reverse``); see :class:`FlowOutput`."""

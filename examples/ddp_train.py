@@ -70,12 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of the weights")
     p.add_argument("--tempopt-lr", type=float, default=1e-2, help="Adam learning rate of T")
     p.add_argument("--alpha", type=float, default=0.1)
-    p.add_argument("--mode", choices=("alternate", "exact"), default="alternate")
     p.add_argument("--solver", choices=ADAPTIVE + FIXED_GRID, default="dopri5")
     p.add_argument("--rtol", type=float, default=1e-5)
     p.add_argument("--atol", type=float, default=1e-5)
     p.add_argument("--step-size", type=float, default=None, help="for fixed-grid solvers")
-    p.add_argument("--budget", type=int, default=None, help="N rk4 steps per solve, placement learned (guard raises)")
+    p.add_argument("--budget", type=int, default=None, help="N rk4 steps per solve, guarded (placement fitted)")
     p.add_argument("--adjoint", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--find-unused-parameters", action="store_true", help="DDP's option (not needed for T)")
     p.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto", help="auto: nccl with CUDA")
@@ -127,7 +126,6 @@ def train(args: argparse.Namespace) -> dict[str, Any] | None:
             adjoint=args.adjoint,
             eps=args.eps,
             budget=args.budget,
-            learn_placement=args.budget is not None,
         ).to(device)
         ddp = DistributedDataParallel(
             model,
@@ -139,8 +137,6 @@ def train(args: argparse.Namespace) -> dict[str, Any] | None:
             ddp,
             lr=args.tempopt_lr,
             alpha=args.alpha,
-            mode=args.mode,
-            guard_action="raise",  # a grown budget would change a parameter's shape under DDP
         )
         torch.manual_seed(args.seed + 1 + rank)  # Hutchinson probes: independent per rank
         rng = np.random.default_rng(args.seed)  # the global batches: the same stream on every rank
@@ -157,11 +153,8 @@ def train(args: argparse.Namespace) -> dict[str, Any] | None:
                 nll.backward()
                 return nll
 
-            if args.mode == "exact":
-                loss = stepper.step(closure)
-            else:
-                loss = closure()
-                stepper.step()
+            loss = closure()
+            stepper.step()
             mean = loss.detach().clone()
             dist.all_reduce(mean)
             losses.append(mean.item() / world)
@@ -171,7 +164,7 @@ def train(args: argparse.Namespace) -> dict[str, Any] | None:
         seconds = time.perf_counter() - start
 
         # Every rank must hold the same T and weights, bit for bit.
-        mine = {"T": [repr(t) for t in end_times(model)], "weights": _digest(list(model.parameters()))}  # placement too
+        mine = {"T": [repr(t) for t in end_times(model)], "weights": _digest([*model.parameters(), *model.buffers()])}
         everyone: list[Any] = [None] * world
         dist.all_gather_object(everyone, mine)
         if rank != 0:

@@ -16,7 +16,10 @@ Patched until the patch exits, each name checked first:
     Gives each block ``self.horizon``, a :class:`~torch_tempopt.LearnableHorizon` with T0 = ``sqrt_end_time**2``,
     outside the module tree (the state dict keeps upstream's keys). ``sqrt_end_time``, a parameter under
     ``--train_T True``, becomes a buffer that mirrors T after every step, so upstream's ``CNF Time`` log and its
-    checkpoints show the learned T, and ``load_state_dict`` (``--resume``) reads T back from it.
+    checkpoints show the learned T, and ``load_state_dict`` (``--resume``) reads T back from it. On a budget the
+    block's state dict also holds ``tempopt_budget`` and ``tempopt_placement`` (a grown budget and a fitted
+    placement survive ``--resume``; an unpatched checkpoint loads without them). The horizon follows its block's
+    ``train()``/``eval()``: upstream's validation is scored with the adaptive reference, not the budget.
 ``lib.layers.cnf.odeint``
     Upstream's forward calls ``odeint(self.odefunc, state, [0, T], **settings)`` (``[T, 0]`` reversed); such a call
     becomes ``self.horizon(self.odefunc, state, solver=odeint, reverse=..., **settings)``, which returns the same
@@ -52,11 +55,14 @@ if __package__ in (None, ""):  # run as a file: make ``examples`` importable
 
 from examples._upstream_common import Patch, Upstream, importable
 from examples._upstream_common import main as _main
+from torch_tempopt import LearnableHorizon
+from torch_tempopt.horizon import FIXED_GRID_METHODS
 
 __all__ = ["COMMIT", "FFJORD", "install_cnf", "main", "patched"]
 
 COMMIT = "994864ad0517db3549717c25170f9b71e96788b1"
 _KEY = "_tempopt_cnf"  # on a block's odefunc: the block, for the routed odeint
+_BUDGET = ("tempopt_budget", "tempopt_placement")  # a budgeted block's extra state-dict keys
 
 
 def install_cnf(patch: Patch, forward: str) -> None:
@@ -83,6 +89,9 @@ def _init(patch: Patch, init: Callable[..., None]) -> Callable[..., None]:
         vars(self)["horizon"] = horizon  # outside the module tree: upstream's parameters and state-dict keys
         vars(self.odefunc)[_KEY] = self  # (DataParallel's replicas copy it)
         self.register_load_state_dict_post_hook(_read_T)
+        if horizon.budget is not None:  # checkpoints keep the budget and its placement too
+            self.register_state_dict_post_hook(_save_budget)
+            self.register_load_state_dict_pre_hook(_load_budget)
         patch.after_step.append(functools.partial(_write_T, self))
 
     return __init__
@@ -97,6 +106,20 @@ def _read_T(cnf: nn.Module, incompatible_keys: Any) -> None:
         cnf.horizon.T.fill_(float(cnf.sqrt_end_time) ** 2)
 
 
+def _save_budget(cnf: nn.Module, state: dict[str, Any], prefix: str, metadata: Any) -> None:
+    state[prefix + _BUDGET[0]] = cnf.horizon.n_steps.detach().clone()
+    state[prefix + _BUDGET[1]] = cnf.horizon.placement.detach().clone()
+
+
+def _load_budget(cnf: nn.Module, state: dict[str, Any], prefix: str, *args: Any) -> None:
+    """Reads the budget and placement back (an unpatched or unbudgeted checkpoint has neither)."""
+    n, placement = (state.pop(prefix + key, None) for key in _BUDGET)
+    if n is not None and placement is not None:
+        with torch.no_grad():
+            cnf.horizon.placement.copy_(placement)
+            cnf.horizon.n_steps.copy_(n)
+
+
 def _route(patch: Patch, odeint: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(odeint)
     def routed(func: Any, y0: Any, t: torch.Tensor, **kwargs: Any) -> Any:
@@ -105,10 +128,20 @@ def _route(patch: Patch, odeint: Callable[..., Any]) -> Callable[..., Any]:
             return odeint(func, y0, t, **kwargs)
         if isinstance(kwargs.get("rtol"), (list, tuple)):  # RNODE's per-state tolerances: scalars for the adjoint
             kwargs = {"adjoint_rtol": kwargs["rtol"][0], "adjoint_atol": kwargs["atol"][0], **kwargs}
-        horizon = cnf.horizon
+        horizon = cnf.horizon.train(cnf.training)  # outside the module tree: it follows its block's mode
+        if horizon.budget is not None:
+            kwargs = _as_reference(horizon, kwargs)
         return horizon(patch.count(horizon, func), y0, solver=odeint, reverse=bool(t[0] > t[-1]), **kwargs)
 
     return routed
+
+
+def _as_reference(horizon: LearnableHorizon, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """On a budget, upstream's adaptive settings (training's or, in eval, its test settings) become the reference."""
+    solve = {k: kwargs[k] for k in ("method", "rtol", "atol", "options") if kwargs.get(k) is not None}
+    if solve.get("method") not in FIXED_GRID_METHODS:  # a fixed-step call (RNODE's rk4 recipe) keeps dopri5
+        horizon.reference = {k: v[0] if isinstance(v, (list, tuple)) else v for k, v in solve.items()}
+    return {k: v for k, v in kwargs.items() if k not in solve and k not in ("method", "rtol", "atol", "options")}
 
 
 def _spans(t: torch.Tensor, cnf: nn.Module) -> bool:

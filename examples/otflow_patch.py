@@ -21,16 +21,19 @@ Patched until the patch exits, each name checked first:
     returns the same ``(Jc, [L, C, R])``. The solver is upstream's own ``stepRK4`` scheme, ``nt`` steps, made
     odeint-like by :func:`torch_tempopt.contrib.final_state_solver`; the horizon adds
     :math:`dJ/dT = \langle dJ/dz(T), F(T, z(T)) \rangle` (one more evaluation). With ``--tempopt-budget N`` it is
-    N rk4 steps of torchdiffeq instead (dJ/dT is then the exact derivative of that discrete solve), and steps of
-    ``1/nt`` are the guard's reference. Other spans run upstream's function.
+    N rk4 steps of torchdiffeq instead (dJ/dT is then the exact derivative of that discrete solve); the reference,
+    which scores the model in ``eval()`` and which the guard checks the steps against, is dopri5 at 1e-5 (not
+    upstream's fixed steps), comparing the sample ``x`` and the log-density ``l`` only, per dimension. Other spans
+    run upstream's function.
 ``src.OTFlowProblem.integrate``
     Sampling and plots: the span ``[0, 1]`` (``[1, 0]``) becomes ``[0, T]`` (``[T, 0]``).
 ``torch.optim.Adam``
     Returns Adam wrapped in a :class:`~torch_tempopt.CoordinateDescentStepper`, which takes ``horizon.T`` out of it:
     the scripts' LR drop over ``optim.param_groups`` acts on the weights only.
 
-The field is :func:`odefun`, our own implementation of OT-Flow's equations that takes a tensor ``t`` (equal to
-upstream's at float times). Shims for a headless CPU, each only where needed: stubs of ``h5py`` and of the
+The field is :func:`odefun`, a re-implementation of upstream's ``src.OTFlowProblem.odefun`` that takes a tensor
+``t`` (upstream's ``pad(value=t)`` takes a Python number only); ``tests/test_upstream_real.py`` checks it against
+upstream's at float times on a real checkout. Shims for a headless CPU, each only where needed: stubs of ``h5py`` and of the
 repository's ``datasets`` package (which imports h5py and pandas; only the large data sets use it), and
 ``matplotlib.use`` mapping TkAgg to Agg without a display.
 """
@@ -124,7 +127,7 @@ def _problem(patch: Patch, ot: Any) -> Callable[..., Any]:
                                         stepper=stepper, net=Phi, alph=alph)
             z = horizon(field, z0, solver=solver)[-1]
         else:
-            z = horizon(field, z0, method="rk4" if stepper == "rk4" else "euler", options={"step_size": T0 / nt})[-1]
+            z = horizon(field, z0)[-1]  # N rk4 steps in training, the adaptive reference in eval()
         costs = [z[:, -2].mean(), ot.C(z).mean(), z[:, -1].mean()]
         return sum(c * a for c, a in zip(costs, alph)), costs
 
@@ -176,6 +179,7 @@ def _headless(patch: Patch) -> None:
 #: The specification: the scripts, their ``--save`` defaults and optimizer classes (none for the evaluations).
 OTFLOW = Upstream(
     name="otflow", repo="EmoryMLIP/OT-Flow", commit=COMMIT, marker="src/OTFlowProblem.py", install=install,
+    select=lambda z: (z[..., :-3], z[..., -3:-2]),  # [x, l, v, r] in one tensor: the sample and the log-density
     scripts={"trainToyOTflow.py": ("experiments/cnf/toy", ("torch.optim.Adam",)),
              "trainLargeOTflow.py": ("experiments/cnf/large", ("torch.optim.Adam",)),
              "trainMnistOTflow.py": ("experiments/cnf/large", ("torch.optim.Adam",)),

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from torch_tempopt import CoordinateDescentStepper
+from torch_tempopt import BudgetGuard, CoordinateDescentStepper
 
 from .cnf import (
     CNF,
@@ -116,7 +116,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tempopt-lr", type=float, default=1e-2, help="Adam learning rate of T")
     g.add_argument("--alpha", type=float, default=0.1, help="temporal regulariser alpha |T - t0|")
     g.add_argument("--eps", type=float, default=0.1, help="clip margin: T in [t0 + eps, 2 T0 - t0 - eps]")
-    g.add_argument("--mode", choices=("alternate", "exact"), default="alternate")
     g.add_argument("--reset-at-bound", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--skip-nonfinite", action="store_true")
     g.add_argument("--kinetic", type=float, default=0.01, help="RNODE kinetic coefficient")
@@ -130,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--budget", type=_positive_int, default=None, help="train on N rk4 steps per solve")
     g.add_argument("--placement", choices=("uniform", "learned"), default=None, help="default: learned for TO-FLOW")
     g.add_argument("--guard-every", type=_natural, default=100, help="budget guard period (0: off)")
-    g.add_argument("--guard-tol", type=float, default=0.05, help="budget guard tolerance (mean abs error)")
+    g.add_argument("--guard-tol", type=float, default=0.025, help="budget guard tolerance (per dimension)")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-every", type=_natural, default=100, help="test NLL every N iterations (0: only at the end)")
     g.add_argument("--test-size", type=_positive_int, default=None, help="held-out points (toy: 10000; digits: all)")
@@ -169,7 +168,6 @@ def resolve_config(args: ArgsLike) -> dict[str, Any]:
     spec = METHODS[c["method"]]
     if not spec["rnode"]:
         c["kinetic"] = c["jacobian"] = 0.0
-    c["mode"] = c["mode"] if spec["learn"] else None
     fixed = c["solver"] in FIXED_GRID_SOLVERS
     if fixed != (c["step_size"] is not None):
         raise ValueError(f"--step-size goes with the fixed-grid solvers {FIXED_GRID_SOLVERS}, got --solver {c['solver']}.")
@@ -218,8 +216,7 @@ def build_model(c: dict[str, Any]) -> nn.Module:
     common = dict(num_blocks=int(c["num_blocks"]), divergence=c["divergence"], kinetic=float(c["kinetic"]),
                   jacobian=float(c["jacobian"]), T0=float(c["T0"]), layer_type=c["layer_type"],
                   nonlinearity=c["nonlinearity"], count=True, time_mode=spec["time_mode"],
-                  solver_kwargs=_solver_kwargs(c), adjoint=bool(c["adjoint"]), budget=c["budget"],
-                  learn_placement=c["placement"] == "learned", eps=float(c["eps"]))
+                  solver_kwargs=_solver_kwargs(c), adjoint=bool(c["adjoint"]), budget=c["budget"], eps=float(c["eps"]))
     with _torch_settings(getattr(torch, c["dtype"])):
         if c["data"] == "digits":
             return build_image_model(1, _hidden(c["hidden"]), net=c["net"], **common)
@@ -230,9 +227,10 @@ def _build_optimizer(model: nn.Module, c: dict[str, Any]) -> torch.optim.Optimiz
     weights = torch.optim.Adam(network_parameters(model), lr=c["lr"], weight_decay=c["weight_decay"])
     if not METHODS[c["method"]]["learn"] and c["budget"] is None:
         return weights
-    return CoordinateDescentStepper(weights, model, lr=c["tempopt_lr"], alpha=c["alpha"], mode=c["mode"] or "alternate",
-                                    reset_at_bound=bool(c["reset_at_bound"]), skip_nonfinite=bool(c["skip_nonfinite"]),
-                                    guard_every=int(c["guard_every"]), guard_tol=float(c["guard_tol"]))
+    guard = c["budget"] is not None and BudgetGuard(model, every=int(c["guard_every"]), tol=float(c["guard_tol"]),
+                                                    fit_steps=int(c["placement"] == "learned"))
+    return CoordinateDescentStepper(weights, model, lr=c["tempopt_lr"], alpha=c["alpha"], guard=guard,
+                                    reset_at_bound=bool(c["reset_at_bound"]), skip_nonfinite=bool(c["skip_nonfinite"]))
 
 
 def load_model(path: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any], int]:
@@ -288,16 +286,18 @@ class _Data:
 def scoring(model: nn.Module, solver_kwargs: dict[str, Any]) -> Iterator[None]:
     """Within the block every block solves adaptively with ``solver_kwargs`` (plain odeint), whatever its budget."""
     blocks = [m for m in model.modules() if isinstance(m, CNF)]
-    saved = [(b.solver_kwargs, b.adjoint) for b in blocks]
+    saved = [(b.solver_kwargs, b.adjoint, b.horizon.reference) for b in blocks]
     with contextlib.ExitStack() as stack:
         for b in blocks:
             b.solver_kwargs, b.adjoint = dict(solver_kwargs), False
-            stack.enter_context(b.horizon.adaptive())
+            if b.horizon.budget is not None:
+                b.horizon.reference = dict(solver_kwargs)
+                stack.enter_context(b.horizon.budgeted(False))
         try:
             yield
         finally:
-            for b, (kwargs, adjoint) in zip(blocks, saved):
-                b.solver_kwargs, b.adjoint = kwargs, adjoint
+            for b, (kwargs, adjoint, reference) in zip(blocks, saved):
+                b.solver_kwargs, b.adjoint, b.horizon.reference = kwargs, adjoint, reference
 
 
 def evaluate(model: nn.Module, test: Tensor, *, image: bool, solver_kwargs: dict[str, Any], seed: int,
@@ -431,34 +431,20 @@ class _Run:
         """One iteration; returns the loss, the NLL and the penalties (before the step)."""
         self.optimizer.zero_grad(set_to_none=True)
         x, method = self.data.batch(), self.config["method"]
-        if self.config["mode"] == "exact":  # the closure runs twice: same batch, same dequantization
-            state, first = self.data.get_state(), []
-
-            def closure() -> Tensor:
-                self.optimizer.zero_grad(set_to_none=True)
-                self.data.set_state(state)
-                result = self.data.loss(self.model, x, method)
-                result[0].backward()
-                first.append(result)
-                return result[0]
-
-            self.optimizer.step(closure)
-            loss, nll, regs = first[0]
-        else:
-            loss, nll, regs = self.data.loss(self.model, x, method)
-            loss.backward()
-            self.optimizer.step()
+        loss, nll, regs = self.data.loss(self.model, x, method)
+        loss.backward()
+        self.optimizer.step()
         return loss.item(), None if nll is None else nll.item(), {k: v.item() for k, v in regs.items()}
 
     def _row(self, loss: float, nll: float | None, regs: dict[str, float], counts: dict[str, int]) -> dict[str, Any]:
         row: dict[str, Any] = {"iteration": self.iteration, "loss": loss, "nll": nll, **regs}
-        guard = getattr(self.optimizer, "stats", {}).get("horizons", [])
-        checked = isinstance(self.optimizer, CoordinateDescentStepper) and self.optimizer.guard_every and \
-            (self.iteration - 1) % self.optimizer.guard_every == 0
+        guard = getattr(self.optimizer, "guard", None)
+        checked = guard is not None and guard.every and (guard.stats["steps"] - 1) % guard.every == 0
+        errors = guard.stats["errors"] if guard is not None else []
         for i, h in enumerate(self.horizons):
             row[f"T_{i}"], row[f"dLdT_{i}"] = float(h.T.detach()), None if h.T.grad is None else float(h.T.grad)
             row[f"budget_{i}"] = h.budget
-            error = guard[i].get("error") if i < len(guard) else None
+            error = errors[i] if i < len(errors) else None
             row[f"guard_error_{i}"] = max(error) if checked and error else None
         row.update(nfe_forward=counts["forward"], nfe_backward=counts["backward"], wall_seconds=self.wall,
                    cpu_seconds=self.cpu, test_nll=None)
@@ -513,7 +499,7 @@ class _Run:
 
     def _metrics(self) -> dict[str, Any]:
         c, last, done = self.config, self.evals[-1] if self.evals else {}, max(self.iteration, 1)
-        stats = getattr(self.optimizer, "stats", None)
+        stats, guard = getattr(self.optimizer, "stats", None), getattr(self.optimizer, "guard", None)
         return {"method": c["method"], "data": c["data"], "seed": c["seed"], "iters": self.iteration,
                 "test_nll": last.get("test_nll", math.nan), "unit": self.data.unit,
                 "nfe_forward_total": self.nfe_forward, "nfe_backward_total": self.nfe_backward,
@@ -524,7 +510,8 @@ class _Run:
                 "budget": [h.budget for h in self.horizons],
                 "fractions": [None if h.budget is None else h.fractions().tolist() for h in self.horizons],
                 "clip_counts": None if stats is None else [h["clip_count"] for h in stats["horizons"]],
-                "guard_events": None if stats is None else stats["guard_events"],
+                "guard_events": None if guard is None else guard.stats["events"],
+                "guard": None if guard is None else {k: guard.stats[k] for k in ("checks", "nfe", "seconds")},
                 "config": c, "eval_curve": self.evals, "log": self.rows, "torch_version": torch.__version__}
 
 

@@ -17,7 +17,7 @@ from torch_tempopt import CoordinateDescentStepper, LearnableHorizon
 from torch_tempopt.nfe import in_backward
 
 RK4 = dict(method="rk4", options=dict(step_size=0.125))
-ADVICE = "the step size collapsed: loosen rtol/atol"
+ADVICE = "if the step size collapsed, loosen rtol/atol"
 
 
 def _notes(info: pytest.ExceptionInfo) -> str:
@@ -32,7 +32,7 @@ def test_step_size_underflow_keeps_its_type_and_gets_tolerance_advice() -> None:
         horizon(lambda t, y: y**2, torch.ones(3), rtol=1e-4, atol=1e-4)
     (note,) = info.value.__notes__
     assert note.startswith("LearnableHorizon(T=1.5, t0=0, bounds=(0.1, 2.9)): the solve failed; ")
-    for remedy in ("loosen rtol/atol", "options=dict(min_step=...)", "budget=N"):
+    for remedy in ("loosen rtol/atol", "budget=N"):
         assert remedy in note, remedy
     with pytest.raises(AssertionError, match=ADVICE):  # backwards from T too (y0 = -1 blows up going back)
         horizon(lambda t, y: y**2, -torch.ones(3), reverse=True, rtol=1e-4, atol=1e-4)
@@ -70,11 +70,11 @@ CAUSES = [  # (field, y0, call kwargs, exception type, the cause named in the no
     (_bad_parts, (torch.ones(3), torch.ones(2), torch.ones(1)), {}, RuntimeError,
      "func returned [(3,), (2,)] for a state of [(3,), (2,), (1,)]"),
     (lambda t, y: -y, torch.ones(3, dtype=torch.float16), {}, AssertionError,
-     "y0 is torch.float16, too coarse for a solver's error control"),
+     "y0 is torch.float16, too coarse for error control"),
     (_nan_field, torch.ones(3), {}, AssertionError, "func(t0, y0) is not finite at t=0."),
     (_broken, torch.ones(3), {}, KeyError, "func fails at t=0: KeyError."),
     (lambda t, y: -y, torch.ones(3), dict(solver=_failing_solver), ValueError,
-     "y0 and func(t0, y0) look fine; see the error above."),
+     "y0 and func(t0, y0) are finite and well shaped"),
 ]
 
 
@@ -84,7 +84,8 @@ def test_a_failing_solve_gets_a_note_naming_its_cause_and_not_the_tolerance_advi
     with pytest.raises(exc) as info:
         horizon(field, y0, **kwargs)
     assert cause in _notes(info)
-    assert ADVICE not in _notes(info)
+    # the conditional step-size advice only follows inputs that were checked and found fine (no guess by message)
+    assert (ADVICE in _notes(info)) == ("finite and well shaped" in cause)
     assert _notes(info).startswith("LearnableHorizon(T=1.5")
 
 
@@ -105,7 +106,7 @@ def test_field_failure_in_the_backward_extra_evaluation_gets_a_note() -> None:
     y = horizon(field, torch.ones(2), **RK4)
     with pytest.raises(RuntimeError, match="broke in backward") as info:
         y[-1].sum().backward()
-    assert "the field failed at the one evaluation F(t, y(t)) that dL/dt needs" in _notes(info)
+    assert "the field failed at F(t, y(t)), for dL/dt" in _notes(info)
 
 
 def test_empty_state_is_refused_by_name() -> None:
@@ -194,9 +195,9 @@ def test_call_rejects_non_callable_func():
 def test_budget_methods_reject_bad_input():
     plain, budgeted = LearnableHorizon(T0=0.5), LearnableHorizon(T0=0.5, budget=2)
     f, y0 = (lambda t, y: -y), torch.ones(2)
-    with pytest.raises(TypeError, match="^solver must be torchdiffeq.odeint or torchdiffeq.odeint_adjoint on a budget"):
+    with pytest.raises(TypeError, match="^solver must be torchdiffeq's odeint or odeint_adjoint"):
         budgeted(f, y0, solver=lambda func, y, t, **kw: torchdiffeq.odeint(func, y, t, **kw))
-    with pytest.raises(ValueError, match="^error needs a budget"):
+    with pytest.raises(ValueError, match="needs a budget"):
         plain.error(f, y0)
     with pytest.raises(ValueError, match="^fit needs a budget"):
         plain.fit(f, y0)
@@ -229,18 +230,14 @@ class Model(nn.Module):
 
 
 
-CASES = [
-    (mode, where, skip)
-    for mode, where, skip in itertools.product(("alternate", "exact"), ("weights", "time", "exact-time"), (True, False))
-    if where != "exact-time" or mode == "exact"  # the second evaluation exists in exact mode only
-]
+CASES = list(itertools.product(("weights", "time"), (True, False)))
 
 
-@pytest.mark.parametrize("mode, where, skip", CASES)
-def test_a_nonfinite_gradient_never_half_applies_a_step(mode: str, where: str, skip: bool) -> None:
+@pytest.mark.parametrize("where, skip", CASES)
+def test_a_nonfinite_gradient_never_half_applies_a_step(where: str, skip: bool) -> None:
     torch.manual_seed(0)
     model = Model()
-    stepper = CoordinateDescentStepper(torch.optim.Adam(model.field.parameters(), lr=1e-2), model, mode=mode,
+    stepper = CoordinateDescentStepper(torch.optim.Adam(model.field.parameters(), lr=1e-2), model,
                                        skip_nonfinite=skip)
     x = torch.randn(8, 2)
     calls: list[int] = []
@@ -251,7 +248,7 @@ def test_a_nonfinite_gradient_never_half_applies_a_step(mode: str, where: str, s
         stepper.zero_grad()
         loss = (model(x) - 1).pow(2).sum(1).mean()
         loss.backward()
-        if armed and len(calls) == {"weights": 1, "time": 1, "exact-time": 2}[where]:
+        if armed:
             target = next(model.field.parameters()) if where == "weights" else model.horizon.T
             target.grad.view(-1)[0] = float("nan")
         return loss
@@ -260,10 +257,6 @@ def test_a_nonfinite_gradient_never_half_applies_a_step(mode: str, where: str, s
     calls.clear()
     armed.append(True)
     model_before, stepper_before = copy.deepcopy(model.state_dict()), copy.deepcopy(stepper.state_dict())
-    if mode == "exact" and where == "time" and not skip:
-        stepper.step(closure)  # exact mode discards the first dL/dT: the one at the updated weights is finite
-        assert stepper.stats["steps"] == 2 and stepper.stats["horizons"][0]["nonfinite"] == 0
-        return
     with pytest.warns(RuntimeWarning):
         stepper.step(closure)
     T_after = model.horizon.T.detach().clone()

@@ -339,13 +339,15 @@ def test_weight_gradients_unchanged_by_learning_T(solver):
 
 def test_every_parameter_gets_a_gradient():
     func = TupleField()
-    for h in (LearnableHorizon(T0=0.5, learn_t0=True), LearnableHorizon(T0=0.5, learn_t0=True, budget=3)):
+    for h in (LearnableHorizon(T0=0.5, learn_t0=True), LearnableHorizon(T0=0.5, learn_T=True, learn_t0=True, budget=3)):
         func.zero_grad()
         _loss(h(func, _tuple_state(3))).backward()
         for name, p in [*func.named_parameters(), *h.named_parameters()]:
             assert p.grad is not None, name
             assert torch.isfinite(p.grad).all(), name
-        assert set(dict(h.named_parameters())) == ({"T", "t0", "placement"} if h.budget else {"T", "t0"})
+        assert set(dict(h.named_parameters())) == {"T", "t0"}  # a budget's placement and size are buffers
+        assert set(dict(h.named_buffers())) == ({"placement", "n_steps"} if h.budget else set())
+    assert not LearnableHorizon(budget=2).T.requires_grad  # on a budget T is fixed unless learn_T=True
 
 
 def test_repr_bounds_and_parameters():
@@ -365,7 +367,7 @@ def test_state_dict_round_trip():
     with torch.no_grad():
         h.T.fill_(0.3)
         h.t0.fill_(-0.05)
-        h.placement.copy_(torch.tensor([0.2, -0.1, 0.4]))
+        h.placement[:3] = torch.tensor([0.2, -0.1, 0.4])
     other = LearnableHorizon(T0=0.5, learn_t0=True, budget=3)
     other.load_state_dict(h.state_dict())
     for k, v in h.state_dict().items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,9 +20,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_public_surface():
-    assert set(torch_tempopt.__all__) == {"CoordinateDescentStepper", "LearnableHorizon", "NFECounter", "count_nfe"}
+    assert set(torch_tempopt.__all__) == {"BudgetGuard", "CoordinateDescentStepper", "LearnableHorizon", "NFECounter",
+                                          "count_nfe"}
     assert {n for n in dir(torch_tempopt) if not n.startswith("_")} >= set(torch_tempopt.__all__)
-    assert torch_tempopt.__version__ == "0.2.0"
+    metadata = (ROOT / "setup.cfg").read_text()
+    assert "version = attr: torch_tempopt.__version__" in metadata  # one place for the version
+    assert re.fullmatch(r"\d+\.\d+\.\d+", torch_tempopt.__version__)
 
 
 def test_import_pulls_in_nothing_beyond_torch_torchdiffeq_numpy():
@@ -37,16 +41,16 @@ def test_import_pulls_in_nothing_beyond_torch_torchdiffeq_numpy():
 
 
 def test_core_size():
-    """At most 700 code lines in the core (contrib aside), no function over 60."""
+    """At most 850 code lines in the core (contrib aside) as ruff formats it at 99 columns, no function over 50."""
     spec = importlib.util.spec_from_file_location("code_lines", ROOT / "benchmarks" / "code_lines.py")
     code_lines = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(code_lines)
     pkg = ROOT / "torch_tempopt"
     result = code_lines.measure([str(pkg)], [str(pkg / "contrib")])
     assert not any("contrib" in f for f in result["files"]) and str(pkg / "horizon.py") in result["files"]
-    assert 0 < result["code_lines"] <= 700, result["files"]
+    assert 0 < result["code_lines"] <= 850, result["files"]
     name, longest = result["longest_functions"][0]
-    assert longest <= 60, name
+    assert longest <= 50, name
 
 
 def test_counts_forward_and_adjoint_backward():

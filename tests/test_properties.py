@@ -62,13 +62,14 @@ states = st.sampled_from([
 @SETTINGS
 @given(y0=states, reverse=flags, times=times, budget=st.sampled_from([None, 3]), learn_t0=st.booleans())
 def test_horizon_call(y0: Any, reverse: Any, times: Any, budget: Any, learn_t0: bool) -> None:
-    h = LearnableHorizon(T0=0.5, learn_t0=learn_t0, budget=budget)
+    h = LearnableHorizon(T0=0.5, learn_T=True, learn_t0=learn_t0, budget=budget)
 
     def field(t: torch.Tensor, y: Any) -> Any:
         return tuple(-p for p in y) if isinstance(y, tuple) else -y
 
     try:
-        out = h(field, y0, reverse=reverse, times=times, method="rk4", options=dict(step_size=0.25))
+        solve = {} if budget else dict(method="rk4", options=dict(step_size=0.25))
+        out = h(field, y0, reverse=reverse, times=times, **solve)
     except (ValueError, TypeError) as error:
         assert _names(error, "y0", "reverse", "times"), error
         return

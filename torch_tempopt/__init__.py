@@ -1,9 +1,16 @@
 """torch_tempopt: learnable integration horizons and step budgets for continuous normalizing flows."""
 
+from .guard import BudgetGuard
 from .horizon import LearnableHorizon
 from .nfe import NFECounter, count_nfe
 from .stepper import CoordinateDescentStepper
 
-__all__ = ["CoordinateDescentStepper", "LearnableHorizon", "NFECounter", "count_nfe"]
+__all__ = [
+    "BudgetGuard",
+    "CoordinateDescentStepper",
+    "LearnableHorizon",
+    "NFECounter",
+    "count_nfe",
+]
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"

@@ -16,7 +16,12 @@ __all__ = ["check_state", "flag", "real", "whole"]
 
 def real(name: str, value: Any) -> float:
     """Returns ``value`` (a Python, NumPy or one-element tensor real) as a finite float."""
-    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool:
+    if (
+        isinstance(value, Tensor)
+        and value.numel() == 1
+        and not value.is_complex()
+        and value.dtype != torch.bool
+    ):
         value = value.detach().item()
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {value!r}.")
@@ -50,10 +55,14 @@ def check_state(name: str, y: Any) -> tuple[bool, tuple[Tensor, ...]]:
     is_tuple = isinstance(y, (tuple, list))
     parts = tuple(y) if is_tuple else (y,)
     if is_tuple and not parts:
-        raise TypeError(f"{name} must be a floating tensor or a non-empty tuple of them, got an empty {type(y).__name__}.")
+        raise TypeError(
+            f"{name} must be a floating tensor or a non-empty tuple of them, got an empty {type(y).__name__}."
+        )
     for i, p in enumerate(parts):
         where = f"{name}[{i}]" if is_tuple else name
         if not isinstance(p, Tensor) or not p.is_floating_point():
             got = f"dtype {p.dtype}" if isinstance(p, Tensor) else type(p).__name__
-            raise TypeError(f"{where} must be a floating-point tensor, got {got}; convert it with torch.as_tensor(..., dtype=torch.float32).")
+            raise TypeError(
+                f"{where} must be a floating-point tensor, got {got}; convert it with torch.as_tensor(..., dtype=torch.float32)."
+            )
     return is_tuple, parts

@@ -76,7 +76,11 @@ class NFECounter(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            func = super().__getattr__("func") if "func" in self._modules else self.__dict__.get("func")
+            func = (
+                super().__getattr__("func")
+                if "func" in self._modules
+                else self.__dict__.get("func")
+            )
             if func is None or name.startswith("__"):
                 raise
             return getattr(func, name)

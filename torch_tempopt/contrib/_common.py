@@ -21,7 +21,9 @@ def require(backend: str, user: str) -> ModuleType:
     try:
         return importlib.import_module(backend)
     except ImportError as error:
-        raise ImportError(f"{user} needs {backend}, which is not installed; pip install 'torch-tempopt[{backend}]'.") from error
+        raise ImportError(
+            f"{user} needs {backend}, which is not installed; pip install 'torch-tempopt[{backend}]'."
+        ) from error
 
 
 def pack(is_tuple: bool, parts: Sequence[Tensor]) -> State:
@@ -43,12 +45,18 @@ def check_call(func: Any, y0: Any, t: Any) -> tuple[bool, tuple[Tensor, ...]]:
     if t.dim() != 1 or t.numel() < 2:
         raise ValueError(f"t must be 1-D with at least two times, got shape {tuple(t.shape)}.")
     if t.requires_grad:
-        raise ValueError("t must not require grad: integrate through LearnableHorizon, which supplies dL/dt, or pass t.detach().")
+        raise ValueError(
+            "t must not require grad: integrate through LearnableHorizon, which supplies dL/dt, or pass t.detach()."
+        )
     return is_tuple, parts
 
 
-def chain(step: Callable[[tuple[Tensor, ...], Tensor, Tensor], tuple[Tensor, ...]], is_tuple: bool,
-          parts: tuple[Tensor, ...], t: Tensor) -> State:
+def chain(
+    step: Callable[[tuple[Tensor, ...], Tensor, Tensor], tuple[Tensor, ...]],
+    is_tuple: bool,
+    parts: tuple[Tensor, ...],
+    t: Tensor,
+) -> State:
     """Solves interval by interval with ``step(y, t_a, t_b) -> y_b``; stacks the states at every time of ``t``."""
     rows = [parts]
     for a, b in zip(t[:-1], t[1:]):

@@ -18,27 +18,45 @@ _FIELDS = ("t, y", "y, t")
 def _signature(signature: Any) -> tuple[str, ...]:
     """The names of ``integrate``'s positional arguments, checked."""
     if not isinstance(signature, str):
-        raise TypeError(f"signature must be a string such as 'y0, func, tspan', got {type(signature).__name__}.")
+        raise TypeError(
+            f"signature must be a string such as 'y0, func, tspan', got {type(signature).__name__}."
+        )
     names = tuple(s.strip() for s in signature.split(","))
     given = set(names)
-    if not (given <= set(_SLOTS) and len(given) == len(names) and "y0" in given and ("tspan" in given or {"t0", "t1"} <= given)):
-        raise ValueError(f"signature must name y0 and the times (tspan, or t0 and t1), optionally func, each once, "
-                         f"from {_SLOTS}; got {signature!r}.")
+    if not (
+        given <= set(_SLOTS)
+        and len(given) == len(names)
+        and "y0" in given
+        and ("tspan" in given or {"t0", "t1"} <= given)
+    ):
+        raise ValueError(
+            f"signature must name y0 and the times (tspan, or t0 and t1), optionally func, each once, "
+            f"from {_SLOTS}; got {signature!r}."
+        )
     return names
 
 
 def _final(out: Any, like: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     """``integrate``'s result as parts, checked against the structure of the state."""
     parts = parts_of(out)
-    if len(parts) != len(like) or any(not isinstance(p, Tensor) or p.shape != q.shape for p, q in zip(parts, like)):
+    if len(parts) != len(like) or any(
+        not isinstance(p, Tensor) or p.shape != q.shape for p, q in zip(parts, like)
+    ):
         got = [tuple(p.shape) if isinstance(p, Tensor) else type(p).__name__ for p in parts]
-        raise ValueError(f"integrate must return the final state with y0's shapes {[tuple(q.shape) for q in like]}, "
-                         f"got {got}; wrap it to drop a trajectory or extra outputs.")
+        raise ValueError(
+            f"integrate must return the final state with y0's shapes {[tuple(q.shape) for q in like]}, "
+            f"got {got}; wrap it to drop a trajectory or extra outputs."
+        )
     return parts
 
 
-def final_state_solver(integrate: Callable[..., Any], *, signature: str = "func, y0, t0, t1", field: str = "t, y",
-                       **kwargs: Any) -> Callable[..., State]:
+def final_state_solver(
+    integrate: Callable[..., Any],
+    *,
+    signature: str = "func, y0, t0, t1",
+    field: str = "t, y",
+    **kwargs: Any,
+) -> Callable[..., State]:
     r"""Makes a solver with odeint's signature from an integrator that returns only the final state.
 
     ``integrate`` is called once per interval of the grid with its positional
@@ -88,7 +106,9 @@ def final_state_solver(integrate: Callable[..., Any], *, signature: str = "func,
     names = _signature(signature)
     order = ", ".join(s.strip() for s in field.split(",")) if isinstance(field, str) else None
     if order not in _FIELDS:
-        raise ValueError(f"field must be 't, y' or 'y, t' (how integrate calls its field), got {field!r}.")
+        raise ValueError(
+            f"field must be 't, y' or 'y, t' (how integrate calls its field), got {field!r}."
+        )
 
     def solve(func: Callable[..., Any], y0: State, t: Tensor, **call_kwargs: Any) -> State:
         is_tuple, parts = check_call(func, y0, t)
@@ -96,7 +116,13 @@ def final_state_solver(integrate: Callable[..., Any], *, signature: str = "func,
         options = {**kwargs, **call_kwargs}
 
         def step(y: tuple[Tensor, ...], a: Tensor, b: Tensor) -> tuple[Tensor, ...]:
-            slots = {"func": fn, "y0": pack(is_tuple, y), "t0": a.clone(), "t1": b.clone(), "tspan": torch.stack([a, b])}
+            slots = {
+                "func": fn,
+                "y0": pack(is_tuple, y),
+                "t0": a.clone(),
+                "t1": b.clone(),
+                "tspan": torch.stack([a, b]),
+            }
             return _final(integrate(*(slots[s] for s in names), **options), y)
 
         return chain(step, is_tuple, parts, t)

@@ -18,14 +18,21 @@ _ADJOINTS = ("autodiff", "backsolve")
 class _Flat(nn.Module):
     """``func(t, y)`` on the whole state flattened into one row, as torchode integrates it (a batch of one problem)."""
 
-    def __init__(self, func: Callable[..., Any], is_tuple: bool, parts: tuple[Tensor, ...]) -> None:
+    def __init__(
+        self, func: Callable[..., Any], is_tuple: bool, parts: tuple[Tensor, ...]
+    ) -> None:
         super().__init__()
-        self.func, self.is_tuple = func, is_tuple  # a module func becomes a submodule: the backsolve adjoint finds it
+        self.func, self.is_tuple = (
+            func,
+            is_tuple,
+        )  # a module func becomes a submodule: the backsolve adjoint finds it
         self.shapes = [p.shape for p in parts]
 
     def unpack(self, flat: Tensor) -> State:
         pieces = flat.split([math.prod(s) for s in self.shapes], dim=-1)
-        return pack(self.is_tuple, [q.reshape(*flat.shape[:-1], *s) for q, s in zip(pieces, self.shapes)])
+        return pack(
+            self.is_tuple, [q.reshape(*flat.shape[:-1], *s) for q, s in zip(pieces, self.shapes)]
+        )
 
     def forward(self, t: Tensor, y: Tensor) -> Tensor:
         # (1,) and (1, n) from AutoDiffAdjoint, () and (n,) under BacksolveAdjoint's vmap.
@@ -33,8 +40,16 @@ class _Flat(nn.Module):
         return torch.cat([o.reshape(-1) for o in out]).reshape(y.shape)
 
 
-def torchode_solver(func: Callable[..., Any], y0: State, t: Tensor, *, method: str = "dopri5", atol: float = 1e-7,
-                    rtol: float = 1e-7, adjoint: str = "autodiff") -> State:
+def torchode_solver(
+    func: Callable[..., Any],
+    y0: State,
+    t: Tensor,
+    *,
+    method: str = "dopri5",
+    atol: float = 1e-7,
+    rtol: float = 1e-7,
+    adjoint: str = "autodiff",
+) -> State:
     r"""Solves :math:`dy/dt = f(t, y)` with torchode and returns the solution at every time of ``t``.
 
     The whole state is one torchode problem, so ``func`` is called as by
@@ -88,14 +103,25 @@ def torchode_solver(func: Callable[..., Any], y0: State, t: Tensor, *, method: s
         raise ValueError(f"method must be one of torchode's {sorted(METHODS)}, got {method!r}.")
     is_tuple, parts = check_call(func, y0, t)
     if adjoint == "backsolve" and not isinstance(func, nn.Module):
-        raise TypeError(f"func must be an nn.Module with adjoint='backsolve', got {type(func).__name__}: "
-                        "BacksolveAdjoint differentiates only the parameters of the module it integrates.")
+        raise TypeError(
+            f"func must be an nn.Module with adjoint='backsolve', got {type(func).__name__}: "
+            "BacksolveAdjoint differentiates only the parameters of the module it integrates."
+        )
     field = _Flat(func, is_tuple, parts)
     term = to.ODETerm(field)
-    stepper, control = METHODS[method](term=term), to.PIDController(atol, rtol, 0.2, 0.5, 0.0, term=term)
-    engine = to.AutoDiffAdjoint(stepper, control) if adjoint == "autodiff" else to.BacksolveAdjoint(term, stepper, control)
+    stepper, control = (
+        METHODS[method](term=term),
+        to.PIDController(atol, rtol, 0.2, 0.5, 0.0, term=term),
+    )
+    engine = (
+        to.AutoDiffAdjoint(stepper, control)
+        if adjoint == "autodiff"
+        else to.BacksolveAdjoint(term, stepper, control)
+    )
     flat = torch.cat([p.reshape(-1) for p in parts])[None]
     sol = engine.solve(to.InitialValueProblem(y0=flat, t_eval=t[None]))
     if int(sol.status[0]) != 0:
-        raise RuntimeError(f"torchode stopped before the end of t with status {to.Status(int(sol.status[0])).name}.")
+        raise RuntimeError(
+            f"torchode stopped before the end of t with status {to.Status(int(sol.status[0])).name}."
+        )
     return field.unpack(sol.ys[0])

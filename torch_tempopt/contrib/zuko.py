@@ -15,17 +15,28 @@ def _phi(func: Any, phi: Iterable[Tensor] | None) -> tuple[Tensor, ...]:
     """The parameters zuko differentiates: ``phi``, or those of a module ``func``; only those that require grad."""
     if phi is None:
         if not isinstance(func, nn.Module):
-            raise ValueError(f"phi must be given when func is not an nn.Module (got {type(func).__name__}): zuko "
-                             "differentiates only the parameters it is handed; pass phi=tuple(net.parameters()) or ().")
+            raise ValueError(
+                f"phi must be given when func is not an nn.Module (got {type(func).__name__}): zuko "
+                "differentiates only the parameters it is handed; pass phi=tuple(net.parameters()) or ()."
+            )
         phi = func.parameters()
     params = tuple(phi)
     if not all(isinstance(p, Tensor) for p in params):
-        raise TypeError(f"phi must be an iterable of tensors, got {[type(p).__name__ for p in params]}.")
+        raise TypeError(
+            f"phi must be an iterable of tensors, got {[type(p).__name__ for p in params]}."
+        )
     return tuple(p for p in params if p.requires_grad)
 
 
-def zuko_solver(func: Callable[..., Any], y0: State, t: Tensor, *, phi: Iterable[Tensor] | None = None,
-                atol: float = 1e-6, rtol: float = 1e-5) -> State:
+def zuko_solver(
+    func: Callable[..., Any],
+    y0: State,
+    t: Tensor,
+    *,
+    phi: Iterable[Tensor] | None = None,
+    atol: float = 1e-6,
+    rtol: float = 1e-5,
+) -> State:
     r"""Solves :math:`dy/dt = f(t, y)` with ``zuko.utils.odeint`` and returns the solution at every time of ``t``.
 
     One adaptive Dormand-Prince solve per interval of ``t``, chained; zuko's
