@@ -40,6 +40,7 @@ install: $(PY)
 
 lint: install
 	$(PY) -m ruff check torch_tempopt tests examples benchmarks
+	$(PY) -m ruff format --check torch_tempopt
 
 docs: install
 	$(PY) -m mkdocs build --strict --site-dir site

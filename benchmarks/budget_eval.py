@@ -11,6 +11,7 @@ base noise; each against the dopri5 (1e-5) value, with the NFE per solve as a ra
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import shlex
@@ -27,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 from examples.cnf import CNF, nfe, sample  # noqa: E402
 from examples.data import load_digits_split, toy_sample  # noqa: E402
 from examples.train import load_model, scoring  # noqa: E402
+from torch_tempopt import LearnableHorizon  # noqa: E402
 
 
 def _blocks(model: torch.nn.Module) -> list[CNF]:
@@ -53,15 +55,26 @@ def _fit(model: torch.nn.Module, x: torch.Tensor, image: bool, ref: dict[str, An
     for block in _blocks(model):
         block.odefunc.before_odeint()
         state = (y, y.new_zeros(y.shape[0]), *(y.new_zeros(y.shape[0]) for _ in _core(block.odefunc).reg_names))  # RNODE's
-        before, after = block.horizon.fit(block.odefunc, state, steps=steps, **ref)
+        before, after = block.horizon.fit(block.odefunc, state, steps=steps)
         errors.append(float(after.max()))
         with torch.no_grad(), scoring(model, ref):
             y = block(y)[0]
     return errors
 
 
+def _on_budget(model: torch.nn.Module, n: int, ref: dict[str, Any]) -> None:
+    """Gives every block a horizon of ``n`` uniform steps at its trained T (reference ``ref``)."""
+    for b in _blocks(model):
+        old = b.horizon
+        new = LearnableHorizon(T0=old.T0, t0=old.t0_init, eps=old.eps, budget=n, learn_T=False, reference=ref)
+        with torch.no_grad():
+            new.T.copy_(old.T)
+            new.t0.copy_(old.t0)
+        b.horizon = new.to(old.T.device)
+
+
 def _score(model: torch.nn.Module, test: torch.Tensor, image: bool, seed: int) -> tuple[float, float]:
-    """The test NLL (the runner's scoring seed) and the forward NFE per block solve."""
+    """The test NLL (the runner's scoring seed) and the forward NFE per block solve, on the blocks' budgets."""
     from examples.cnf import bits_per_dim_and_reg, nll_and_reg
 
     solves = len(_blocks(model)) * -(-test.shape[0] // 10000)
@@ -70,15 +83,26 @@ def _score(model: torch.nn.Module, test: torch.Tensor, image: bool, seed: int) -
     g = torch.Generator().manual_seed(seed)
     model.eval()
     total = 0.0
-    with torch.no_grad():
+    with torch.no_grad(), _on_budgets(model):
         for chunk in test.split(10000):
             v = bits_per_dim_and_reg(model, chunk, g)[0] if image else nll_and_reg(model, chunk)[0]
             total += float(v) * chunk.shape[0]
     return total / test.shape[0], nfe(model, reset=True)["forward"] / solves
 
 
-def _samples(model: torch.nn.Module, n: int, shape: tuple[int, ...]) -> torch.Tensor:
-    return sample(model, (n, *shape), torch.Generator().manual_seed(4321)).z
+@contextlib.contextmanager
+def _on_budgets(model: torch.nn.Module) -> Any:
+    """Within the block, budgeted horizons solve on their budget in eval() too (which would use the reference)."""
+    with contextlib.ExitStack() as stack:
+        for b in _blocks(model):
+            if b.horizon.budget is not None:
+                stack.enter_context(b.horizon.budgeted())
+        yield
+
+
+def _samples(model: torch.nn.Module, n: int, shape: tuple[int, ...], budget: bool = True) -> torch.Tensor:
+    with torch.no_grad(), _on_budgets(model) if budget else contextlib.nullcontext():
+        return sample(model, (n, *shape), torch.Generator().manual_seed(4321)).z
 
 
 def evaluate_run(run_dir: Path, budgets: list[int], fit_steps: int, fit_size: int, n_samples: int) -> list[dict]:
@@ -90,15 +114,12 @@ def evaluate_run(run_dir: Path, budgets: list[int], fit_steps: int, fit_size: in
         b.solver_kwargs, b.adjoint = dict(ref), False
     with scoring(model, ref):
         nll_ref, nfe_ref = _score(model, test, image, seed)
-        x_ref = _samples(model, n_samples, shape)
+        x_ref = _samples(model, n_samples, shape, budget=False)
     rows = []
     for n in budgets:
         row: dict[str, Any] = {"run": str(run_dir), "trained_budget": config.get("budget"), "N": n,
                                "nll_dopri5": nll_ref, "nfe_dopri5_per_solve": nfe_ref}
-        for b in _blocks(model):
-            b.horizon.set_budget(n)
-            with torch.no_grad():
-                b.horizon.placement.zero_()  # uniform
+        _on_budget(model, n, ref)
         for kind in ("uniform", "fitted"):
             if kind == "fitted":
                 row["fit_error"] = _fit(model, fit_batch, image, ref, fit_steps)

@@ -41,7 +41,6 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
     "ffjord": ("ffjord", []),
     "steer": ("steer", []),
     "toflow": ("toflow", []),
-    "toflow-exact": ("toflow", ["--mode", "exact"]),
     "toflow-a1": ("toflow", ["--alpha", "1.0"]),
     "rnode": ("rnode", []),
     "rnode+toflow": ("rnode+toflow", []),

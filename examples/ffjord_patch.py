@@ -40,6 +40,7 @@ Shims for today's stack, each only where needed: a ``six`` stub (``train_misc.py
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import shutil
 import sys
@@ -162,7 +163,7 @@ def install(patch: Patch) -> None:
         viz = patch.load("diagnostics.viz_toy")
         patch.require(viz, "save_trajectory", "trajectory_to_video")
         if skip:
-            patch.set(viz, "save_trajectory", _nothing)
+            patch.set(viz, "save_trajectory", _skipped)
         patch.set(viz, "trajectory_to_video", _nothing)
     if script == "train_cnf.py" and torch.cuda.is_available():  # its validation: np.mean over CUDA tensors
         patch.set(numpy, "mean", _cpu_mean(numpy.mean))
@@ -170,6 +171,11 @@ def install(patch: Patch) -> None:
 
 def _nothing(*args: Any, **kwargs: Any) -> None:
     return None
+
+
+def _skipped(*args: Any, **kwargs: Any) -> None:
+    """``save_trajectory`` under ``--tempopt-skip-trajectory``: upstream has just logged "Plotting trajectory"."""
+    logging.getLogger().info("ffjord_patch: --tempopt-skip-trajectory: no trajectory was plotted.")
 
 
 def _matplotlib(patch: Patch) -> None:

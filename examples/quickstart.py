@@ -18,7 +18,11 @@ import torch
 from torch import nn
 from torchdiffeq import odeint_adjoint
 
-from torch_tempopt import CoordinateDescentStepper, LearnableHorizon, count_nfe  # changed line 1 of 4
+from torch_tempopt import (  # changed line 1 of 4
+    CoordinateDescentStepper,
+    LearnableHorizon,
+    count_nfe,
+)
 
 
 def eight_gaussians(n: int, rng: np.random.Generator) -> torch.Tensor:
@@ -109,8 +113,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         loss.backward()
         optimizer.step()
         if it % max(args.iters // 5, 1) == 0 or it == args.iters:
+            guard = f" (guard {optimizer.guard.stats['nfe']} of them)" if optimizer.guard else ""
             print(f"iter {it:5d}  loss {loss.item():.4f}  T {model.horizon.T.item():.4f}  "
-                  f"NFE {model.field.nfe_forward}+{model.field.nfe_backward}")
+                  f"NFE {model.field.nfe_forward}+{model.field.nfe_backward}{guard}")
     cpu, nfe = time.process_time() - start, model.field.nfe
     nll = score(model, test)
     print(f"test NLL {nll:.4f} nats (dopri5 1e-5)  T {model.horizon.T.item():.4f}  training NFE {nfe}  CPU {cpu:.1f} s")

@@ -12,21 +12,22 @@ from fields import TimeMLP
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from torch_tempopt import CoordinateDescentStepper, LearnableHorizon
+from torch_tempopt import BudgetGuard, CoordinateDescentStepper, LearnableHorizon
 
 WORLD = 2
 BATCH = 8  # the global batch; each rank takes BATCH // WORLD rows
 STEPS = 3
 SCENARIOS = {
-    # name: (mode, find_unused_parameters, budget)
-    "alternate": ("alternate", False, None),
-    "alternate-find-unused": ("alternate", True, None),
-    "exact": ("exact", False, None),
-    "budget": ("alternate", False, 4),  # a learned placement, stepped by the guard on every step
+    # name: (find_unused_parameters, budget, the guard's settings)
+    "plain": (False, None, None),
+    "find-unused": (True, None, None),
+    # T and t0 learned on a budget; the guard checks every step (far below its tol) and leaves the steps uniform,
+    # so one process on the whole batch takes the very same steps.
+    "budget": (False, 4, dict(every=1, tol=10.0, fit_steps=0)),
+    # One euler step and a tight tol: the guard grows the budget in place under DDP at the first step, and fits
+    # the placement on each rank's half batch; rank 0's is broadcast, so the ranks stay equal.
+    "growth": (False, 1, dict(every=1, tol=1e-2, fit_steps=1)),
 }
-# The guard checks every step and would raise rather than grow (a placement changing shape breaks DDP);
-# guard_tol is far above the 4-step error, so it steps the placement instead.
-GUARD = dict(guard_every=1, guard_action="raise", guard_tol=10.0)
 
 
 class Tiny(nn.Module):
@@ -36,12 +37,13 @@ class Tiny(nn.Module):
         super().__init__()
         self.field = TimeMLP(2, 8)
         # euler: an error (1e-3) far above the reference's, whose noise would otherwise steer the placement
-        self.horizon = LearnableHorizon(T0=0.5, t0=0.0, learn_t0=True, budget=budget, method="euler")
+        self.horizon = LearnableHorizon(T0=0.5, t0=0.0, learn_T=True, learn_t0=True, budget=budget, method="euler",
+                                        reference=None if budget is None else dict(rtol=1e-10, atol=1e-10))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.horizon.budget is None:
             return self.horizon(self.field, x, method="rk4", options=dict(step_size=0.125))[-1]
-        return self.horizon(self.field, x, rtol=1e-10, atol=1e-10)[-1]  # the guard's reference settings
+        return self.horizon(self.field, x)[-1]
 
 
 def build(seed: int = 0, budget: int | None = None) -> Tiny:
@@ -58,30 +60,26 @@ def loss_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return (model(x) - 1.0).pow(2).sum(1).mean()
 
 
-def train(model: nn.Module, inner: Tiny, mode: str, data: list[torch.Tensor]) -> dict[str, object]:
+def train(model: nn.Module, inner: Tiny, guard: dict | None, data: list[torch.Tensor]) -> dict[str, object]:
     """STEPS steps of CoordinateDescentStepper on ``model`` (DDP or plain); returns the per-step records."""
     weights = [p for n, p in inner.named_parameters() if not n.startswith("horizon.")]
-    stepper = CoordinateDescentStepper(torch.optim.Adam(weights, lr=1e-2), model, lr=5e-2, alpha=0.1, mode=mode, **GUARD)
+    budget_guard = False if guard is None else BudgetGuard(inner, **guard)
+    stepper = CoordinateDescentStepper(torch.optim.Adam(weights, lr=1e-2), model, lr=5e-2, alpha=0.1,
+                                       guard=budget_guard)
     losses, t_grads = [], []
     for x in data:
-        def closure(x: torch.Tensor = x) -> torch.Tensor:
-            stepper.zero_grad()
-            loss = loss_of(model, x)
-            loss.backward()
-            return loss
-
-        if mode == "exact":
-            loss = stepper.step(closure)
-        else:
-            loss = closure()
-            t_grads.append(torch.stack([inner.horizon.T.grad.clone(), inner.horizon.t0.grad.clone()]))
-            stepper.step()
+        stepper.zero_grad()
+        loss = loss_of(model, x)
+        loss.backward()
+        t_grads.append(torch.stack([inner.horizon.T.grad.clone(), inner.horizon.t0.grad.clone()]))
+        stepper.step()
         losses.append(loss.detach())
     return {
         "state": {k: v.detach().clone() for k, v in inner.state_dict().items()},
         "losses": torch.stack(losses),
-        "t_grads": torch.stack(t_grads) if t_grads else None,
+        "t_grads": torch.stack(t_grads),
         "stats": stepper.stats,
+        "guard": None if stepper.guard is None else {k: v for k, v in stepper.guard.stats.items() if k != "seconds"},
     }
 
 
@@ -95,11 +93,11 @@ def worker(rank: int, port: int, out: str) -> None:
     try:
         results = {}
         shard = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
-        for name, (mode, find_unused, budget) in SCENARIOS.items():
+        for name, (find_unused, budget, guard) in SCENARIOS.items():
             # Different seeds per rank: DDP must broadcast rank 0's initial weights and T.
             inner = build(seed=rank, budget=budget)
             ddp = DistributedDataParallel(inner, find_unused_parameters=find_unused)
-            results[name] = train(ddp, inner, mode, [x[shard] for x in batches()])
+            results[name] = train(ddp, inner, guard, [x[shard] for x in batches()])
         torch.save(results, Path(out) / f"rank{rank}.pt")
         dist.barrier()  # no rank tears down gloo while another still uses it (that aborts the other)
     finally:

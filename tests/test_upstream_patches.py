@@ -97,15 +97,16 @@ def test_ffjord_off_keeps_T_fixed_with_the_same_logs(tmp_path: Path) -> None:
 
 def test_ffjord_budget_solves_on_n_rk4_steps_under_the_guard(tmp_path: Path) -> None:
     argv = ["--niters", "3", "--val_freq", "3"]
-    with ffjord_patch.patched(FFJORD, script="train_toy.py", budget=3) as patch:
+    with ffjord_patch.patched(FFJORD, script="train_toy.py", budget=3, learn_T=True) as patch:
         torch.set_default_dtype(torch.float32)
         patch.run([*argv, "--save", str(tmp_path)])
     rows = read_csv(tmp_path / "tempopt.csv")
     assert [int(r["nfe_forward"]) for r in rows] == [12, 12, 12]  # 3 rk4 steps, whatever upstream's dopri5
-    assert column(rows, "T")[-1] != column(rows, "T")[0]
-    (stats,) = patch.stepper.stats["horizons"]
-    assert patch.horizons[0].budget == 3 and stats["error"] is not None  # the guard checked it against dopri5
-    assert not patch.stepper.stats["guard_events"]
+    assert column(rows, "T")[-1] != column(rows, "T")[0]  # learn_T: TO-FLOW on a budget
+    guard = patch.stepper.guard
+    assert patch.horizons[0].budget == 3 and guard.stats["errors"][0] is not None  # checked against dopri5
+    assert not guard.stats["events"] and guard.stats["nfe"] > 0  # its evaluations are its own, not the rows'
+    assert patch.horizons[0].reference == {"method": "dopri5", "rtol": 1e-5, "atol": 1e-5}  # upstream's settings
 
 
 def test_ffjord_patch_is_fully_reverted(tmp_path: Path) -> None:
@@ -157,7 +158,7 @@ def test_ffjord_resume_restores_T_from_the_checkpoint(tmp_path: Path) -> None:
     argv = ["--num_epochs", "1", "--ntrain", "32", "--batch_size", "16"]
     assert len(run(ffjord_patch.patched, FFJORD, "train_cnf.py", argv, tmp_path / "a")) == 4
     ckpt = torch.load(tmp_path / "a" / "checkpt.pth", weights_only=False)
-    assert set(ckpt["optim_state_dict"]) == {"optimizer", "horizon_optimizer", "stats"}
+    assert set(ckpt["optim_state_dict"]) == {"optimizer", "horizon_optimizer", "guard", "stats"}
     second = run(ffjord_patch.patched, FFJORD, "train_cnf.py", [*argv, "--resume", str(tmp_path / "a" / "checkpt.pth")],
                  tmp_path / "b")
     for block in (0, 1):
@@ -304,7 +305,10 @@ def test_rnode_renamed_parameter_names_the_commit(tmp_path: Path) -> None:
 def test_rnode_dLdT_with_regularisers_matches_finite_differences() -> None:
     with rnode_patch.patched(RNODE) as patch:
         import lib.layers as layers
-        from lib.layers.wrappers.cnf_regularization import jacobian_frobenius_regularization_fn, quadratic_cost
+        from lib.layers.wrappers.cnf_regularization import (
+            jacobian_frobenius_regularization_fn,
+            quadratic_cost,
+        )
 
         regs = (quadratic_cost, jacobian_frobenius_regularization_fn)
         blocks = [
@@ -346,7 +350,8 @@ def test_otflow_off_keeps_T(tmp_path: Path) -> None:
 
 
 def test_otflow_budget_from_the_command_line(tmp_path: Path) -> None:
-    argv = ["--otflow", str(OTFLOW), "--tempopt-budget", "2", "--", "trainToyOTflow.py", "--niters", "2", "--nt", "8"]
+    argv = ["--otflow", str(OTFLOW), "--tempopt-budget", "2", "--tempopt-learn-T", "--", "trainToyOTflow.py", "--niters",
+            "2", "--nt", "8"]
     assert otflow_patch.main([*argv, "--save", str(tmp_path)]) == 0
     rows = read_csv(tmp_path / "tempopt.csv")  # 2 rk4 steps instead of nt = 8; the grid in the graph: no extra evaluation
     assert all(int(r["nfe_forward"]) == 8 and int(r["nfe_backward"]) == 0 for r in rows)
@@ -380,7 +385,7 @@ def test_otflow_patched_problem_and_integrate_agree_with_upstream() -> None:
 def test_otflow_dJdT_matches_finite_differences(budget: int | None, nt: int, alph: list[float], rel: float) -> None:
     """Upstream's scheme: the continuous dJ/dT, equal to the discrete objective's derivative up to the RK4 error on a
     fine grid (the HJB term |.| has kinks, so it is off). On a budget: the exact derivative of the budgeted solve."""
-    with otflow_patch.patched(OTFLOW, budget=budget) as patch:
+    with otflow_patch.patched(OTFLOW, budget=budget, learn_T=budget is not None) as patch:
         import src.OTFlowProblem as ot
         from src.Phi import Phi
 
@@ -411,3 +416,58 @@ def test_otflow_renamed_parameter_and_revert(tmp_path: Path) -> None:
         with otflow_patch.patched(copy):
             pass
     assert process_state() == before
+
+
+# ------------------------------------------------------------------------------------------------- 0.3 fixes
+def test_ffjord_budget_validation_is_scored_with_the_reference_and_checkpoints_keep_the_budget(tmp_path: Path) -> None:
+    """0.2 logged the 2-step test loss under --tempopt-budget; the horizon now follows its block's eval()."""
+    with ffjord_patch.patched(FFJORD, budget=1) as patch:  # budget 1: 0.2 crashed here
+        import lib.layers as layers
+
+        torch.set_default_dtype(torch.float64)
+        odefunc = layers.ODEfunc(layers.ODEnet((8,), (2,), layer_type="concat"), divergence_fn="brute_force")
+        cnf = layers.CNF(odefunc, T=0.5, train_T=True, solver="dopri5", atol=1e-9, rtol=1e-9)
+        (horizon,) = patch.horizons
+        x, zero = torch.randn(6, 2), torch.zeros(6, 1)
+        cnf.train()
+        on_budget = cnf(x, zero)[0]
+        cnf.eval()  # upstream's validation: its test settings become the reference, solved adaptively
+        scored = cnf(x, zero)[0]
+        assert horizon.reference == {"method": "dopri5", "rtol": 1e-9, "atol": 1e-9} and not horizon.training
+        with horizon.budgeted():
+            assert torch.equal(cnf(x, zero)[0], on_budget)
+        assert not torch.allclose(scored, on_budget, atol=1e-6)
+        with torch.no_grad():
+            horizon.set_budget(3)
+            horizon.placement[:3] = torch.tensor([0.3, -0.2, 0.1])
+        state = cnf.state_dict()
+        assert int(state["tempopt_budget"]) == 3 and "tempopt_placement" in state
+        fresh = layers.CNF(odefunc, T=0.5, train_T=True, solver="dopri5", atol=1e-9, rtol=1e-9)
+        fresh.load_state_dict(state)
+        assert fresh.horizon.budget == 3 and torch.equal(fresh.horizon.fractions(), horizon.fractions())
+        plain = {k: v for k, v in state.items() if "tempopt_" not in k}  # an unpatched run's checkpoint
+        fresh.load_state_dict(plain)
+        torch.set_default_dtype(torch.float32)
+
+
+def test_ffjord_csv_starts_afresh_on_a_rerun_and_help_prints_the_options(tmp_path: Path, capsys) -> None:
+    torch.set_default_dtype(torch.float32)
+    argv = ["--ffjord", str(FFJORD), "--tempopt-budget", "1", "--tempopt-skip-trajectory", "--", "train_toy.py",
+            "--niters", "2", "--val_freq", "2", "--save", str(tmp_path)]
+    for _ in range(2):
+        assert ffjord_patch.main(argv) == 0
+        assert [r["iteration"] for r in read_csv(tmp_path / "tempopt.csv")] == ["1", "2"]  # not appended to
+    assert ffjord_patch.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--tempopt-budget N" in out and "--tempopt-learn-T" in out and "--tempopt-alpha" in out
+
+
+def test_otflow_guard_compares_x_and_l_against_dopri5(tmp_path: Path) -> None:
+    """0.2's guard compared OT-Flow's cost integrals against its own rk4 and grew 2 steps to 10."""
+    torch.set_default_dtype(torch.float32)
+    with otflow_patch.patched(OTFLOW, script="trainToyOTflow.py", budget=2) as patch:
+        patch.run(["--niters", "2", "--nt", "8", "--save", str(tmp_path)])
+    guard = patch.stepper.guard
+    (horizon,) = patch.horizons
+    assert horizon.reference == {"method": "dopri5", "rtol": 1e-5, "atol": 1e-5}
+    assert len(guard.stats["errors"][0]) == 2 and not guard.stats["events"] and horizon.budget == 2

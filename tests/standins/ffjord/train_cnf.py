@@ -12,7 +12,13 @@ import lib.utils as utils
 import numpy as np
 import torch
 import torch.optim as optim
-from train_misc import build_model_tabular, count_nfe, count_total_time, set_cnf_options, standard_normal_logprob
+from train_misc import (
+    build_model_tabular,
+    count_nfe,
+    count_total_time,
+    set_cnf_options,
+    standard_normal_logprob,
+)
 
 parser = argparse.ArgumentParser("Continuous Normalizing Flow (stand-in)")
 parser.add_argument("--data", type=str, default="8gaussians")

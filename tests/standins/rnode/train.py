@@ -17,7 +17,13 @@ import lib.layers as layers
 import lib.utils as utils
 import torch
 import torch.optim as optim
-from train_misc import count_nfe, count_total_time, create_regularization_fns, set_cnf_options, standard_normal_logprob
+from train_misc import (
+    count_nfe,
+    count_total_time,
+    create_regularization_fns,
+    set_cnf_options,
+    standard_normal_logprob,
+)
 
 parser = argparse.ArgumentParser("Continuous Normalizing Flow (stand-in)")
 parser.add_argument("--data", type=str, default="toy", choices=["toy"])
