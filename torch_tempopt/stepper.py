@@ -24,7 +24,7 @@ def _finite(tensors: Iterable[Tensor | None]) -> bool:
 class CoordinateDescentStepper(Optimizer):
     r"""Wraps a weight optimizer P; steps the horizons' time parameters with their own optimizer Q.
 
-    Each :meth:`step` updates the weights with P, lets the :attr:`guard` check the budgets, then
+    Each :meth:`step` updates the weights with P, lets its ``guard`` check the budgets, then
     steps every learned T (and t0) with Q from the gradient of the loss plus the temporal
     regulariser :math:`\alpha |T - t_0|` (eq. 15-16), and clips T into the horizon's bounds
     (eq. 17). At a bound the clipped horizon's Q state is cleared if ``reset_at_bound``, so
