@@ -186,18 +186,31 @@ def run_ffjord(checkout: Path, config: str, T0: float, iters: int, seed: int, te
     return {**json.loads(scored.stdout.strip().splitlines()[-1]), "wall_seconds": seconds}
 
 
+def _cost(row: dict[str, Any]) -> float:
+    return row.get("cpu_seconds", row.get("wall_seconds", float("nan")))
+
+
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-    lines = ["| codebase | T0 | " + " | ".join(f"{c} NLL" for c in CONFIGS) + " | defaults - plain | T (defaults) |",
-             "|---|---|" + "---|" * (len(CONFIGS) + 2)]
+    head = " | ".join(f"{c} NLL" for c in CONFIGS)
+    lines = [f"| codebase | T0 | {head} | defaults - plain | T (defaults) | budget2 - plain | budget2 cost (x plain) |",
+             "|---|---|" + "---|" * (len(CONFIGS) + 4)]
     for key in sorted({(r["codebase"], r["T0"]) for r in rows}, key=lambda k: (k[0], k[1])):
         got = {r["config"]: r for r in rows if (r["codebase"], r["T0"]) == key}
         cells = [f"{got[c]['test_nll']:.4f}" if c in got else "n/a" for c in CONFIGS]
         diff = got["defaults"]["test_nll"] - got["plain"]["test_nll"]
-        lines.append(f"| {key[0]} | {key[1]:g} | " + " | ".join(cells) + f" | {diff:+.4f} | {got['defaults']['T']:.3f} |")
+        if "budget2" in got:
+            b2 = f"{got['budget2']['test_nll'] - got['plain']['test_nll']:+.4f} | {_cost(got['budget2']) / _cost(got['plain']):.2f}"
+        else:
+            b2 = "n/a | n/a"
+        lines.append(f"| {key[0]} | {key[1]:g} | " + " | ".join(cells) + f" | {diff:+.4f} | {got['defaults']['T']:.3f} | {b2} |")
     return ("\n".join(lines) + f"\n\n8gaussians, {meta['iters']} iterations of batch 100 (upstream FFJORD: "
             f"{meta['ffjord_iters']}), seed {meta['seed']}, 1 thread; test NLL (nats) of 5,000 held-out points by "
-            "dopri5 at 1e-5. `defaults - plain` < 0 means adopting at the defaults did better.\n\n"
-            f"Command: `{meta['command']}`\n")
+            "dopri5 at 1e-5. `defaults - plain` < 0 means adopting at the defaults did better. `plain`: the "
+            "unmodified solve at T0; `defaults`: the horizon and stepper at their defaults (T learned, alpha 0, "
+            "no budget); `paper`: TO-FLOW's settings (alpha 0.1); `budget2`: 2 rk4 steps, T fixed, guard on. Cost "
+            "is CPU seconds of training (upstream FFJORD: wall seconds of the training process, its start and upstream's own final validation included; scoring excluded), including "
+            "the guard's reference solves.\n\n"
+            f"Command: `{meta['command']}` (`--render` rewrites this table from the JSON)\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,7 +223,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default="defaults")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--render", action="store_true", help="rewrite the markdown from the JSON, run nothing")
     args = p.parse_args(argv)
+    if args.render:
+        saved = json.loads((args.out / f"{args.name}.json").read_text())
+        (args.out / f"{args.name}.md").write_text(markdown(saved["rows"], saved["meta"]))
+        return 0
     torch.set_num_threads(1)
     test = toy_sample("8gaussians", 5000, 12345)
     rows = []
