@@ -113,8 +113,29 @@ def test_call_settings_must_be_the_reference():
     h(func, y0, rtol=1e-5, atol=1e-5)  # the same solve named again (dopri5 is torchdiffeq's default)
     with pytest.raises(ValueError, match=r"differ from the budget's reference=.*pass reference="):
         h(func, y0, method="rk4", options=dict(step_size=0.1))
-    with pytest.raises(ValueError, match="reference must go with a budget"):
+    with pytest.raises(ValueError, match="reference goes with a budget; pass budget=N"):
         LearnableHorizon(reference=REF)
+
+
+def test_reference_is_checked_and_completed():
+    assert LearnableHorizon(budget=2, reference=dict(rtol=1e-3)).reference == {"rtol": 1e-3}  # as odeint reads it
+    assert LearnableHorizon(budget=2).reference == {"method": "dopri5", "rtol": 1e-5, "atol": 1e-5}
+    with pytest.raises(ValueError, match="reference's method must be one of torchdiffeq's adaptive.*got 'euler'"):
+        LearnableHorizon(budget=2, reference=dict(method="euler"))  # a fixed-step reference scores nothing honestly
+    with pytest.raises(ValueError, match="got 'bogus'"):
+        LearnableHorizon(budget=2, reference=dict(method="bogus"))
+    with pytest.raises(TypeError, match="reference must be a dict of .*got 'dopri5'"):
+        LearnableHorizon(budget=2, reference="dopri5")
+    with pytest.raises(TypeError, match="reference must be a dict of .*'step_size'"):
+        LearnableHorizon(budget=2, reference=dict(step_size=0.1))
+
+
+def test_select_must_return_parts():
+    h = LearnableHorizon(T0=0.6, budget=2)
+    func, y0 = TimeMLP(dim=4), torch.randn(16, 4)
+    assert h.error(func, y0, select=lambda s: (s[..., :3],)).shape == (1,)
+    with pytest.raises(TypeError, match="select must return a tuple of tensors"):
+        h.error(func, y0, select=lambda s: s[..., :3])
 
 
 # ----------------------------------------------------------------------------- dL/dT on a budget

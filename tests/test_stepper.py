@@ -338,26 +338,21 @@ def test_zero_grad_clears_horizons():
 
 def test_custom_horizon_optimizer():
     model = Flow()
-    q = torch.optim.SGD([model.h1.T, model.h2.T], lr=0.1)
-    opt = CoordinateDescentStepper(torch.optim.Adam(_weights(model)), model, horizon_optimizer=q, alpha=0.0)
-    assert opt.horizon_optimizer is q
-    model.h1.T.grad = torch.tensor(1.0)
-    opt.step()
-    assert model.h1.T.item() == pytest.approx(0.4)
     seen = []
 
     def factory(ps):
         seen.append(ps)
-        return torch.optim.SGD(ps, lr=0.3)
+        return torch.optim.SGD(ps, lr=0.1)
 
-    opt2 = CoordinateDescentStepper(torch.optim.Adam(_weights(model)), model, horizon_optimizer=factory)
-    assert opt2.horizon_optimizer.param_groups[0]["lr"] == 0.3
+    opt = CoordinateDescentStepper(torch.optim.Adam(_weights(model)), model, horizon_optimizer=factory)
+    assert opt.horizon_optimizer.param_groups[0]["lr"] == 0.1
     assert [p is q for p, q in zip(seen[0], (model.h1.T, model.h2.T))] == [True, True]
-    with pytest.raises(ValueError, match="horizon_optimizer must hold exactly the 2 time parameters"):
-        CoordinateDescentStepper(torch.optim.Adam(_weights(model)), model, horizon_optimizer=torch.optim.SGD([model.h1.T], lr=1))
-    with pytest.raises(ValueError, match="horizon_optimizer"):
+    model.h1.T.grad = torch.tensor(1.0)
+    opt.step()
+    assert model.h1.T.item() == pytest.approx(0.4)
+    with pytest.raises(TypeError, match="horizon_optimizer must be a factory params -> Optimizer.*got SGD"):
         CoordinateDescentStepper(torch.optim.Adam(_weights(model)), model,
-                                 horizon_optimizer=lambda ps: torch.optim.SGD([*ps, nn.Parameter(torch.zeros(()))], lr=1))
+                                 horizon_optimizer=torch.optim.SGD([model.h1.T, model.h2.T], lr=1))
 
 
 def test_unused_horizon_is_left_alone():
@@ -453,3 +448,69 @@ def test_rejects_bad_wiring():
     with pytest.raises(ValueError, match="parameter groups"):  # a plain optimizer's state goes to the weights' one
         opt.load_state_dict({"state": {}, "param_groups": []})
     opt.load_state_dict(opt.optimizer.state_dict())
+
+
+# ----------------------------------------------------------------------------- behaves like the optimizer it wraps
+def test_add_param_group_keeps_time_parameters_out():
+    model = Flow()
+    opt = CoordinateDescentStepper(torch.optim.SGD(model.f1.parameters(), lr=0.1), model)
+    opt.add_param_group({"params": [*model.f2.parameters(), model.h1.T], "lr": 1.0})
+    assert all(p is not model.h1.T for g in opt.param_groups for p in g["params"])
+    assert len(opt.param_groups[1]["params"]) == len(list(model.f2.parameters()))
+    model.h1.T.grad = torch.tensor(float("nan"))
+    with pytest.warns(RuntimeWarning, match="is NaN or inf; its update was skipped"):
+        opt.step()
+    assert model.h1.T.item() == 0.5  # neither P nor Q moved it
+
+
+def test_optimizer_that_needs_a_closure_is_refused():
+    model = Flow()
+    with pytest.raises(TypeError, match="optimizer LBFGS needs a closure in every step.*Adam"):
+        CoordinateDescentStepper(torch.optim.LBFGS(_weights(model)), model)
+
+
+def test_deepcopy_and_pickle_round_trip():
+    import pickle
+
+    model, opt = _make()
+    _loss(model, torch.randn(8, 2)).backward()
+    opt.step()
+    for twin in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert twin.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+        assert twin.state_dict()["stats"] == opt.state_dict()["stats"]
+        assert_same(twin.state_dict()["optimizer"]["state"], opt.state_dict()["optimizer"]["state"])
+
+
+def test_guard_names_horizons_as_the_model_does():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.flow = nn.ModuleDict({"h": LearnableHorizon(T0=0.5, budget=2)})
+
+    model = Model()
+    opt = CoordinateDescentStepper(torch.optim.Adam([nn.Parameter(torch.zeros(1))]), model)
+    assert "flow.h" in repr(opt.guard) and opt.stats["horizons"][0]["name"] == "flow.h"
+
+
+def test_declining_the_guard_does_not_warn():
+    h, field = LearnableHorizon(T0=0.5, budget=2), TimeMLP()
+    opt = CoordinateDescentStepper(torch.optim.Adam(field.parameters()), [h], guard=False)
+    assert opt.guard is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        h(field, torch.randn(4, 2))[-1].sum().backward()
+        opt.step()
+
+
+def test_warnings_point_at_the_callers_line():
+    h, field = LearnableHorizon(T0=0.5), TimeMLP()
+    opt = CoordinateDescentStepper(torch.optim.Adam(field.parameters()), [h])
+    h(field, torch.randn(4, 2))[-1].sum().backward()
+    h.T.grad = torch.tensor(float("inf"))
+    with pytest.warns(RuntimeWarning) as record:
+        opt.step()
+    assert record[0].filename == __file__
+    budgeted = LearnableHorizon(T0=0.5, budget=2)
+    with pytest.warns(RuntimeWarning, match="without a guard") as record:
+        budgeted(field, torch.randn(4, 2))
+    assert record[0].filename == __file__

@@ -6,7 +6,7 @@ import copy
 import math
 import time
 import warnings
-from typing import Any, Iterable, Union
+from typing import Any, Iterable, Mapping, Union
 
 import torch
 from torch import Tensor, nn
@@ -26,10 +26,11 @@ def find_horizons(horizons: Any) -> list[tuple[str, LearnableHorizon]]:
         found = [(n, m) for n, m in horizons.named_modules() if isinstance(m, LearnableHorizon)]
     elif isinstance(horizons, Iterable) and not isinstance(horizons, (str, bytes, Tensor)):
         found = []
-        for i, h in enumerate(horizons):
+        named = horizons.items() if isinstance(horizons, Mapping) else enumerate(horizons)
+        for i, h in named:
             if not isinstance(h, LearnableHorizon):
                 raise TypeError(
-                    f"horizons[{i}] must be a LearnableHorizon, got {type(h).__name__}."
+                    f"horizons[{i!r}] must be a LearnableHorizon, got {type(h).__name__}."
                 )
             found.append((str(i), h))
     else:
@@ -147,10 +148,10 @@ class BudgetGuard:
             torch.distributed.broadcast(h.placement, 0)  # type: ignore[arg-type]
         self.stats["checks"] += 1
         self.stats["errors"][k] = err.tolist()
-        if not (math.isfinite(worst.item()) and worst.item() <= self.tol):
-            self._grow(name, h, worst.item(), err.tolist())
         self.stats["nfe"] += counter.nfe
         self.stats["seconds"] += time.perf_counter() - start
+        if not (math.isfinite(worst.item()) and worst.item() <= self.tol):
+            self._grow(name, h, worst.item(), err.tolist())
         return err
 
     def _grow(self, name: str, h: LearnableHorizon, worst: float, err: list[float]) -> None:
@@ -169,14 +170,8 @@ class BudgetGuard:
                 "adaptively (budget=None)."
             )
         h.set_budget(int(new))
-        self.stats["events"].append(
-            {
-                "step": self.stats["steps"] - 1,
-                "horizon": name,
-                "error": err,
-                "budget": [n, h.budget],
-            }
-        )
+        event = dict(step=self.stats["steps"] - 1, horizon=name, error=err, budget=[n, h.budget])
+        self.stats["events"].append(event)
         warnings.warn(
             f"{message}: budget grown to {h.budget} steps.", RuntimeWarning, stacklevel=4
         )

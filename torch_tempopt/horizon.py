@@ -39,6 +39,22 @@ DEFAULT_REFERENCE = {"method": "dopri5", "rtol": 1e-5, "atol": 1e-5}
 
 # The keyword arguments that choose a solve; on a budget the horizon chooses it.
 _SOLVE_KEYS = ("method", "rtol", "atol", "options")
+_ADAPTIVE = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun", "scipy_solver")
+
+
+def _reference(reference: Any) -> dict[str, Any]:
+    """odeint's settings of the reference (those not given are torchdiffeq's); adaptive only."""
+    if not isinstance(reference, dict) or not set(reference) <= set(_SOLVE_KEYS):
+        raise TypeError(
+            f"reference must be a dict of {_SOLVE_KEYS}, e.g. dict(method='dopri8'), "
+            f"got {reference!r}."
+        )
+    if reference.get("method", "dopri5") not in _ADAPTIVE:
+        raise ValueError(
+            f"reference's method must be one of torchdiffeq's adaptive {_ADAPTIVE} (it scores the "
+            f"model and guards the budget), got {reference['method']!r}."
+        )
+    return dict(reference)
 
 
 def _time_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -205,7 +221,8 @@ class LearnableHorizon(nn.Module):
         budget: Solve on this many fixed steps in training (``None``: the solver's own steps).
         method: The fixed-grid torchdiffeq method of the budget.
         reference: The adaptive torchdiffeq settings of the budget's reference
-            (``method``, ``rtol``, ``atol``, ``options``); default :data:`DEFAULT_REFERENCE`.
+            (``method``, ``rtol``, ``atol``, ``options``; those not given are torchdiffeq's, as in
+            an odeint call); default :data:`DEFAULT_REFERENCE`.
         max_budget: The most steps the budget may grow to (the capacity of :attr:`placement`).
 
     Attributes:
@@ -271,12 +288,8 @@ class LearnableHorizon(nn.Module):
         else:
             self.register_buffer("t0", torch.tensor(t0_))
         self.T0, self.t0_init, self.eps, self.learn_t0 = T0_, t0_, eps_, bool(learn_t0)
-        if (reference is not None) and (
-            budget is None or not set(dict(reference)) <= set(_SOLVE_KEYS)
-        ):
-            raise ValueError(
-                f"reference must go with a budget, as a dict of {_SOLVE_KEYS}; got {reference!r}."
-            )
+        if reference is not None and budget is None:
+            raise ValueError("reference goes with a budget; pass budget=N, or drop reference.")
         n = None if budget is None else whole("budget", budget)
         capacity = whole("max_budget", max_budget)
         if n is not None and n > capacity:
@@ -284,7 +297,7 @@ class LearnableHorizon(nn.Module):
         self.register_buffer("placement", None if n is None else torch.zeros(capacity))
         self.register_buffer("n_steps", None if n is None else torch.tensor(n))
         self.method = method
-        self.reference = None if n is None else dict(reference or DEFAULT_REFERENCE)
+        self.reference = None if n is None else _reference(reference or DEFAULT_REFERENCE)
         self.last_input: tuple[Any, State, bool] | None = None
         self.guarded, self._use_budget, self._warned = False, None, False
 
@@ -438,7 +451,8 @@ class LearnableHorizon(nn.Module):
         given = {k: kwargs[k] for k in _SOLVE_KEYS if k in kwargs}
         if given and _normal(given) != _normal(self.reference or {}):
             raise ValueError(
-                f"the call's {given} differ from the budget's reference={self.reference}, which "
+                f"the call's {_normal(given)} (torchdiffeq's defaults filled in) differ from the "
+                f"budget's reference={self.reference}, which "
                 "scores the model in eval() and guards the steps; pass reference=... to the "
                 "LearnableHorizon, or drop them from the call."
             )
@@ -452,9 +466,9 @@ class LearnableHorizon(nn.Module):
             warnings.warn(
                 f"{self!r} trains on a budget without a guard, so its steps are never checked "
                 "against the reference: wrap the optimizer in CoordinateDescentStepper, or call "
-                "BudgetGuard(model).step() after each optimizer step.",
+                "BudgetGuard(model).step() after each optimizer step (or pass guard=False to it).",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=5,
             )
 
     def _times(self, times: Any, c: _Call) -> Tensor:
@@ -582,6 +596,8 @@ class LearnableHorizon(nn.Module):
                 self.reference,
             )
             ref = pick(c.pack([q[-1] for q in ref]))
+        if not isinstance(ref, (tuple, list)):
+            raise TypeError(f"select must return a tuple of tensors, e.g. (z,), got {type(ref)}.")
         logits = self.placement[:n].detach().clone().requires_grad_(True)
         opt, before = torch.optim.Adam([logits], lr=lr), None
         for _ in range(steps if n > 1 else 0):
@@ -605,9 +621,8 @@ class LearnableHorizon(nn.Module):
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> LearnableHorizon:
         before = [None if p is None else p.detach() for p in (self.T, self.t0, self.placement)]
         super()._apply(fn, recurse)
-        for p, old in zip(
-            (self.T, self.t0, self.placement), before
-        ):  # .half() keeps time in float32
+        # .half() keeps time in float32
+        for p, old in zip((self.T, self.t0, self.placement), before):
             if p is not None and old is not None and p.dtype in (torch.float16, torch.bfloat16):
                 p.data = old.to(device=p.device, dtype=torch.float32)
         return self

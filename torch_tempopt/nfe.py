@@ -76,11 +76,7 @@ class NFECounter(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            func = (
-                super().__getattr__("func")
-                if "func" in self._modules
-                else self.__dict__.get("func")
-            )
+            func = self.__dict__.get("_modules", {}).get("func", self.__dict__.get("func"))
             if func is None or name.startswith("__"):
                 raise
             return getattr(func, name)

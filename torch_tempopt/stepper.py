@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import warnings
 from typing import Any, Callable, Iterable
 
@@ -34,7 +35,9 @@ class CoordinateDescentStepper(Optimizer):
 
     The stepper behaves as P: ``param_groups``, ``state`` and ``defaults`` are P's (LR schedulers
     and ``GradScaler`` act on the weights), step and state-dict hooks run as on any optimizer, and
-    :meth:`state_dict` round-trips P, Q, the guard and :attr:`stats`. With a ``GradScaler``,
+    :meth:`state_dict` round-trips P, Q, the guard and :attr:`stats`; :meth:`add_param_group`
+    leaves time parameters out as the constructor does, and the stepper deep-copies and pickles.
+    A P that needs a closure in every step (LBFGS) is refused. With a ``GradScaler``,
     unscale T too: ``scaler.unscale_(stepper.horizon_optimizer)`` before ``scaler.step(stepper)``.
 
     The defaults never make a model worse than the unmodified one: ``alpha = 0`` (T follows the
@@ -51,8 +54,8 @@ class CoordinateDescentStepper(Optimizer):
         horizons: A module (its :class:`LearnableHorizon` submodules are found) or a list.
         lr: The learning rate of the default Q, ``Adam``.
         alpha: The temporal regularisation strength, >= 0, in the loss's units per unit of time.
-        horizon_optimizer: Q, an optimizer over exactly :attr:`time_parameters`, or a factory
-            ``params -> Optimizer``. Default: Adam.
+        horizon_optimizer: A factory of Q, called with :attr:`time_parameters`
+            (``lambda ps: torch.optim.SGD(ps, lr=0.1)``). Default: Adam at ``lr``.
         reset_at_bound: Clear a clipped horizon's Q state.
         skip_nonfinite: Skip the whole step if any gradient is NaN or infinite.
         guard: A :class:`BudgetGuard`, ``True`` for one with its defaults over the horizons with
@@ -78,7 +81,7 @@ class CoordinateDescentStepper(Optimizer):
         *,
         lr: float = 1e-2,
         alpha: float = 0.0,
-        horizon_optimizer: Optimizer | Callable[[list], Optimizer] | None = None,
+        horizon_optimizer: Callable[[list], Optimizer] | None = None,
         reset_at_bound: bool = True,
         skip_nonfinite: bool = False,
         guard: BudgetGuard | bool = True,
@@ -88,10 +91,15 @@ class CoordinateDescentStepper(Optimizer):
             raise TypeError(
                 f"optimizer must be a plain torch.optim.Optimizer over the weights, got {got}."
             )
+        closure = inspect.signature(type(optimizer).step).parameters.get("closure")
+        if closure is not None and closure.default is inspect.Parameter.empty:
+            raise TypeError(
+                f"optimizer {type(optimizer).__name__} needs a closure in every step, which "
+                "would re-evaluate the loss for T too; use a first-order optimizer such as Adam."
+            )
         self.optimizer = optimizer
-        Optimizer.__setstate__(
-            self, {}
-        )  # what Optimizer.__init__ sets up besides P's groups: the hooks
+        # what Optimizer.__init__ sets up besides P's groups: the hooks
+        Optimizer.__setstate__(self, {})
         self.lr, self.alpha = real("lr", lr), real("alpha", alpha)
         for name, value in (("lr", self.lr), ("alpha", self.alpha)):
             if value < 0:
@@ -105,12 +113,8 @@ class CoordinateDescentStepper(Optimizer):
             for p in (h.T, h.t0)
             if isinstance(p, nn.Parameter) and p.requires_grad
         ]
-        ids = {id(p) for p in self.time_parameters}
         for group in optimizer.param_groups:  # silently, by design: T is not a weight
-            for p in group["params"]:
-                if id(p) in ids:
-                    optimizer.state.pop(p, None)
-            group["params"] = [p for p in group["params"] if id(p) not in ids]
+            group["params"] = self._weights(group["params"])
         self.horizon_optimizer = self._build_q(horizon_optimizer)
         self.guard = self._build_guard(guard)
         self._warned: set[str] = set()
@@ -120,33 +124,25 @@ class CoordinateDescentStepper(Optimizer):
         ]
         self.stats: dict[str, Any] = {"steps": 0, "skipped_steps": 0, "horizons": rows}
 
-    def _build_q(self, q: Any) -> Optimizer | None:
-        if q is None:
-            return (
-                torch.optim.Adam(self.time_parameters, lr=self.lr)
-                if self.time_parameters
-                else None
-            )
-        if not isinstance(q, Optimizer):
-            q = q(list(self.time_parameters)) if callable(q) else q
-            if not isinstance(q, Optimizer):
-                got = type(q).__name__
-                raise TypeError(
-                    f"horizon_optimizer must be an Optimizer or a factory of one, got {got}."
-                )
-        if {id(p) for g in q.param_groups for p in g["params"]} != {
-            id(p) for p in self.time_parameters
-        }:
-            raise ValueError(
-                f"horizon_optimizer must hold exactly the {len(self.time_parameters)} time parameters "
-                "(stepper.time_parameters); build it from a factory instead."
+    def _build_q(self, factory: Any) -> Optimizer | None:
+        if not self.time_parameters:
+            return None
+        if factory is None:
+            return torch.optim.Adam(self.time_parameters, lr=self.lr)
+        q = factory(list(self.time_parameters)) if callable(factory) else factory
+        if isinstance(factory, Optimizer) or not isinstance(q, Optimizer):
+            raise TypeError(
+                "horizon_optimizer must be a factory params -> Optimizer, e.g. "
+                f"lambda ps: torch.optim.SGD(ps, lr=0.1), got {type(factory).__name__}."
             )
         return q
 
     def _build_guard(self, guard: Any) -> BudgetGuard | None:
         if isinstance(guard, BudgetGuard):
             return guard
-        budgeted = [h for _, h in self._horizons if h.budget is not None]
+        budgeted = {n: h for n, h in self._horizons if h.budget is not None}
+        for h in budgeted.values():  # guarded, or the user declined a guard: nothing to warn of
+            h.guarded = True
         return BudgetGuard(budgeted) if flag("guard", guard) and budgeted else None
 
     @property
@@ -181,9 +177,23 @@ class CoordinateDescentStepper(Optimizer):
     def defaults(self, value: dict[str, Any]) -> None:
         self.optimizer.defaults = value
 
+    def _weights(self, params: Any) -> list[Tensor]:
+        """``params`` without the time parameters, whose state P then drops."""
+        params = [params] if isinstance(params, Tensor) else list(params)
+        ids = {id(p) for p in self.time_parameters}
+        for p in params:
+            if id(p) in ids:
+                self.optimizer.state.pop(p, None)
+        return [p for p in params if id(p) not in ids]
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Adds a param group to P."""
-        self.optimizer.add_param_group(param_group)
+        """Adds a param group to P, without the time parameters (as at construction)."""
+        self.optimizer.add_param_group(
+            {**param_group, "params": self._weights(param_group["params"])}
+        )
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self.__dict__  # Optimizer's would keep P's groups only, which are properties here
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clears the gradients of the weights and of the time parameters."""
@@ -191,10 +201,10 @@ class CoordinateDescentStepper(Optimizer):
         for p in self.time_parameters:
             p.grad = None if set_to_none or p.grad is None else p.grad.zero_()
 
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
+    def _warn_once(self, key: str, message: str, depth: int = 4) -> None:
+        if key not in self._warned:  # depth: the frames up to the user's step() call
             self._warned.add(key)
-            warnings.warn(message, RuntimeWarning, stacklevel=4)
+            warnings.warn(message, RuntimeWarning, stacklevel=depth)
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Steps the weights with P, the guard, then the time parameters with Q.
@@ -243,6 +253,7 @@ class CoordinateDescentStepper(Optimizer):
                 "none",
                 "CoordinateDescentStepper.step found no dL/dT on any horizon; T stays put. Call "
                 "the horizons in the forward pass whose loss you backpropagate.",
+                depth=5,
             )
         for k, (name, h) in enumerate(self._horizons):
             s = self.stats["horizons"][k]
@@ -254,6 +265,7 @@ class CoordinateDescentStepper(Optimizer):
                         f"time{k}",
                         f"CoordinateDescentStepper: dL/dT of horizon {name or k!r} is NaN or inf; "
                         "its update was skipped (stats['horizons'][i]['nonfinite']).",
+                        depth=5,
                     )
             s["dLdT"] = None if h.T.grad is None else h.T.grad.item()  # the loss's, unregularised
             if self.alpha and h.T.grad is not None:
@@ -273,18 +285,17 @@ class CoordinateDescentStepper(Optimizer):
             if h.learn_t0:
                 s["t0"] = h.t0.item()
 
+    def _parts(self) -> dict[str, Any]:
+        return dict(
+            optimizer=self.optimizer, horizon_optimizer=self.horizon_optimizer, guard=self.guard
+        )
+
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         """The state of P, Q, the guard and :attr:`stats` (T, budgets and placements: the model's)."""
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
-        state = {
-            "optimizer": self.optimizer.state_dict(),
-            "horizon_optimizer": None
-            if self.horizon_optimizer is None
-            else self.horizon_optimizer.state_dict(),
-            "guard": None if self.guard is None else self.guard.state_dict(),
-            "stats": copy.deepcopy(self.stats),
-        }
+        state = {k: None if v is None else v.state_dict() for k, v in self._parts().items()}
+        state["stats"] = copy.deepcopy(self.stats)
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             state = post_hook(self, state) or state
         return state
@@ -294,18 +305,11 @@ class CoordinateDescentStepper(Optimizer):
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             state_dict = pre_hook(self, state_dict) or state_dict
         if not isinstance(state_dict, dict) or not ({"optimizer", "stats"} <= set(state_dict)):
-            self.optimizer.load_state_dict(
-                state_dict
-            )  # a plain optimizer's, e.g. an unpatched run's
+            self.optimizer.load_state_dict(state_dict)  # a plain optimizer's (an unpatched run's)
         else:
-            self.optimizer.load_state_dict(state_dict["optimizer"])
-            if (
-                self.horizon_optimizer is not None
-                and state_dict.get("horizon_optimizer") is not None
-            ):
-                self.horizon_optimizer.load_state_dict(state_dict["horizon_optimizer"])
-            if self.guard is not None and state_dict.get("guard") is not None:
-                self.guard.load_state_dict(state_dict["guard"])
+            for key, part in self._parts().items():
+                if part is not None and state_dict.get(key) is not None:
+                    part.load_state_dict(state_dict[key])
             self.stats = copy.deepcopy(state_dict["stats"])
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
