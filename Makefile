@@ -55,7 +55,7 @@ test: install lint docs package
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
 demo: install
-	OMP_NUM_THREADS=1 $(PY) -m examples.demo --out $(DEMO_OUT)
+	OMP_NUM_THREADS=1 $(PY) -m benchmarks.demo --out $(DEMO_OUT)
 
 bench: install
 	$(PY) benchmarks/overhead.py

@@ -24,7 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from examples.train import run  # noqa: E402
+from benchmarks.harness.train import run  # noqa: E402
 
 
 def _smooth(x: np.ndarray, w: int) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Evaluation and sampling of trained models at a budget of N rk4 steps, against dopri5.
 
-For each finished run of ``examples.train`` and each N: the test NLL with N uniform steps per block,
+For each finished run of ``benchmarks.harness.train`` and each N: the test NLL with N uniform steps per block,
 then with the steps' placement fitted to dopri5 on a batch of training-distribution data
 (``LearnableHorizon.fit``), and the mean distance of N-step samples to dopri5 samples from the same
 base noise; each against the dopri5 (1e-5) value, with the NFE per solve as a ratio to dopri5's.
@@ -25,9 +25,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from examples.cnf import CNF, nfe, sample  # noqa: E402
-from examples.data import load_digits_split, toy_sample  # noqa: E402
-from examples.train import load_model, scoring  # noqa: E402
+from benchmarks.harness.cnf import CNF, nfe, sample  # noqa: E402
+from benchmarks.harness.data import load_digits_split, toy_sample  # noqa: E402
+from benchmarks.harness.train import load_model, scoring  # noqa: E402
 from torch_tempopt import LearnableHorizon  # noqa: E402
 
 
@@ -47,7 +47,7 @@ def _data(config: dict[str, Any], fit_size: int) -> tuple[torch.Tensor, torch.Te
 
 def _fit(model: torch.nn.Module, x: torch.Tensor, image: bool, ref: dict[str, Any], steps: int) -> list[float]:
     """Fits every block's placement on the batch's input to that block (the flow's forward direction)."""
-    from examples.cnf import _core, to_logit_space
+    from benchmarks.harness.cnf import _core, to_logit_space
 
     torch.manual_seed(0)
     y = to_logit_space(model, x, torch.Generator().manual_seed(0))[0] if image else x
@@ -75,7 +75,7 @@ def _on_budget(model: torch.nn.Module, n: int, ref: dict[str, Any]) -> None:
 
 def _score(model: torch.nn.Module, test: torch.Tensor, image: bool, seed: int) -> tuple[float, float]:
     """The test NLL (the runner's scoring seed) and the forward NFE per block solve, on the blocks' budgets."""
-    from examples.cnf import bits_per_dim_and_reg, nll_and_reg
+    from benchmarks.harness.cnf import bits_per_dim_and_reg, nll_and_reg
 
     solves = len(_blocks(model)) * -(-test.shape[0] // 10000)
     nfe(model, reset=True)
@@ -148,7 +148,7 @@ def markdown(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", nargs="+", type=Path, required=True, help="finished examples.train run directories")
+    parser.add_argument("--runs", nargs="+", type=Path, required=True, help="finished benchmarks.harness.train run directories")
     parser.add_argument("--budgets", nargs="+", type=int, default=[2, 3, 4, 6, 8])
     parser.add_argument("--fit-steps", type=int, default=200)
     parser.add_argument("--fit-size", type=int, default=1000)

@@ -1,7 +1,7 @@
 """Side-by-side training benchmark: FFJORD, TO-FLOW, RNODE, step budgets and flow matching, same harness.
 
 Every configuration trains on the same data, seed and iterations, one after another in this process
-with 1 thread (``examples.train.run``), and is scored on the same held-out set with the same adaptive
+with 1 thread (``benchmarks.harness.train.run``), and is scored on the same held-out set with the same adaptive
 solve (dopri5 1e-5). The table reports, per configuration: the final test NLL, the total forward and
 backward NFE (the budget guard's reference solves included), the CPU time per iteration, and the **NFE
 and CPU time needed to reach FFJORD's final test NLL plus ``--margin``, as ratios to FFJORD's totals**
@@ -14,7 +14,7 @@ Run from the repository root::
     python benchmarks/compare.py --data 8gaussians --iters 2000 --seeds 0 --configs ffjord toflow ffjord-b4 fm
     python benchmarks/compare.py --data checkerboard --configs ffjord ffjord-b2 --config "b2-tight=ffjord:--budget 2 --guard-tol 1e-3"
 
-A configuration is a method of ``examples.train`` plus flags (see ``CONFIGS``): ``ffjord-bN`` trains on
+A configuration is a method of ``benchmarks.harness.train`` plus flags (see ``CONFIGS``): ``ffjord-bN`` trains on
 N uniform rk4 steps with T fixed, ``ffjord-bN-learned`` learns the steps' placement, ``toflow-bN-uniform``
 learns T on a uniform grid, ``toflow-bN`` learns both, ``rnode-bN`` adds RNODE's penalties.
 """
@@ -34,9 +34,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from examples.train import config_differences, resolve_config, run  # noqa: E402
+from benchmarks.harness.train import config_differences, resolve_config, run  # noqa: E402
 
-#: name -> (examples.train method, extra flags)
+#: name -> (benchmarks.harness.train method, extra flags)
 CONFIGS: dict[str, tuple[str, list[str]]] = {
     "ffjord": ("ffjord", []),
     "steer": ("steer", []),

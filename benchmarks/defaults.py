@@ -37,7 +37,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from examples.data import toy_sample  # noqa: E402
+from benchmarks.harness.data import toy_sample  # noqa: E402
 from torch_tempopt import CoordinateDescentStepper, LearnableHorizon  # noqa: E402
 
 CONFIGS = ("plain", "defaults", "paper", "budget2")

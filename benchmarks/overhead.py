@@ -33,8 +33,8 @@ import torchdiffeq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from examples.cnf import ODEfunc, ODEnet, standard_normal_logprob  # noqa: E402
-from examples.data import toy_sample  # noqa: E402
+from benchmarks.harness.cnf import ODEfunc, ODEnet, standard_normal_logprob  # noqa: E402
+from benchmarks.harness.data import toy_sample  # noqa: E402
 from torch_tempopt import LearnableHorizon, count_nfe  # noqa: E402
 
 

@@ -1,6 +1,6 @@
 """Soak test: a long TO-FLOW training of the toy CNF on a step budget, checking bounds, finiteness and memory.
 
-The reference CNF of :mod:`examples.cnf` (concat-squash MLP 32-32, exact trace, batch 100 of
+The reference CNF of :mod:`benchmarks.harness.cnf` (concat-squash MLP 32-32, exact trace, batch 100 of
 8gaussians) with a learnable end time, solved on ``--budget`` rk4 steps (a learned placement,
 guarded against dopri5 every ``--guard-every`` steps; ``--budget 0`` solves adaptively), stepped
 by :class:`torch_tempopt.CoordinateDescentStepper` (Adam on the weights, on T and on the
@@ -41,8 +41,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from examples.cnf import build_toy_model, end_times, network_parameters, nfe, nll_and_reg  # noqa: E402
-from examples.data import TOY_DATASETS, toy_sample  # noqa: E402
+from benchmarks.harness.cnf import build_toy_model, end_times, network_parameters, nfe, nll_and_reg  # noqa: E402
+from benchmarks.harness.data import TOY_DATASETS, toy_sample  # noqa: E402
 from torch_tempopt import BudgetGuard, CoordinateDescentStepper, LearnableHorizon  # noqa: E402
 
 MIB = 1024 * 1024

@@ -1,4 +1,4 @@
-"""Per-window summary of finished or running ``examples.train`` runs: test NLL, T and NFE per iteration.
+"""Per-window summary of finished or running ``benchmarks.harness.train`` runs: test NLL, T and NFE per iteration.
 
 For every window of ``--every`` iterations it prints, per run, the last test NLL evaluated at or
 before the window's end, every horizon's T at the end, and the mean NFE (forward + backward) per
@@ -19,7 +19,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from examples.plots import read_run  # noqa: E402
+from benchmarks.harness.plots import read_run  # noqa: E402
 
 
 def table(runs: list[str | Path], every: int, *, split: bool = False) -> str:
@@ -51,7 +51,7 @@ def table(runs: list[str | Path], every: int, *, split: bool = False) -> str:
 
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", nargs="+", required=True, help="run directories of examples.train")
+    parser.add_argument("--runs", nargs="+", required=True, help="run directories of benchmarks.harness.train")
     parser.add_argument("--every", type=int, default=1000, help="iterations per window")
     parser.add_argument("--split", action="store_true", help="NFE per iteration as forward + backward")
     args = parser.parse_args(argv)

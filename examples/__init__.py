@@ -1,14 +1,11 @@
-r"""Reference code for the ``torch_tempopt`` examples: data sets and an FFJORD-style CNF.
+r"""What a ``torch_tempopt`` user copies: the quickstart, recipes and the upstream patches.
 
-The package is not part of the library's import path: it depends on scikit-learn.
-
-``examples.data``
-    Seeded 2-D toy densities, the 8x8 digits split, dequantization, the logit
-    transform and bits per dimension.
-``examples.cnf``
-    ODE networks, an :class:`~examples.cnf.ODEfunc` with exact or Hutchinson
-    divergence and RNODE regularisers, and CNF blocks whose end time is a
-    :class:`torch_tempopt.LearnableHorizon`.
+``examples.quickstart``
+    A CNF on a budget, end to end, in one file.
+``examples.ddp_train``
+    Multi-process training (DDP) of the benchmarks' reference CNF with a learned end time.
+``examples.ffjord_patch``, ``examples.rnode_patch``, ``examples.otflow_patch``
+    Run upstream FFJORD, RNODE and OT-Flow checkouts unchanged with temporal optimization.
 """
 
 from __future__ import annotations

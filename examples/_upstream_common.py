@@ -265,7 +265,7 @@ class Patch:
         self._stack.callback(restore)
         self._stack.enter_context(warnings.catch_warnings())
         warnings.filterwarnings("ignore", message="invalid escape sequence")  # upstream's docstrings, under -W error
-        here = str(Path(__file__).resolve().parent)  # examples/ holds a train.py and a data.py of its own
+        here = str(Path(__file__).resolve().parent)  # examples/ must not shadow the checkout's modules
         sys.path[:] = [str(self.checkout)] + [p for p in path if p not in ("", here)]
 
     def _stepper(self, optimizer: Optimizer, horizons: list[LearnableHorizon]) -> CoordinateDescentStepper:

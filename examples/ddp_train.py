@@ -5,7 +5,7 @@ Two processes on the CPU (gloo), from the repository root::
     torchrun --nproc_per_node 2 examples/ddp_train.py --data 8gaussians --iters 1000 --out runs/ddp
 
 On GPUs the backend is nccl and each process uses ``cuda:LOCAL_RANK`` (``--backend`` overrides
-the choice). The model is :func:`examples.cnf.build_toy_model` with a learnable end time,
+the choice). The model is :func:`benchmarks.harness.cnf.build_toy_model` with a learnable end time,
 wrapped in :class:`~torch.nn.parallel.DistributedDataParallel`, and stepped by
 :class:`torch_tempopt.CoordinateDescentStepper`::
 
@@ -43,8 +43,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
-from examples.cnf import build_toy_model, end_times, network_parameters, nll_and_reg  # noqa: E402
-from examples.data import TOY_DATASETS, toy_sample  # noqa: E402
+from benchmarks.harness.cnf import build_toy_model, end_times, network_parameters, nll_and_reg  # noqa: E402
+from benchmarks.harness.data import TOY_DATASETS, toy_sample  # noqa: E402
 from torch_tempopt import CoordinateDescentStepper  # noqa: E402
 
 __all__ = ["build_parser", "main", "train"]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from examples.train import run
+from benchmarks.harness.train import run
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "--batch-size 16 --hidden 8,8 --test-size 64 --rtol 1e-3 --atol 1e-3 --eval-rtol 1e-3 --eval-atol 1e-3"
@@ -216,7 +216,7 @@ def test_update_readme_fills_marked_blocks(tmp_path: Path, monkeypatch) -> None:
 
 
 def test_demo(tmp_path: Path) -> None:
-    from examples.demo import main
+    from benchmarks.demo import main
 
     res = main(["--iters", "2", "--hidden", "8,8", "--test-size", "64", "--out", str(tmp_path)])
     assert list(res) == ["ffjord", "ffjord-b4", "toflow-b4"]

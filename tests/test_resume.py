@@ -1,4 +1,4 @@
-"""Exact resume of examples.train (--resume): in fresh processes, on a budget after the guard grew it, and its refusals."""
+"""Exact resume of benchmarks.harness.train (--resume): in fresh processes, on a budget after the guard grew it, and its refusals."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from examples.train import run
+from benchmarks.harness.train import run
 
 ROOT = Path(__file__).resolve().parents[1]
 # Clocks differ; and the first half of a split run ends with an evaluation that the straight run does not make.
@@ -63,7 +63,7 @@ def test_resume_in_fresh_processes_continues_bitwise(tmp_path: Path) -> None:
     run(args(straight, 4))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     for extra in (args(split, 2), [*args(split, 4), "--resume"]):  # two fresh processes
-        done = subprocess.run([sys.executable, "-m", "examples.train", *extra], cwd=ROOT, env=env,
+        done = subprocess.run([sys.executable, "-m", "benchmarks.harness.train", *extra], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr
     a, _ = compare(straight, split)

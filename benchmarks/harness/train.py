@@ -1,9 +1,9 @@
 r"""The training runner of the benchmarks: FFJORD, STEER, TO-FLOW, RNODE, flow matching, on budgets or adaptively.
 
-    python -m examples.train --data checkerboard --method toflow --iters 2000 --seed 0 --out runs/cb-toflow
-    python -m examples.train --data 8gaussians --method ffjord --budget 4 --iters 2000 --out runs/8g-b4
+    python -m benchmarks.harness.train --data checkerboard --method toflow --iters 2000 --seed 0 --out runs/cb-toflow
+    python -m benchmarks.harness.train --data 8gaussians --method ffjord --budget 4 --iters 2000 --out runs/8g-b4
 
-Methods (on the reference CNF of :mod:`examples.cnf`): ``ffjord`` (T fixed), ``steer`` (T drawn in
+Methods (on the reference CNF of :mod:`benchmarks.harness.cnf`): ``ffjord`` (T fixed), ``steer`` (T drawn in
 training), ``toflow`` (T learned by :class:`torch_tempopt.CoordinateDescentStepper`), ``rnode`` (T
 fixed, RNODE's kinetic and Jacobian penalties), ``rnode+toflow``, and ``fm`` (the same field trained by
 conditional flow matching, no ODE solve in training; ``--max-cpu-seconds`` gives it a CPU budget).
@@ -93,7 +93,7 @@ def _natural(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m examples.train", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.harness.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", choices=DATASETS, default="checkerboard")
     p.add_argument("--method", choices=tuple(METHODS), default="toflow")
     p.add_argument("--iters", type=_natural, default=10000, help="training iterations")

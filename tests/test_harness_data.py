@@ -1,4 +1,4 @@
-"""Tests of examples.data: toy generators, the digits split and the image pipeline (no torch_tempopt)."""
+"""Tests of benchmarks.harness.data: toy generators, the digits split and the image pipeline (no torch_tempopt)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from examples.data import (
+from benchmarks.harness.data import (
     TOY_DATASETS,
     bits_per_dim,
     dequantize,

@@ -1,4 +1,4 @@
-"""Smoke and behaviour tests of the training runner (examples.train) and the figures (examples.plots), on tiny models."""
+"""Smoke and behaviour tests of the training runner (benchmarks.harness.train) and the figures (benchmarks.harness.plots), on tiny models."""
 
 from __future__ import annotations
 
@@ -13,9 +13,16 @@ import numpy as np
 import pytest
 import torch
 
-from examples import plots
-from examples.data import toy_sample
-from examples.train import METHODS, build_model, evaluate, load_model, resolve_config, run
+from benchmarks.harness import plots
+from benchmarks.harness.data import toy_sample
+from benchmarks.harness.train import (
+    METHODS,
+    build_model,
+    evaluate,
+    load_model,
+    resolve_config,
+    run,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 # The summary of 0.1, and what 0.2 adds.
@@ -241,7 +248,7 @@ def test_run_leaves_the_callers_torch_state_alone(tmp_path: Path) -> None:
 
 def test_fixed_grid_solver_and_the_command_line(tmp_path: Path) -> None:
     out = tmp_path / "cli"
-    cmd = [sys.executable, "-m", "examples.train", *tiny(out, "ffjord", 2), "--solver", "rk4", "--step-size", "0.25"]
+    cmd = [sys.executable, "-m", "benchmarks.harness.train", *tiny(out, "ffjord", 2), "--solver", "rk4", "--step-size", "0.25"]
     env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert result.returncode == 0, result.stderr

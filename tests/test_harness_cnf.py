@@ -1,4 +1,4 @@
-"""Tests of examples.cnf: divergence estimators, RNODE integrands, layers, and CNF blocks through the horizon."""
+"""Tests of benchmarks.harness.cnf: divergence estimators, RNODE integrands, layers, and CNF blocks through the horizon."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 import torchdiffeq
 from torch import Tensor, nn
 
-from examples.cnf import (
+from benchmarks.harness.cnf import (
     CNF,
     ConcatConv2d,
     ConcatLinear,
@@ -31,7 +31,7 @@ from examples.cnf import (
     sample,
     standard_normal_logprob,
 )
-from examples.data import load_digits_split
+from benchmarks.harness.data import load_digits_split
 from torch_tempopt import CoordinateDescentStepper
 
 TIGHT = {"method": "dopri5", "rtol": 1e-9, "atol": 1e-10}

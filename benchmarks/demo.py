@@ -1,13 +1,13 @@
 """``make demo``: what makes CNF training cheaper, on a toy set, on the CPU, in a few minutes.
 
-Trains FFJORD's toy model three times with :func:`examples.train.run`, from the same seed, data
+Trains FFJORD's toy model three times with :func:`benchmarks.harness.train.run`, from the same seed, data
 stream and held-out set: FFJORD as published (dopri5 1e-5, T = 0.5), the same on a budget of 4 rk4
 steps per solve (``LearnableHorizon(budget=4)``, guarded by the stepper), and TO-FLOW on that budget
 (T and the steps' placement learned). Every test NLL is scored with dopri5 1e-5. Prints the table
 (test NLL, NFE, CPU time, final T) and writes to ``--out``: ``comparison.md``, the densities
 (``densities.png``), the learning curves (``curves.png``) and each run's directory::
 
-    python -m examples.demo --data 8gaussians --iters 400 --out runs/demo
+    python -m benchmarks.demo --data 8gaussians --iters 400 --out runs/demo
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import argparse
 from pathlib import Path
 from typing import Any, Sequence
 
-from examples.plots import figure_curves, figure_densities
-from examples.train import run
+from benchmarks.harness.plots import figure_curves, figure_densities
+from benchmarks.harness.train import run
 
 __all__ = ["main"]
 

@@ -1,4 +1,4 @@
-r"""Figures of the CPU reproduction, from the run directories of :mod:`examples.train`.
+r"""Figures of the CPU reproduction, from the run directories of :mod:`benchmarks.harness.train`.
 
 Matplotlib's object-oriented API with the Agg canvas is used throughout (no pyplot, no
 global backend switch), so the functions are safe to call from tests and scripts.
@@ -6,7 +6,7 @@ global backend switch), so the functions are safe to call from tests and scripts
 - :func:`density_grid` / :func:`plot_density`: a toy model's density :math:`p(x)` on a
   2-D grid, computed in the forward (density) direction,
   :math:`\log p(x) = \log \mathcal{N}(z(T)) - \Delta`.
-- :func:`model_samples`: samples through the reverse direction (:func:`examples.cnf.sample`).
+- :func:`model_samples`: samples through the reverse direction (:func:`benchmarks.harness.cnf.sample`).
 - :func:`figure_densities`: Figure 1 style, rows = data sets, columns = data and one
   column per method (FFJORD, TO-FLOW, ...), from the runs' final checkpoints.
 - :func:`figure_snapshots`: Figure 2 style, densities at several iterations from the
@@ -16,9 +16,9 @@ global backend switch), so the functions are safe to call from tests and scripts
 
 Command line (from the repository root)::
 
-    python -m examples.plots curves --runs runs/cb-ffjord runs/cb-toflow --out curves.png
-    python -m examples.plots densities --runs runs/*-ffjord runs/*-toflow --out figure1.png
-    python -m examples.plots snapshots --runs runs/cb-ffjord runs/cb-toflow --iterations 100,500,1000 --out figure2.png
+    python -m benchmarks.harness.plots curves --runs runs/cb-ffjord runs/cb-toflow --out curves.png
+    python -m benchmarks.harness.plots densities --runs runs/*-ffjord runs/*-toflow --out figure1.png
+    python -m benchmarks.harness.plots snapshots --runs runs/cb-ffjord runs/cb-toflow --iterations 100,500,1000 --out figure2.png
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def density_grid(
     r"""The log-density of a 2-D flow on a square grid, through the forward direction.
 
     Arguments:
-        model: A toy flow (e.g. from :func:`examples.train.load_model`), evaluated in eval
+        model: A toy flow (e.g. from :func:`benchmarks.harness.train.load_model`), evaluated in eval
             mode (STEER at :math:`T_0`) at its current :math:`T`.
         bounds: The grid's range on both axes.
         resolution: Points per axis.
@@ -133,7 +133,7 @@ def model_samples(
     seed: int = 0,
     solver_kwargs: dict[str, Any] | None = None,
 ) -> np.ndarray:
-    """Samples of a 2-D flow through the reverse direction (:func:`examples.cnf.sample`).
+    """Samples of a 2-D flow through the reverse direction (:func:`benchmarks.harness.cnf.sample`).
 
     Arguments:
         model: A toy flow, sampled in eval mode at its current :math:`T`.
@@ -171,7 +171,7 @@ def read_run(run_dir: PathLike) -> dict[str, Any]:
     """Reads a run directory: its config, its metrics (if finished), its log and its evaluations.
 
     Arguments:
-        run_dir: An ``--out`` directory of :mod:`examples.train`.
+        run_dir: An ``--out`` directory of :mod:`benchmarks.harness.train`.
 
     Returns:
         ``{"dir", "config", "metrics", "log", "evals", "label"}``: ``log`` maps each
@@ -457,8 +457,8 @@ def _iterations(text: str) -> list[int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m examples.plots {curves,densities,snapshots} --runs DIR ... --out FILE.png``."""
-    parser = argparse.ArgumentParser(prog="python -m examples.plots", description=__doc__.splitlines()[0])
+    """``python -m benchmarks.harness.plots {curves,densities,snapshots} --runs DIR ... --out FILE.png``."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.harness.plots", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     curves = commands.add_parser("curves", help="test NLL vs CPU seconds / iterations, NFE, T")
     curves.add_argument("--smooth", type=int, default=1, help="moving-average window of the NFE curves")
@@ -469,7 +469,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     snapshots = commands.add_parser("snapshots", help="Figure 2: densities at the snapshot iterations")
     snapshots.add_argument("--iterations", type=_iterations, default=None, help="e.g. 100,500,1000")
     for sub in (curves, densities, snapshots):
-        sub.add_argument("--runs", nargs="+", required=True, help="run directories of examples.train")
+        sub.add_argument("--runs", nargs="+", required=True, help="run directories of benchmarks.harness.train")
         sub.add_argument("--out", required=True, help="the PNG to write")
     for sub in (densities, snapshots):
         sub.add_argument("--resolution", type=int, default=100, help="grid points per axis")

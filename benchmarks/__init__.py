@@ -1,0 +1,1 @@
+"""The benchmarks and their harness (``benchmarks.harness``); not part of the library's import path."""
