@@ -89,22 +89,25 @@ def test_ffjord_dLdT_matches_finite_differences_both_directions(ffjord: Path) ->
             assert horizon.T.grad.item() == pytest.approx(fd, rel=1e-6, abs=1e-8), reverse
 
 
-@pytest.mark.parametrize(("off", "budget"), [(False, None), (True, None), (False, 4)])
-def test_ffjord_train_toy(ffjord: Path, tmp_path: Path, off: bool, budget: int | None) -> None:
+@pytest.mark.parametrize(("off", "budget", "learn_T"), [(False, None, False), (True, None, False), (False, 4, False),
+                                                       (False, 4, True)])
+def test_ffjord_train_toy(ffjord: Path, tmp_path: Path, off: bool, budget: int | None, learn_T: bool) -> None:
     torch.set_default_dtype(torch.float32)
     before = process_state()
     argv = ["--data", "8gaussians", "--niters", "3", "--batch_size", "50", "--test_batch_size", "100"]
-    with ffjord_patch.patched(ffjord, script="train_toy.py", off=off, budget=budget, skip_trajectory=True) as patch:
+    with ffjord_patch.patched(ffjord, script="train_toy.py", off=off, budget=budget, learn_T=learn_T,
+                              skip_trajectory=True) as patch:
         patch.run([*argv, "--viz_freq", "100000", "--val_freq", "3", "--save", str(tmp_path)])
     assert process_state() == before
     rows = read_csv(tmp_path / "tempopt.csv")
     T = column(rows, "T")
-    assert len(T) == 3 and T[0] == pytest.approx(0.5, abs=1e-6) and (len(set(T)) == 1) == off
+    fixed = off or (budget is not None and not learn_T)  # on a budget T is fixed unless learn_T
+    assert len(T) == 3 and T[0] == pytest.approx(0.5, abs=1e-6) and (len(set(T)) == 1) == fixed
     if budget is not None:
         assert all(int(r["nfe_forward"]) == 4 * budget for r in rows)
     log = (tmp_path / "logs").read_text()
     assert "[TEST] Iter 0003" in log
-    assert ("CNF Time 0.4900" in log or "CNF Time 0.5100" in log) != off  # upstream's own log shows the learned T
+    assert ("CNF Time 0.4900" in log or "CNF Time 0.5100" in log) != fixed  # upstream's own log shows the learned T
 
 
 def test_ffjord_train_cnf_mnist_idx_through_the_patch(ffjord: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -163,7 +166,7 @@ def otflow() -> Path:
 @pytest.mark.parametrize("budget", [None, 3])
 def test_otflow_layout_problem_and_gradient(otflow: Path, budget: int | None) -> None:
     before = process_state()
-    with otflow_patch.patched(otflow, budget=budget) as patch:
+    with otflow_patch.patched(otflow, budget=budget, learn_T=budget is not None) as patch:  # T is fixed on a budget by default
         import src.OTFlowProblem as ot
         from src.Phi import Phi
 
