@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
+from packaging.version import Version
 
 import torch_tempopt
 
@@ -67,7 +68,11 @@ def test_twine_check_strict(built: Built):
 
 def test_metadata(built: Built):
     meta = wheel_metadata(built.wheel)
-    assert meta["Version"] == torch_tempopt.__version__ == "0.2.0"
+    assert meta["Version"] == torch_tempopt.__version__  # setup.cfg reads it from torch_tempopt/__init__.py
+    version = Version(torch_tempopt.__version__)
+    assert str(version) == torch_tempopt.__version__ and not version.is_devrelease and not version.local
+    changes = (ROOT / "docs" / "changes.md").read_text().splitlines()[0]  # the changelog's newest entry is this one
+    assert changes == f"# Changes in {version.major}.{version.minor}", changes
     assert (meta["License-Expression"], meta.get_all("License-File")) == ("MIT", ["LICENSE"])
     classifiers = meta.get_all("Classifier")
     assert not [c for c in classifiers if c.startswith("License ::")]

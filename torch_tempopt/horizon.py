@@ -43,7 +43,7 @@ _ADAPTIVE = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun", "scipy_s
 
 
 def _reference(reference: Any) -> dict[str, Any]:
-    """odeint's settings of the reference (those not given are torchdiffeq's); adaptive only."""
+    """The reference's odeint settings (those not given are torchdiffeq's); adaptive only."""
     if not isinstance(reference, dict) or not set(reference) <= set(_SOLVE_KEYS):
         raise TypeError(
             f"reference must be a dict of {_SOLVE_KEYS}, e.g. dict(method='dopri8'), "
