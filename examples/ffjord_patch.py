@@ -34,7 +34,10 @@ Patched until the patch exits, each name checked first:
 
 Shims for today's stack, each only where needed: a ``six`` stub (``train_misc.py``), matplotlib's removed
 ``cm.get_cmap`` and ``Axes.set_axis_bgcolor`` (the toy plots), a no-op ``trajectory_to_video`` without ffmpeg, and
-``numpy.mean`` over a list of CUDA tensors (``train_cnf.py``'s validation on a GPU).
+``numpy.mean`` over a list of CUDA tensors (``train_cnf.py``'s validation on a GPU), and, for ``train_cnf.py``
+where torchvision cannot be imported (PyPI's wheels pair with torch's CUDA build), the parts of torchvision it uses
+from :mod:`examples.torchvision_cpu` (an IDX reader for MNIST, area ``Resize``, PNG ``save_image``; upstream's log
+says so).
 """
 
 from __future__ import annotations
@@ -167,6 +170,24 @@ def install(patch: Patch) -> None:
         patch.set(viz, "trajectory_to_video", _nothing)
     if script == "train_cnf.py" and torch.cuda.is_available():  # its validation: np.mean over CUDA tensors
         patch.set(numpy, "mean", _cpu_mean(numpy.mean))
+    if script == "train_cnf.py" and not _torchvision_imports():  # PyPI's torchvision with a CPU-only torch
+        from examples import torchvision_cpu
+
+        for name, module in torchvision_cpu.modules().items():
+            patch.provide(name, module)
+
+
+def _torchvision_imports() -> bool:
+    """Whether torchvision imports; PyPI's wheel next to the CPU build of torch is found but fails to."""
+    if not importable("torchvision"):
+        return False
+    try:
+        import torchvision  # noqa: F401
+    except Exception:  # its compiled parts belong to another torch build
+        for name in [n for n in sys.modules if n.split(".")[0] == "torchvision"]:
+            del sys.modules[name]
+        return False
+    return True
 
 
 def _nothing(*args: Any, **kwargs: Any) -> None:

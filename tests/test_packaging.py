@@ -22,7 +22,7 @@ import torch_tempopt
 
 ROOT = Path(__file__).resolve().parents[1]
 REPO = "torch-tempopt/torch_tempopt"
-EXTRAS = {"test", "docs", "examples", "zuko", "torchode", "dev"}
+EXTRAS = {"test", "docs", "examples", "mnist", "zuko", "torchode", "dev"}
 PYTHONS = ["3.9", "3.10", "3.11", "3.12", "3.13"]
 # distutils notes that are not about the package: a global-exclude with nothing to exclude (no .pyc under
 # PYTHONDONTWRITEBYTECODE=1), and byte-compiling switched off by that same variable.

