@@ -217,7 +217,7 @@ def test_images_benchmark_trains_scores_and_reports(ffjord: Path, tmp_path: Path
                  "--runs", str(runs)])
     assert sorted(p.name for p in (runs / "b2-s0").glob("ckpt-*.pt")) == ["ckpt-3.pt", "ckpt-6.pt"]
     images.main(["score", "--runs", str(runs)])
-    images.main(["report", "--runs", str(runs), "--out", str(out), "--name", "t"])
+    images.main(["report", "--runs", str(runs), "--out", str(out), "--figures", str(out), "--name", "t"])
     rows = {r["config"]: r for r in json.loads((out / "t.json").read_text())["rows"]}
     assert 0 < rows["ffjord"]["nfe_ratio_to_reach"] <= 1.0 and all(n >= 2 for n in rows["b2"]["budget"])
     assert all(10 < p["bits_per_dim"] < 40 for r in rows.values() for p in r["points"])
