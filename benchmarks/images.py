@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import re
 import shutil
@@ -152,6 +153,15 @@ def _argv(config: str, imagesize: int) -> list[str]:
     return [*MODEL, "--imagesize", str(imagesize), *CONFIGS[config][1]]
 
 
+def _run_child(checkout: Path, out: Path, config: str, argv: list[str], seed: int, *, cpu: float = math.inf,
+               iters: int = 0, marks: list[float] | None = None) -> int:
+    """One training run in a fresh process (``_TRAIN``), its output in ``out/stdout.txt``; returns its exit code."""
+    with open(out / "stdout.txt", "w") as log:
+        return subprocess.run([sys.executable, "-c", _TRAIN, str(ROOT), str(checkout), str(out), str(cpu), str(iters),
+                               json.dumps(marks or []), str(seed), json.dumps(CONFIGS[config][0]), json.dumps(argv)],
+                              cwd=checkout, env=_env(), stdout=log, stderr=subprocess.STDOUT).returncode
+
+
 def train(args: argparse.Namespace) -> None:
     checkout = prepare(args.ffjord.resolve(), args.runs.resolve())
     marks = [args.cpu * k / args.checkpoints for k in range(1, args.checkpoints)] + [args.cpu]
@@ -168,12 +178,9 @@ def train(args: argparse.Namespace) -> None:
                 "patch_kwargs": CONFIGS[config][0], "argv": argv, "done": False}
         meta.write_text(json.dumps(info, indent=1) + "\n")
         print(f"{config}: training for {args.cpu:g} CPU seconds into {out}", flush=True)
-        with open(out / "stdout.txt", "w") as log:
-            done = subprocess.run([sys.executable, "-c", _TRAIN, str(ROOT), str(checkout), str(out), str(args.cpu), "0",
-                                   json.dumps(marks), str(args.seed), json.dumps(CONFIGS[config][0]), json.dumps(argv)],
-                                  cwd=checkout, env=_env(), stdout=log, stderr=subprocess.STDOUT)
-        if done.returncode != 0:
-            raise SystemExit(f"{config} failed (exit {done.returncode}); see {out / 'stdout.txt'}")
+        code = _run_child(checkout, out, config, argv, args.seed, cpu=args.cpu, marks=marks)
+        if code != 0:
+            raise SystemExit(f"{config} failed (exit {code}); see {out / 'stdout.txt'}")
         meta.write_text(json.dumps({**info, "done": True}, indent=1) + "\n")
 
 
@@ -267,10 +274,15 @@ def report(args: argparse.Namespace) -> None:
         f"total NFE and CPU seconds, so at the resolution of the checkpoints ({len(next(iter(runs.values()))['marks']) if runs else 0} "
         f"per run, at equal CPU marks): the target may have been reached earlier. Command: `python benchmarks/images.py report --name {args.name}` after `train` and "
         f"`score` (module docstring).\n")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}.json").write_text(json.dumps({"rows": rows}, indent=1) + "\n")
-    (args.out / f"{args.name}.md").write_text(text)
+    _write(args.out, args.name, rows, text)
     _figure(runs, args.figures / f"{args.name}.png")
+
+
+def _write(folder: Path, name: str, rows: list[dict[str, Any]], text: str) -> None:
+    """``folder/name.json`` (the rows) and ``folder/name.md`` (the table), printed too."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps({"rows": rows}, indent=1) + "\n")
+    (folder / f"{name}.md").write_text(text)
     print(text)
 
 
@@ -309,11 +321,7 @@ def iters(args: argparse.Namespace) -> None:
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
         argv = [*_argv(config, args.imagesize), "--log_freq", "1"]
-        with open(out / "stdout.txt", "w") as log:
-            done = subprocess.run([sys.executable, "-c", _TRAIN, str(ROOT), str(checkout), str(out), "inf",
-                                   str(args.iters + 1), "[]", str(args.seed), json.dumps(CONFIGS[config][0]),
-                                   json.dumps(argv)], cwd=checkout, env=_env(), stdout=log, stderr=subprocess.STDOUT)
-        if done.returncode != 0:
+        if _run_child(checkout, out, config, argv, args.seed, iters=args.iters + 1) != 0:
             raise SystemExit(f"{config} failed; see {out / 'stdout.txt'}")
         with open(out / "tempopt.csv") as f:
             table = list(csv.DictReader(f))
@@ -332,10 +340,7 @@ def iters(args: argparse.Namespace) -> None:
                                f"(upstream's logged wall seconds per iteration; the guard checks a budget at iteration 1, whose seconds "
                                f"include it while its NFE, here, are the training solves' only). Command: `python benchmarks/images.py "
                                f"iters --ffjord PATH --imagesize {args.imagesize} --iters {args.iters}`.\n")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"images_iters{args.imagesize}.json").write_text(json.dumps({"rows": rows}, indent=1) + "\n")
-    (args.out / f"images_iters{args.imagesize}.md").write_text(text)
-    print(text)
+    _write(args.out, f"images_iters{args.imagesize}", rows, text)
 
 
 def main(argv: list[str] | None = None) -> int:
