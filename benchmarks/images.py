@@ -20,7 +20,8 @@ live in RNODE's fork, not in upstream FFJORD, whose ``--l2int`` is the mean of |
 
     python benchmarks/images.py train --ffjord .upstream/ffjord --configs ffjord b2 b4 --cpu 1200 --seed 0
     python benchmarks/images.py score                 # scores every checkpoint not yet scored
-    python benchmarks/images.py report --name images_14   # benchmarks/results/images_14.{json,md,png}
+    python benchmarks/images.py report --name images_14   # benchmarks/results/images_14.{json,md}, docs/img/images_14.png
+    python benchmarks/images.py samples                   # docs/img/images_14_samples.png: dopri5 samples per model
     python benchmarks/images.py iters --ffjord .upstream/ffjord --imagesize 28 --iters 4   # s and NFE per iteration
 
 Runs go to ``runs/images/<config>-s<seed>`` (``--runs``); ``train`` skips a run that already reached its
@@ -44,6 +45,9 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from examples.torchvision_cpu import make_grid  # noqa: E402
 
 MODEL = ["--data", "mnist", "--multiscale", "True", "--dims", "32,32", "--strides", "1,1,1", "--num_blocks", "1",
          "--layer_type", "concat", "--rademacher", "True", "--batch_size", "50", "--test_batch_size", "100",
@@ -95,7 +99,7 @@ with ffjord_patch.patched(checkout, script="train_cnf.py", **json.loads(patch_kw
 _SCORE = r"""
 import json, sys, time
 import numpy, torch
-root, checkout, args_json, ckpts = sys.argv[1:5]
+root, checkout, args_json, ckpts, samples = sys.argv[1:6]
 sys.path.insert(0, root)
 from examples import ffjord_patch
 torch.set_num_threads(1)
@@ -118,6 +122,11 @@ with ffjord_patch.patched(checkout, script="train_cnf.py", off=True) as patch:
             for h, state in zip(patch.horizons, ck["horizons"]):
                 h.T.copy_(state["T"])
         model.eval()
+        if int(samples):  # samples through the reverse solve (dopri5 1e-5), from the same latent draws
+            z = torch.randn(int(samples), *data_shape, generator=torch.Generator().manual_seed(4321))
+            with torch.no_grad():
+                torch.save(model(z, reverse=True).view(-1, *data_shape).clamp(0, 1), path[: -len(".pt")] + ".samples")
+            continue
         torch.manual_seed(1234)  # the same dequantization noise and Hutchinson probes for every checkpoint
         total, n, nfe, start = 0.0, 0, 0, time.process_time()
         with torch.no_grad():
@@ -207,10 +216,43 @@ def score(args: argparse.Namespace) -> None:
         print(f"{out.name}: scoring {len(todo)} checkpoints", flush=True)
         with open(scored_path, "a") as sink:
             done = subprocess.run([sys.executable, "-c", _SCORE, str(ROOT), str(checkout), json.dumps(argv),
-                                   json.dumps(todo)], cwd=checkout, env=_env(), stdout=sink, stderr=subprocess.PIPE,
-                                  text=True)
+                                   json.dumps(todo), "0"], cwd=checkout, env=_env(), stdout=sink,
+                                  stderr=subprocess.PIPE, text=True)
         if done.returncode != 0:
             raise SystemExit(f"scoring {out.name} failed:\n{done.stderr[-3000:]}")
+
+
+def samples(args: argparse.Namespace) -> None:
+    """A figure of samples (dopri5 1e-5, the same latent draws) from each run's last checkpoint."""
+    checkout, runs = (args.runs / "ffjord").resolve(), sorted(p for p in args.runs.resolve().iterdir()
+                                                             if (p / "run.json").is_file())
+    grids = []
+    for out in runs:
+        info = json.loads((out / "run.json").read_text())
+        last = max(out.glob("ckpt-*.pt"), key=lambda p: float(p.stem.split("-")[1]))
+        (out / "score").mkdir(exist_ok=True)
+        argv = [*_argv("ffjord", info["imagesize"]), "--save", str(out / "score")]
+        done = subprocess.run([sys.executable, "-c", _SCORE, str(ROOT), str(checkout), json.dumps(argv),
+                               json.dumps([str(last)]), str(args.n)], cwd=checkout, env=_env(),
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"sampling {out.name} failed:\n{done.stderr[-3000:]}")
+        x = torch.load(last.with_suffix(".samples"))
+        grids.append((f"{LABELS[info['config']]}, seed {info['seed']}, {last.stem[5:]} CPU s",
+                      make_grid(x, nrow=int(len(x) ** 0.5))[0].numpy()))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(grids), figsize=(3.2 * len(grids), 3.5))
+    for ax, (title, grid) in zip(list(axes) if len(grids) > 1 else [axes], grids):
+        ax.imshow(grid, cmap="gray", vmin=0, vmax=1)
+        ax.set_title(title, fontsize=8)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(args.figures / f"{args.name}.png", dpi=110)
+    print(f"wrote {args.figures / (args.name + '.png')}")
 
 
 def curves(runs: Path) -> dict[str, dict[str, Any]]:
@@ -360,11 +402,15 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--name", default="images_14")
     rep.add_argument("--margin", type=float, default=0.005, help="bits/dim added to FFJORD's final for the target")
     rep.add_argument("--figures", type=Path, default=ROOT / "docs" / "img", help="where the figure goes")
+    smp = sub.add_parser("samples")
+    smp.add_argument("--n", type=int, default=64, help="samples per model")
+    smp.add_argument("--name", default="images_14_samples")
+    smp.add_argument("--figures", type=Path, default=ROOT / "docs" / "img")
     for s in sub.choices.values():
         s.add_argument("--runs", type=Path, default=ROOT / "runs" / "images")
         s.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args(argv)
-    {"train": train, "score": score, "report": report, "iters": iters}[args.command](args)
+    {"train": train, "score": score, "report": report, "iters": iters, "samples": samples}[args.command](args)
     return 0
 
 

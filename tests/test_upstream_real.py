@@ -222,3 +222,5 @@ def test_images_benchmark_trains_scores_and_reports(ffjord: Path, tmp_path: Path
     assert 0 < rows["ffjord"]["nfe_ratio_to_reach"] <= 1.0 and all(n >= 2 for n in rows["b2"]["budget"])
     assert all(10 < p["bits_per_dim"] < 40 for r in rows.values() for p in r["points"])
     assert (out / "t.png").is_file() and "| FFJORD (dopri5 1e-5) | 0 |" in (out / "t.md").read_text()
+    images.main(["samples", "--runs", str(runs), "--n", "4", "--figures", str(out), "--name", "s"])
+    assert (out / "s.png").is_file() and torch.load(runs / "b2-s0" / "ckpt-6.samples").shape == (4, 1, 14, 14)
