@@ -56,8 +56,9 @@ def test_compare_benchmark_with_a_budget_and_flow_matching(tmp_path: Path) -> No
     assert base["nfe_ratio_to_reach"] == pytest.approx(1.0) and base["reached_at_iteration"] == 3  # its own NLL
     assert base["target"] == pytest.approx(base["test_nll"] + 0.001)
     assert budget["budget"] == [2] and budget["guard_events"] == 0 and base["budget"] == [None]
-    # Flow matching trains for FFJORD's CPU time (on up to 50x the iterations), one network evaluation each.
-    assert 3 < fm["iters"] <= 150 and (fm["cpu_seconds"] >= round(base["cpu_seconds"], 3) or fm["iters"] == 150)
+    # Flow matching trains for FFJORD's CPU time (on up to 1000x the iterations), one network evaluation each;
+    # how many iterations fit in that time depends on the machine.
+    assert 3 < fm["iters"] <= 3000 and (fm["cpu_seconds"] >= round(base["cpu_seconds"], 3) or fm["iters"] == 3000)
     assert fm["nfe_forward_total"] == fm["iters"] and fm["nfe_backward_total"] == 0
     assert res["configs"]["fm"] == ("fm", ["--max-cpu-seconds", "ffjord"])
     text = (tmp_path / "smoke.md").read_text()
