@@ -150,6 +150,23 @@ class _TimeGrad(torch.autograd.Function):
         return (None, None, grad_t, *grads)
 
 
+class _NoGradState(nn.Module):
+    """``func``, handed detached states when grad mode is off (as in an adjoint's forward solve).
+
+    A field that makes its input require grad (FFJORD's pattern) is then never handed a no-grad
+    view of a state that requires grad, as a learned start time makes ``y0``.
+    """
+
+    def __init__(self, func: nn.Module) -> None:
+        super().__init__()
+        self.func = func
+
+    def forward(self, t: Tensor, y: State) -> Any:
+        if not torch.is_grad_enabled():
+            y = tuple(p.detach() for p in y) if isinstance(y, tuple) else y.detach()
+        return self.func(t, y)
+
+
 def _with_time_grad(call: _Call, sign: float, t: Tensor, y: Parts) -> Parts:
     """``y``, attached to ``t``'s gradient if ``t`` is learned and gradients are on."""
     if torch.is_grad_enabled() and t.requires_grad:
@@ -526,7 +543,8 @@ class LearnableHorizon(nn.Module):
 
     def _solve(self, solver: Solver, c: _Call, y: Parts, t: Tensor, kw: dict) -> Parts:
         try:
-            sol = solver(c.func, c.pack(y), t, **kw)
+            func = _NoGradState(c.func) if isinstance(c.func, nn.Module) else c.func
+            sol = solver(func, c.pack(y), t, **kw)
         except Exception as error:
             _add_note(error, f"{self!r}: the solve failed; {c.diagnose(t[0])}")
             raise

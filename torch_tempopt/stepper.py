@@ -22,6 +22,15 @@ def _finite(tensors: Iterable[Tensor | None]) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors if t is not None)
 
 
+def _of_p(name: str, doc: str) -> Any:
+    """A property that reads and sets the wrapped optimizer's attribute ``name``."""
+    return property(
+        lambda self: getattr(self.optimizer, name),
+        lambda self, value: setattr(self.optimizer, name, value),
+        doc=doc,
+    )
+
+
 class CoordinateDescentStepper(Optimizer):
     r"""Wraps a weight optimizer P; steps the horizons' time parameters with their own optimizer Q.
 
@@ -150,32 +159,9 @@ class CoordinateDescentStepper(Optimizer):
         """The horizons, in the order of ``stats["horizons"]``."""
         return [h for _, h in self._horizons]
 
-    @property  # type: ignore[override]
-    def param_groups(self) -> list[dict[str, Any]]:
-        """P's param groups (the weights only)."""
-        return self.optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value: list[dict[str, Any]]) -> None:
-        self.optimizer.param_groups = value
-
-    @property  # type: ignore[override]
-    def state(self) -> Any:
-        """P's state."""
-        return self.optimizer.state
-
-    @state.setter
-    def state(self, value: Any) -> None:
-        self.optimizer.state = value
-
-    @property  # type: ignore[override]
-    def defaults(self) -> dict[str, Any]:
-        """P's defaults."""
-        return self.optimizer.defaults
-
-    @defaults.setter
-    def defaults(self, value: dict[str, Any]) -> None:
-        self.optimizer.defaults = value
+    param_groups = _of_p("param_groups", "P's param groups (the weights only).")
+    state = _of_p("state", "P's state.")
+    defaults = _of_p("defaults", "P's defaults.")
 
     def _weights(self, params: Any) -> list[Tensor]:
         """``params`` without the time parameters, whose state P then drops."""
