@@ -382,12 +382,20 @@ def sample(model: nn.Module, shape: Sequence[int], generator: torch.Generator | 
 
 
 def flow_matching_loss(model: nn.Module, x: Tensor) -> Tensor:
-    r"""Conditional flow matching on the model's single block: the data at :math:`t_0`, noise at T.
+    r"""Conditional flow matching on the model's single block, by Meta's ``flow_matching`` library.
 
-    With :math:`s \sim U[0, 1]` per sample, :math:`x_s = (1 - s) x + s \varepsilon` and the field at
-    :math:`t = t_0 + s (T - t_0)` regresses the path's velocity :math:`(\varepsilon - x) / (T - t_0)`;
-    no ODE is solved. The model is then scored like any CNF (:func:`nll_and_reg`).
+    Its ``AffineProbPath`` with the conditional-OT scheduler draws :math:`x_\tau = \tau x + (1 - \tau)
+    \varepsilon` (noise at :math:`\tau = 0`, data at 1) and the velocity :math:`x - \varepsilon`. The
+    harness's CNF has the data at :math:`t_0` and the noise at T, so :math:`s = 1 - \tau` with
+    :math:`s \sim U[0, 1]` per sample, and the field at :math:`t = t_0 + s (T - t_0)` regresses
+    :math:`(\varepsilon - x) / (T - t_0)`; no ODE is solved. The model is then scored like any CNF
+    (:func:`nll_and_reg`).
     """
+    try:
+        from flow_matching.path import AffineProbPath
+        from flow_matching.path.scheduler import CondOTScheduler
+    except ImportError:
+        raise ImportError("flow matching trains with Meta's library: pip install flow-matching.") from None
     blocks = [m for m in model.modules() if isinstance(m, CNF)]
     if len(blocks) != 1:
         raise ValueError(f"flow matching trains one CNF block, the model has {len(blocks)}; use --num-blocks 1.")
@@ -395,9 +403,9 @@ def flow_matching_loss(model: nn.Module, x: Tensor) -> Tensor:
     t0, T = float(h.t0.detach()), float(h.T.detach())
     eps = torch.randn_like(x)
     s = torch.rand(x.shape[0], 1, dtype=x.dtype, device=x.device)
-    sb = s.reshape(-1, *([1] * (x.dim() - 1)))
-    v = net(t0 + s * (T - t0), (1 - sb) * x + sb * eps)
-    return (v - (eps - x) / (T - t0)).pow(2).reshape(x.shape[0], -1).sum(1).mean()
+    path = AffineProbPath(scheduler=CondOTScheduler()).sample(t=1 - s.reshape(-1), x_0=eps, x_1=x)
+    v = net(t0 + s * (T - t0), path.x_t)
+    return (v + path.dx_t / (T - t0)).pow(2).reshape(x.shape[0], -1).sum(1).mean()
 
 
 # --------------------------------------------------------------------------- builders
