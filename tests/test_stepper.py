@@ -12,7 +12,7 @@ from fields import TimeMLP
 from helpers import assert_same
 from torch import nn
 
-from torch_tempopt import CoordinateDescentStepper, LearnableHorizon
+from torch_tempopt import BudgetGuard, CoordinateDescentStepper, LearnableHorizon
 
 
 class Flow(nn.Module):
@@ -514,3 +514,15 @@ def test_warnings_point_at_the_callers_line():
     with pytest.warns(RuntimeWarning, match="without a guard") as record:
         budgeted(field, torch.randn(4, 2))
     assert record[0].filename == __file__
+
+
+def test_a_guard_growth_warning_points_at_the_callers_line():
+    # Through the stepper (and torch's optimizer hook wrapper) and through the guard alone.
+    for through_stepper in (True, False):
+        h, field = LearnableHorizon(T0=1.0, budget=1), TimeMLP()
+        guard = BudgetGuard([h], every=1, tol=1e-5)
+        opt = CoordinateDescentStepper(torch.optim.Adam(field.parameters()), [h], guard=guard)
+        h(field, torch.randn(4, 2))[-1].sum().backward()
+        with pytest.warns(RuntimeWarning, match="budget grown") as record:
+            opt.step() if through_stepper else guard.step()
+        assert record[0].filename == __file__

@@ -5,13 +5,25 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import sys
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["check_state", "flag", "real", "whole"]
+__all__ = ["check_state", "flag", "real", "stacklevel", "whole"]
+
+
+def stacklevel() -> int:
+    """The ``stacklevel`` that points the caller's warning at the first frame outside this package and torch."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").startswith(_OURS):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+_OURS = ("torch_tempopt.", "torch.")
 
 
 def real(name: str, value: Any) -> float:

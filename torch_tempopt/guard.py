@@ -11,7 +11,7 @@ from typing import Any, Iterable, Mapping, Union
 import torch
 from torch import Tensor, nn
 
-from ._checks import real, whole
+from ._checks import real, stacklevel, whole
 from .horizon import FIXED_GRID_METHODS, LearnableHorizon, Select
 from .nfe import NFECounter
 
@@ -173,7 +173,9 @@ class BudgetGuard:
         event = dict(step=self.stats["steps"] - 1, horizon=name, error=err, budget=[n, h.budget])
         self.stats["events"].append(event)
         warnings.warn(
-            f"{message}: budget grown to {h.budget} steps.", RuntimeWarning, stacklevel=4
+            f"{message}: budget grown to {h.budget} steps.",
+            RuntimeWarning,
+            stacklevel=stacklevel(),
         )
 
     def state_dict(self) -> dict[str, Any]:

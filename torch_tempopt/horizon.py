@@ -12,7 +12,7 @@ import torchdiffeq
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from ._checks import check_state, flag, real, whole
+from ._checks import check_state, flag, real, stacklevel, whole
 
 __all__ = ["FIXED_GRID_METHODS", "LearnableHorizon"]
 
@@ -485,7 +485,7 @@ class LearnableHorizon(nn.Module):
                 "against the reference: wrap the optimizer in CoordinateDescentStepper, or call "
                 "BudgetGuard(model).step() after each optimizer step (or pass guard=False to it).",
                 RuntimeWarning,
-                stacklevel=5,
+                stacklevel=stacklevel(),
             )
 
     def _times(self, times: Any, c: _Call) -> Tensor:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from ._checks import flag, real
+from ._checks import flag, real, stacklevel
 from .guard import BudgetGuard, Horizons, find_horizons
 from .horizon import LearnableHorizon
 
@@ -116,12 +116,8 @@ class CoordinateDescentStepper(Optimizer):
         self.reset_at_bound = flag("reset_at_bound", reset_at_bound)
         self.skip_nonfinite = flag("skip_nonfinite", skip_nonfinite)
         self._horizons = find_horizons(horizons)
-        self.time_parameters: list[nn.Parameter] = [
-            p
-            for _, h in self._horizons
-            for p in (h.T, h.t0)
-            if isinstance(p, nn.Parameter) and p.requires_grad
-        ]
+        ps = [p for _, h in self._horizons for p in (h.T, h.t0)]
+        self.time_parameters = [p for p in ps if isinstance(p, nn.Parameter) and p.requires_grad]
         for group in optimizer.param_groups:  # silently, by design: T is not a weight
             group["params"] = self._weights(group["params"])
         self.horizon_optimizer = self._build_q(horizon_optimizer)
@@ -187,10 +183,10 @@ class CoordinateDescentStepper(Optimizer):
         for p in self.time_parameters:
             p.grad = None if set_to_none or p.grad is None else p.grad.zero_()
 
-    def _warn_once(self, key: str, message: str, depth: int = 4) -> None:
-        if key not in self._warned:  # depth: the frames up to the user's step() call
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(message, RuntimeWarning, stacklevel=depth)
+            warnings.warn(message, RuntimeWarning, stacklevel=stacklevel())
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Steps the weights with P, the guard, then the time parameters with Q.
@@ -239,7 +235,6 @@ class CoordinateDescentStepper(Optimizer):
                 "none",
                 "CoordinateDescentStepper.step found no dL/dT on any horizon; T stays put. Call "
                 "the horizons in the forward pass whose loss you backpropagate.",
-                depth=5,
             )
         for k, (name, h) in enumerate(self._horizons):
             s = self.stats["horizons"][k]
@@ -251,7 +246,6 @@ class CoordinateDescentStepper(Optimizer):
                         f"time{k}",
                         f"CoordinateDescentStepper: dL/dT of horizon {name or k!r} is NaN or inf; "
                         "its update was skipped (stats['horizons'][i]['nonfinite']).",
-                        depth=5,
                     )
             s["dLdT"] = None if h.T.grad is None else h.T.grad.item()  # the loss's, unregularised
             if self.alpha and h.T.grad is not None:
