@@ -58,9 +58,11 @@ CONFIGS: dict[str, tuple[dict[str, Any], list[str]]] = {
     "toflow": ({"lr": 1e-2, "alpha": 0.1, "eps": 0.1}, []),
     "b2": ({"budget": 2}, []),
     "b4": ({"budget": 4}, []),
+    # RNODE's recipe as far as upstream's flags reach: its rk4 grid, and upstream's (not RNODE's) penalties
+    "rnode": ({"off": True}, ["--solver", "rk4", "--step_size", "0.25", "--l2int", "0.01", "--JFrobint", "0.01"]),
 }
 LABELS = {"ffjord": "FFJORD (dopri5 1e-5)", "toflow": "TO-FLOW (paper's settings)", "b2": "2 rk4 steps, guard",
-          "b4": "4 rk4 steps, guard"}
+          "b4": "4 rk4 steps, guard", "rnode": "RNODE's grid (rk4, step 0.25), upstream's --l2int/--JFrobint 0.01"}
 
 # The training child: upstream's script through the patch, with checkpoints at CPU marks and a stop at the budget.
 _TRAIN = r"""
