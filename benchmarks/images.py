@@ -225,9 +225,10 @@ def score(args: argparse.Namespace) -> None:
 
 
 def samples(args: argparse.Namespace) -> None:
-    """A figure of samples (dopri5 1e-5, the same latent draws) from each run's last checkpoint."""
+    """A figure of samples (dopri5 1e-5, the same latent draws) from the last checkpoint of each run of one seed."""
     checkout, runs = (args.runs / "ffjord").resolve(), sorted(p for p in args.runs.resolve().iterdir()
-                                                             if (p / "run.json").is_file())
+                                                             if (p / "run.json").is_file()
+                                                             and json.loads((p / "run.json").read_text())["seed"] == args.seed)
     grids = []
     for out in runs:
         info = json.loads((out / "run.json").read_text())
@@ -305,7 +306,7 @@ def report(args: argparse.Namespace) -> None:
                "points": run["points"]}
         rows.append(row)
         lines.append(f"| {LABELS[run['config']]} | {run['seed']} | {last['iteration']} | {last['bits_per_dim']:.4f} | "
-                     f"{row['best_bits_per_dim']:.4f} | {row['nfe_per_iteration']:.1f} | {last['budget']} | "
+                     f"{row['best_bits_per_dim']:.4f} | {row['nfe_per_iteration']:.1f} | {_budget(last['budget'])} | "
                      f"{_fmt(row['nfe_ratio_to_reach'])} | {_fmt(row['cpu_ratio_to_reach'])} |")
     budget = next(iter(runs.values()))["cpu_budget"] if runs else float("nan")
     text = "\n".join(lines) + (
@@ -315,11 +316,16 @@ def report(args: argparse.Namespace) -> None:
         f"the 500 held-out images by dopri5 at 1e-5 (one fixed set of Rademacher probes and dequantization noise for "
         f"every checkpoint); NFE count every training evaluation, the guard's included. 'To reach FFJORD': the first "
         f"checkpoint at or below FFJORD's final bits/dim + {args.margin} of the same seed, as a fraction of FFJORD's "
-        f"total NFE and CPU seconds, so at the resolution of the checkpoints ({len(next(iter(runs.values()))['marks']) if runs else 0} "
+        f"total NFE and CPU seconds, so at the resolution of the checkpoints ({'/'.join(str(n) for n in sorted({len(r['marks']) for r in runs.values()}))} "
         f"per run, at equal CPU marks): the target may have been reached earlier. Command: `python benchmarks/images.py report --name {args.name}` after `train` and "
         f"`score` (module docstring).\n")
     _write(args.out, args.name, rows, text)
     _figure(runs, args.figures / f"{args.name}.png")
+
+
+def _budget(budget: list[int | None]) -> str:
+    """Steps per block, or '-' for an adaptive solve."""
+    return "-" if all(b is None for b in budget) else "/".join(str(b) for b in budget)
 
 
 def _write(folder: Path, name: str, rows: list[dict[str, Any]], text: str) -> None:
@@ -406,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--figures", type=Path, default=ROOT / "docs" / "img", help="where the figure goes")
     smp = sub.add_parser("samples")
     smp.add_argument("--n", type=int, default=64, help="samples per model")
+    smp.add_argument("--seed", type=int, default=0, help="the runs of this seed")
     smp.add_argument("--name", default="images_14_samples")
     smp.add_argument("--figures", type=Path, default=ROOT / "docs" / "img")
     for s in sub.choices.values():
