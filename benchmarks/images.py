@@ -343,11 +343,12 @@ def _figure(runs: dict[str, dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for run in runs.values():
-        pts = run["points"]
+    colours = {config: f"C{i}" for i, config in enumerate(CONFIGS)}  # one colour per configuration
+    for run in sorted(runs.values(), key=lambda r: (list(CONFIGS).index(r["config"]), r["seed"])):
+        pts, first = run["points"], run["seed"] == min(r["seed"] for r in runs.values() if r["config"] == run["config"])
         for ax, key in zip(axes, ("cpu_seconds", "nfe")):
             ax.plot([p[key] for p in pts], [p["bits_per_dim"] for p in pts], "o-", ms=3, lw=1.2,
-                    label=f"{LABELS[run['config']]} (seed {run['seed']})")
+                    color=colours[run["config"]], label=LABELS[run["config"]] if first else None)
     axes[0].set(xlabel="training CPU seconds (1 thread)", ylabel="held-out bits/dim (dopri5 1e-5)")
     axes[1].set(xlabel="training NFE (guard included)", xscale="log")
     for ax in axes:
@@ -355,7 +356,7 @@ def _figure(runs: dict[str, dict[str, Any]], path: Path) -> None:
     finals = [run["points"][-1]["bits_per_dim"] for run in runs.values()]
     for ax in axes:  # the early checkpoints (10 bits/dim and more) would flatten the comparison
         ax.set_ylim(min(finals) - 0.1, max(finals) + 1.2)
-    axes[0].legend(fontsize=7)
+    axes[0].legend(fontsize=7, title="one line per seed", title_fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
