@@ -208,7 +208,8 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
             f"parallel-tempering Metropolis, {info['chains']} chains x {info['steps']} steps ({info['burn_in']} burn-in, "
             f"thinned by {info['thin']}), acceptance {info['acceptance']:.2f}, swap rate {info['swap_rate']:.2f}, split "
             "R-hat " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in info.items() if k.startswith("rhat_")))
-        lines += [f"\n### {folder.name}\n", f"Reference: {how}.\n", "| configuration | iterations | training NFE | guard NFE | budget (final) | "
+        lines += [f"\n### {folder.name}: {any_run['cpu_budget']:g} CPU seconds per configuration, "
+                  f"{len(any_run['checkpoints'])} checkpoints\n", f"Reference: {how}.\n", "| configuration | iterations | training NFE | guard NFE | budget (final) | "
                   "ESS % (dopri5) | ESS % on its budget | reverse KL | log Z error | NLL of reference | energy W1 | "
                   "CPU / NFE to dopri5's ESS - 2 |", "|" + " --- |" * 12]
         for name in [c for c in CONFIGS if c in runs]:
@@ -233,7 +234,8 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
                          f"| {s['energy_w1']:.3f} | {ratio} |")
     command = "python benchmarks/energy.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     text = ("Every checkpoint scored by dopri5 1e-5 (2,000 samples; ESS of exp(-U - log q) in % of N). "
-            "Training NFE include the guard's. The last column: the first checkpoint whose ESS is within 2 points "
+            "Training NFE include the guard's. Reverse KL: mean(log q + U) over the samples, plus log Z where it is "
+            "known (then it is KL(q || p) itself, >= 0). The last column: the first checkpoint whose ESS is within 2 points "
             "of the dopri5-trained model's final ESS, as a fraction of that model's CPU time and NFE.\n"
             + "\n".join(lines) + f"\n\nCommand: `{command}`. Machine: {platform.machine()}, Python "
             f"{platform.python_version()}, torch {torch.__version__}, 1 thread.\n")
