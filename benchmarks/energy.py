@@ -18,9 +18,11 @@ tolerance, 0.025 nats per dimension), ``b2-strict`` (the guard held to 0.05 nats
 (``tol = 0.05 / dim``)), ``rnode-b2`` (RNODE's kinetic and Jacobian penalties, 0.01 each, on 2 steps) and
 ``toflow-b2`` (T learned with the paper's settings on 2 steps)::
 
-    python benchmarks/energy.py train --target manywell --cpu 600      # runs/energy/manywell-s0
-    python benchmarks/energy.py train --target dw4 --cpu 300
-    python benchmarks/energy.py report                                 # benchmarks/results/energy.{json,md}
+    python benchmarks/energy.py train --target manywell --cpu 300      # runs/energy/manywell-s0, all configs
+    python benchmarks/energy.py train --target dw4 --cpu 150
+    python benchmarks/energy.py report --name energy_short             # benchmarks/results/energy_short.{json,md}
+
+docs/energy.md gives the long runs' commands (900 CPU seconds, three configurations a target).
 """
 
 from __future__ import annotations
