@@ -21,6 +21,8 @@ tolerance, 0.025 nats per dimension), ``b2-strict`` (the guard held to 0.05 nats
     python benchmarks/energy.py train --target manywell --cpu 300      # runs/energy/manywell-s0, all configs
     python benchmarks/energy.py train --target dw4 --cpu 150
     python benchmarks/energy.py report --name energy_short             # benchmarks/results/energy_short.{json,md}
+    python benchmarks/energy.py train --target gmm40 --configs dopri5 b2 b4 toflow-b2 --cpu 200 --checkpoints 4 --runs runs/energy-gmm
+    python benchmarks/energy.py report --runs runs/energy-gmm --name energy_gmm40   # and docs/img/energy_gmm40_gmm40-s0.png
 
 docs/energy.md gives the long runs' commands (900 CPU seconds, three configurations a target).
 """
@@ -246,6 +248,10 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
     (args.out / f"{args.name}.md").write_text(text)
     if args.figures is not None:
         _figure(rows, args.figures / f"{args.name}.png")
+        for folder in sorted(p for p in args.runs.glob("*-s*") if p.is_dir()):
+            runs = [torch.load(p, weights_only=False) for p in sorted(folder.glob("*.pt"))]
+            if runs and TARGETS[runs[0]["target"]]().dim == 2:
+                _samples_figure(runs, args.n, args.runs, args.figures / f"{args.name}_{folder.name}.png")
     print(text)
     return {"rows": rows}
 
@@ -266,6 +272,40 @@ def _figure(rows: list[dict[str, Any]], path: Path) -> None:
         ax.set(title=run, xlabel="training CPU seconds", ylabel="ESS % (dopri5 1e-5)")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def _samples_figure(runs: list[dict[str, Any]], n: int, folder: Path, path: Path) -> None:
+    """A 2-D target's reference samples beside each configuration's last model's (dopri5 1e-5, the same draws)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    target = TARGETS[runs[0]["target"]]()
+    ref, _ = reference(runs[0]["target"], n, runs[0]["seed"], folder)
+    panels = [("reference (exact)", ref)]
+    for run in sorted(runs, key=lambda r: list(CONFIGS).index(r["config"])):
+        model, _ = build(run["config"], target.dim, run["seed"])
+        model.load_state_dict(run["checkpoints"][-1]["state"])
+        model.eval()
+        z = torch.randn(n, target.dim, generator=torch.Generator().manual_seed(10_000 + run["seed"]))
+        x = model(z, standard_normal_logprob(z), reverse=True)[0]
+        ess = run["checkpoints"][-1].get("score", {}).get("ess")
+        panels.append((LABELS[run["config"]] + ("" if ess is None else f", ESS {ess:.1f} %"), x))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3.1), squeeze=False)
+    lim = float(ref.abs().max()) * 1.1
+    for ax, (title, x) in zip(axes[0], panels):
+        ax.scatter(x[:, 0], x[:, 1], s=1, alpha=0.4)
+        if hasattr(target, "means"):
+            ax.scatter(target.means[:, 0], target.means[:, 1], s=6, marker="x", color="k", lw=0.6)
+        ax.set(title=title, xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal")
+        ax.title.set_fontsize(7)
+        ax.tick_params(labelsize=6)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

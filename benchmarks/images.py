@@ -12,13 +12,20 @@ dequantization noise, the same for every configuration.
 NFE are exact: the training solves' evaluations from the patch's ``tempopt.csv`` plus the guard's
 (``stepper.guard.stats["nfe"]``). Upstream's per-epoch figure of 100 samples is part of each run, drawn as
 upstream draws it (with the training solver: the model never leaves ``train()`` without validation). Configurations (``CONFIGS``): ``ffjord`` (``--tempopt-off``, dopri5 1e-5), ``toflow`` (the
-paper's settings) and ``b2``/``b4`` (2 or 4 rk4 steps, T fixed, the guard on). RNODE's recipe is not
-among them: its penalties (the kinetic energy and a Hutchinson estimate of the Jacobian's Frobenius norm)
-live in RNODE's fork, not in upstream FFJORD, whose ``--l2int`` is the mean of ||f|| / sqrt(D) and whose
-``--JFrobint`` takes the exact Jacobian (D vector-Jacobian products per evaluation, 196 per block at
-14x14)::
+paper's settings), ``b2``/``b4`` (2 or 4 rk4 steps, T fixed, the guard on), ``rnode`` (RNODE's MNIST recipe:
+``--tempopt-off --solver rk4 --step_size 0.25``, so 4 rk4 steps over upstream's T = 1, with RNODE's kinetic and
+Jacobian penalties at 0.01 each) and ``rnode-b2`` (the same penalties on 2 rk4 steps with the guard). Upstream
+FFJORD has no RNODE penalties (its ``--l2int`` is the mean of ||f|| / sqrt(D); its ``--JFrobint`` takes the exact
+Jacobian, 196 vector-Jacobian products per evaluation at 14x14), so for these two configurations the training
+child puts RNODE's definitions under upstream's two flags (``RNODE_PENALTIES``): 0.5 ||f||^2 / D and
+||e^T df/dx||^2 / D, the second with its own Rademacher probe e (one vector-Jacobian product per evaluation;
+RNODE's fork reuses the divergence estimator's probe and saves that product). ``fm`` is the row a user with
+data would pick: upstream's single-scale model (``--multiscale False``: the logit transform and one CNF block
+of the same ODEnet at full resolution; a multiscale chain is not one ODE) trained by conditional flow matching
+with Meta's ``flow_matching`` library, no ODE solved, and scored like the others::
 
     python benchmarks/images.py train --ffjord .upstream/ffjord --configs ffjord b2 b4 --cpu 1200 --seed 0
+    python benchmarks/images.py train --ffjord .upstream/ffjord --configs rnode rnode-b2 fm --cpu 1200 --checkpoints 12
     python benchmarks/images.py score                 # scores every checkpoint not yet scored
     python benchmarks/images.py report --name images_14   # benchmarks/results/images_14.{json,md}, docs/img/images_14.png
     python benchmarks/images.py samples                   # docs/img/images_14_samples.png: dopri5 samples per model
@@ -60,15 +67,22 @@ CONFIGS: dict[str, tuple[dict[str, Any], list[str]]] = {
     "b4": ({"budget": 4}, []),
     # RNODE's recipe as far as upstream's flags reach: its rk4 grid, and upstream's (not RNODE's) penalties
     "rnode": ({"off": True}, ["--solver", "rk4", "--step_size", "0.25", "--l2int", "0.01", "--JFrobint", "0.01"]),
+    "rnode-b2": ({"budget": 2}, ["--l2int", "0.01", "--JFrobint", "0.01"]),
+    # flow matching trains upstream's single-scale model (logit transform, one CNF block at full resolution)
+    "fm": ({"off": True}, ["--multiscale", "False"]),
 }
+#: the configurations whose --l2int / --JFrobint are RNODE's penalties (see the module docstring)
+RNODE_PENALTIES = {"rnode", "rnode-b2"}
 LABELS = {"ffjord": "FFJORD (dopri5 1e-5)", "toflow": "TO-FLOW (paper's settings)", "b2": "2 rk4 steps, guard",
-          "b4": "4 rk4 steps, guard", "rnode": "RNODE's grid (rk4, step 0.25), upstream's --l2int/--JFrobint 0.01"}
+          "b4": "4 rk4 steps, guard", "rnode": "RNODE (rk4 step 0.25, its penalties 0.01)",
+          "rnode-b2": "RNODE's penalties on 2 rk4 steps, guard",
+          "fm": "flow matching (one full-resolution block)"}
 
 # The training child: upstream's script through the patch, with checkpoints at CPU marks and a stop at the budget.
 _TRAIN = r"""
 import json, sys, time
 import numpy, torch
-root, checkout, out, cpu, max_iters, marks, seed, patch_kwargs, argv = sys.argv[1:10]
+root, checkout, out, cpu, max_iters, marks, seed, patch_kwargs, argv, rnode = sys.argv[1:11]
 sys.path.insert(0, root)
 from examples import ffjord_patch
 torch.set_num_threads(1); torch.manual_seed(int(seed)); numpy.random.seed(int(seed))
@@ -76,7 +90,16 @@ budget, max_iters, marks = float(cpu), int(max_iters), [float(m) for m in json.l
 saving, start = [0.0], time.process_time()
 class Done(Exception):
     pass
+def kinetic(x, logp, dx, dlogp, context):  # RNODE's kinetic energy, 0.5 ||f||^2 / D
+    return 0.5 * dx.pow(2).flatten(1).mean(1).mean()
+def jacobian(x, logp, dx, dlogp, context):  # RNODE's ||e^T df/dx||^2 / D, with its own Rademacher probe
+    e = torch.randint(0, 2, dx.shape, dtype=dx.dtype) * 2 - 1
+    return torch.autograd.grad(dx, x, e, create_graph=True)[0].pow(2).flatten(1).mean(1).mean()
 with ffjord_patch.patched(checkout, script="train_cnf.py", **json.loads(patch_kwargs)) as patch:
+    if rnode == "1":
+        import train_misc
+        train_misc.REGULARIZATION_FNS.update(l2int=kinetic, JFrobint=jacobian)
+        train_misc.INV_REGULARIZATION_FNS.update({kinetic: "kinetic", jacobian: "jacobian"})
     def mark():
         used = time.process_time() - start - saving[0]
         while marks and used >= marks[0]:
@@ -95,6 +118,61 @@ with ffjord_patch.patched(checkout, script="train_cnf.py", **json.loads(patch_kw
         patch.run([*json.loads(argv), "--save", out])
     except Done:
         pass
+"""
+
+# The flow-matching child: upstream's single-scale model (--multiscale False: its logit transform and one CNF
+# block of the same ODEnet) trained by conditional flow matching with Meta's flow_matching library, no ODE solved.
+# FFJORD's block has the data at t = 0 and the noise at T = 1: the path is drawn with x_0 the logit-transformed
+# data and x_1 the noise, so its velocity x_1 - x_0 is the block's field. One network evaluation per iteration.
+_FM_TRAIN = r"""
+import json, sys, time
+import numpy, torch
+from flow_matching.path import AffineProbPath
+from flow_matching.path.scheduler import CondOTScheduler
+root, checkout, out, cpu, marks, seed, argv = sys.argv[1:8]
+sys.path.insert(0, root)
+from examples import ffjord_patch
+torch.set_num_threads(1); torch.manual_seed(int(seed)); numpy.random.seed(int(seed))
+budget, marks = float(cpu), [float(m) for m in json.loads(marks)]
+with ffjord_patch.patched(checkout, script="train_cnf.py", off=True) as patch:
+    sys.argv = ["train_cnf.py", *json.loads(argv), "--save", out]
+    import train_cnf as tc
+    from train_misc import set_cnf_options
+    args = tc.args
+    train_set, _, data_shape = tc.get_dataset(args)
+    model = tc.create_model(args, data_shape, None)
+    set_cnf_options(args, model)
+    times = {id(p) for h in patch.horizons for p in h.parameters()}
+    weights = [p for p in model.parameters() if id(p) not in times]
+    logit, cnf = model.chain[0], model.chain[1]
+    net, T = cnf.odefunc.diffeq, float(cnf.sqrt_end_time.item() ** 2)
+    optimizer = torch.optim.Adam(weights, lr=args.lr, weight_decay=args.weight_decay)
+    path = AffineProbPath(scheduler=CondOTScheduler())
+    loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=True, drop_last=True)
+    used, saving, iteration, start = 0.0, 0.0, 0, time.process_time()
+    while marks:
+        for x, _ in loader:
+            y = logit(x)
+            t = torch.rand(y.shape[0])
+            sample = path.sample(t=t, x_0=y, x_1=torch.randn_like(y))
+            loss = (net(T * t.view(-1, 1, 1, 1), sample.x_t) - sample.dx_t / T).pow(2).flatten(1).sum(1).mean()
+            for group in optimizer.param_groups:  # upstream's warm-up (update_lr)
+                group["lr"] = args.lr * min((iteration + 1) / max(args.warmup_iters, 1), 1.0)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            iteration += 1
+            used = time.process_time() - start - saving
+            while marks and used >= marks[0]:
+                t0 = time.process_time()
+                torch.save({"weights": [p.detach().clone() for p in weights],
+                            "horizons": [h.state_dict() for h in patch.horizons], "iteration": iteration,
+                            "cpu_seconds": used, "guard_nfe": 0, "guard_events": [], "nfe": iteration},
+                           f"{out}/ckpt-{marks.pop(0):g}.pt")
+                saving += time.process_time() - t0
+                print(f"iteration {iteration} CPU {used:.0f} s loss {loss.item():.2f}", flush=True)
+            if not marks:
+                break
 """
 
 # The scoring child: the same model built by upstream's create_model, solved by dopri5 at 1e-5 in eval().
@@ -164,12 +242,22 @@ def _argv(config: str, imagesize: int) -> list[str]:
     return [*MODEL, "--imagesize", str(imagesize), *CONFIGS[config][1]]
 
 
+def _score_argv(info: dict[str, Any]) -> list[str]:
+    """The model of a run as ``train_cnf.py`` flags, solved by dopri5 1e-5 (the ``ffjord`` configuration's)."""
+    return [*_argv("ffjord", info["imagesize"]), *(["--multiscale", "False"] if info["config"] == "fm" else [])]
+
+
 def _run_child(checkout: Path, out: Path, config: str, argv: list[str], seed: int, *, cpu: float = math.inf,
                iters: int = 0, marks: list[float] | None = None) -> int:
     """One training run in a fresh process (``_TRAIN``), its output in ``out/stdout.txt``; returns its exit code."""
     with open(out / "stdout.txt", "w") as log:
+        if config == "fm":
+            return subprocess.run([sys.executable, "-c", _FM_TRAIN, str(ROOT), str(checkout), str(out), str(cpu),
+                                   json.dumps(marks or []), str(seed), json.dumps(argv)],
+                                  cwd=checkout, env=_env(), stdout=log, stderr=subprocess.STDOUT).returncode
         return subprocess.run([sys.executable, "-c", _TRAIN, str(ROOT), str(checkout), str(out), str(cpu), str(iters),
-                               json.dumps(marks or []), str(seed), json.dumps(CONFIGS[config][0]), json.dumps(argv)],
+                               json.dumps(marks or []), str(seed), json.dumps(CONFIGS[config][0]), json.dumps(argv),
+                               str(int(config in RNODE_PENALTIES))],
                               cwd=checkout, env=_env(), stdout=log, stderr=subprocess.STDOUT).returncode
 
 
@@ -186,7 +274,8 @@ def train(args: argparse.Namespace) -> None:
         out.mkdir(parents=True)
         argv = _argv(config, args.imagesize)
         info = {"config": config, "seed": args.seed, "cpu_budget": args.cpu, "marks": marks, "imagesize": args.imagesize,
-                "patch_kwargs": CONFIGS[config][0], "argv": argv, "done": False}
+                "patch_kwargs": CONFIGS[config][0], "argv": argv, "done": False,
+                "penalties": "RNODE's under --l2int/--JFrobint" if config in RNODE_PENALTIES else "upstream's"}
         meta.write_text(json.dumps(info, indent=1) + "\n")
         print(f"{config}: training for {args.cpu:g} CPU seconds into {out}", flush=True)
         code = _run_child(checkout, out, config, argv, args.seed, cpu=args.cpu, marks=marks)
@@ -214,7 +303,7 @@ def score(args: argparse.Namespace) -> None:
         if not todo:
             continue
         (out / "score").mkdir(exist_ok=True)
-        argv = [*_argv("ffjord", info["imagesize"]), "--save", str(out / "score"), "--test_batch_size", str(args.batch)]
+        argv = [*_score_argv(info), "--save", str(out / "score"), "--test_batch_size", str(args.batch)]
         print(f"{out.name}: scoring {len(todo)} checkpoints", flush=True)
         with open(scored_path, "a") as sink:
             done = subprocess.run([sys.executable, "-c", _SCORE, str(ROOT), str(checkout), json.dumps(argv),
@@ -234,7 +323,7 @@ def samples(args: argparse.Namespace) -> None:
         info = json.loads((out / "run.json").read_text())
         last = max(out.glob("ckpt-*.pt"), key=lambda p: float(p.stem.split("-")[1]))
         (out / "score").mkdir(exist_ok=True)
-        argv = [*_argv("ffjord", info["imagesize"]), "--save", str(out / "score")]
+        argv = [*_score_argv(info), "--save", str(out / "score")]
         done = subprocess.run([sys.executable, "-c", _SCORE, str(ROOT), str(checkout), json.dumps(argv),
                                json.dumps([str(last)]), str(args.n)], cwd=checkout, env=_env(),
                               capture_output=True, text=True)
@@ -268,7 +357,7 @@ def curves(runs: Path) -> dict[str, dict[str, Any]]:
             s = json.loads(line)
             ck = torch.load(s["checkpoint"], weights_only=False, map_location="cpu")
             points.append({"cpu_seconds": ck["cpu_seconds"], "iteration": ck["iteration"],
-                           "nfe": _nfe_until(out, ck["iteration"]) + ck["guard_nfe"], "guard_nfe": ck["guard_nfe"],
+                           "nfe": ck["nfe"] if "nfe" in ck else _nfe_until(out, ck["iteration"]) + ck["guard_nfe"], "guard_nfe": ck["guard_nfe"],
                            "bits_per_dim": s["bits_per_dim"], "T": s["T"],
                            "budget": [h.get("n_steps").item() if h.get("n_steps") is not None else None
                                       for h in ck["horizons"]], "guard_events": len(ck["guard_events"])})

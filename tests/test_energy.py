@@ -15,6 +15,7 @@ from scipy import integrate
 from benchmarks.harness.cnf import ConcatSquashLinear, build_toy_model, standard_normal_logprob
 from benchmarks.harness.energies import (
     DW4,
+    GMM40,
     ManyWell,
     effective_sample_size,
     energy_w1,
@@ -64,6 +65,33 @@ def test_many_well_samples_are_exact() -> None:
     assert (x[:, 0::2] > 0).double().mean().item() == pytest.approx(right, abs=4 * 0.5 * se)
     assert x[:, 1::2].std().item() == pytest.approx(1.0, abs=0.01)
     assert torch.equal(x, target.reference(200_000, seed=3))  # seeded
+
+
+# ----------------------------------------------------------------------------- GMM-40
+
+
+def test_gmm40_is_a_normalized_mixture_of_fabs_construction() -> None:
+    target = GMM40()
+    assert target.means.shape == (40, 2) and target.means.abs().max() <= 40 and target.log_Z == 0.0
+    assert target.std == pytest.approx(math.log(1 + math.e))  # softplus(1)
+    grid = torch.linspace(-48, 48, 1601, dtype=torch.float64)  # 6 std beyond the outermost means
+    x = torch.cartesian_prod(grid, grid)
+    mass = torch.exp(-target.energy(x)).sum() * (grid[1] - grid[0]) ** 2
+    assert mass.item() == pytest.approx(1.0, abs=1e-6)  # so log Z = 0
+    one = target.means[7:8] + torch.tensor([[0.3, -1.1]], dtype=torch.float64)  # near one mode, far from the rest
+    direct = -math.log(1 / 40) + 0.5 * (0.3**2 + 1.1**2) / target.std**2 + math.log(2 * math.pi * target.std**2)
+    assert target.energy(one).item() <= direct + 1e-9  # the other modes only add mass
+
+
+def test_gmm40_samples_are_exact() -> None:
+    target = GMM40()
+    x = target.reference(100_000, seed=2)
+    nearest = torch.cdist(x, target.means).argmin(dim=1)
+    counts = torch.bincount(nearest, minlength=40).double() / x.shape[0]
+    assert counts.min() > 0.02 and counts.max() < 0.03  # each mode 1/40 (modes barely overlap)
+    resid = x - target.means[nearest]
+    assert resid.std(dim=0).max().item() == pytest.approx(target.std, rel=0.03)
+    assert torch.equal(x, target.reference(100_000, seed=2))
 
 
 # ----------------------------------------------------------------------------- DW-4
@@ -195,6 +223,19 @@ def test_benchmark_trains_scores_and_reports(tmp_path: Path) -> None:
     assert "Reference: exact samples." in text and "| 2 rk4 steps, guard |" in text and "Command:" in text
     assert json.loads((tmp_path / "t.json").read_text())["rows"][0]["config"] == "dopri5"
     assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
+    assert not list(tmp_path.glob("t_*.png"))  # sample pictures only for 2-D targets
+
+
+def test_benchmark_draws_a_two_dimensional_target(tmp_path: Path) -> None:
+    energy = _energy_module()
+    runs = tmp_path / "runs"
+    energy.main(["train", "--target", "gmm40", "--cpu", "0.5", "--checkpoints", "1", "--batch", "16",
+                 "--configs", "b2", "--runs", str(runs)])
+    res = energy.main(["report", "--runs", str(runs), "--n", "64", "--out", str(tmp_path), "--figures", str(tmp_path),
+                       "--name", "t"])
+    (row,) = res["rows"]
+    assert row["run"] == "gmm40-s0" and row["log_Z_error"] == pytest.approx(row["log_Z_estimate"])  # log Z = 0
+    assert (tmp_path / "t_gmm40-s0.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_reverse_kl_example_runs_on_a_budget_and_adaptive() -> None:

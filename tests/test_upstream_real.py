@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import warnings
@@ -224,3 +225,26 @@ def test_images_benchmark_trains_scores_and_reports(ffjord: Path, tmp_path: Path
     assert (out / "t.png").is_file() and "| FFJORD (dopri5 1e-5) | 0 |" in (out / "t.md").read_text()
     images.main(["samples", "--runs", str(runs), "--n", "4", "--figures", str(out), "--name", "s"])
     assert (out / "s.png").is_file() and torch.load(runs / "b2-s0" / "ckpt-6.samples").shape == (4, 1, 14, 14)
+
+
+def test_images_benchmark_rnode_penalties_and_flow_matching(ffjord: Path, tmp_path: Path) -> None:
+    """RNODE's penalties reach upstream's loss log under its flags; flow matching trains the single-scale model."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import images
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    runs, out = tmp_path / "runs", tmp_path / "results"
+    images.main(["train", "--ffjord", str(ffjord), "--configs", "rnode-b2", "fm", "--cpu", "4", "--checkpoints", "1",
+                 "--runs", str(runs)])
+    log = (runs / "rnode-b2-s0" / "logs").read_text()
+    assert re.search(r"kinetic: [0-9.]+ \| jacobian: [0-9.]+", log), log[-2000:]
+    ck = torch.load(runs / "fm-s0" / "ckpt-4.pt", weights_only=False)
+    assert ck["nfe"] == ck["iteration"] > 10 and ck["guard_nfe"] == 0
+    images.main(["score", "--runs", str(runs)])
+    images.main(["report", "--runs", str(runs), "--out", str(out), "--figures", str(out), "--name", "t"])
+    rows = {r["config"]: r for r in json.loads((out / "t.json").read_text())["rows"]}
+    # a few seconds of flow matching already beat a few likelihood steps (the scorer read the single-scale model)
+    assert rows["fm"]["final_bits_per_dim"] < rows["rnode-b2"]["final_bits_per_dim"] - 1
+    assert rows["fm"]["budget"] == [None] and len(rows["rnode-b2"]["budget"]) == 3
+    assert all(n >= 2 for n in rows["rnode-b2"]["budget"])

@@ -14,6 +14,10 @@ and ``reference(n, seed)``: samples of p, exact or from a long seeded MCMC run.
   law of the mean of n standard normal particles, which a CNF with an N(0, I) base can represent and
   which leaves the relative coordinates' law unchanged. Its reference is a seeded random-walk
   Metropolis run over many chains (:func:`metropolis`) with its diagnostics (acceptance, split R-hat).
+* :class:`GMM40` (FAB, as iDEM uses it): an equal mixture of 40 isotropic Gaussians in 2-D, the means
+  uniform on [-40, 40]^2 (``torch.manual_seed(0)``), each standard deviation softplus(1) = 1.313. The
+  mixture is normalized, so log Z = 0, and its samples are exact. It is for pictures: its modes lie up to
+  57 base standard deviations apart, which reverse KL is known to collapse onto a few of.
 
 References:
     | Flow Annealed Importance Sampling Bootstrap, Midgley et al., 2023 (https://arxiv.org/abs/2208.01893)
@@ -30,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["DW4", "TARGETS", "ManyWell", "effective_sample_size", "energy_w1", "metropolis", "split_rhat"]
+__all__ = ["DW4", "GMM40", "TARGETS", "ManyWell", "effective_sample_size", "energy_w1", "metropolis", "split_rhat"]
 
 
 class ManyWell:
@@ -116,7 +120,30 @@ class DW4:
         return samples[torch.randperm(samples.shape[0], generator=torch.Generator().manual_seed(seed))[:n]]
 
 
-TARGETS: dict[str, Callable[[], Any]] = {"manywell": ManyWell, "dw4": DW4}
+class GMM40:
+    """FAB's 2-D mixture of 40 Gaussians: equal weights, means uniform on [-40, 40]^2, std softplus(1)."""
+
+    name = "gmm40"
+
+    def __init__(self, n_modes: int = 40, loc_scaling: float = 40.0, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.means = ((torch.rand(n_modes, 2, generator=g, dtype=torch.float64) - 0.5) * 2 * loc_scaling)
+        self.std, self.dim, self.log_Z = math.log1p(math.e), 2, 0.0  # softplus(1); a normalized density
+
+    def energy(self, x: Tensor) -> Tensor:
+        m = self.means.to(x)
+        sq = (x[:, None, :] - m[None]).pow(2).sum(-1) / self.std**2
+        log_n = -0.5 * sq - math.log(2 * math.pi * self.std**2)
+        return -(torch.logsumexp(log_n, dim=1) - math.log(m.shape[0]))
+
+    def reference(self, n: int, seed: int = 0) -> Tensor:
+        """``n`` exact samples: a mode drawn uniformly, then its Gaussian."""
+        g = torch.Generator().manual_seed(seed)
+        k = torch.randint(0, self.means.shape[0], (n,), generator=g)
+        return self.means[k] + self.std * torch.randn(n, 2, generator=g, dtype=torch.float64)
+
+
+TARGETS: dict[str, Callable[[], Any]] = {"manywell": ManyWell, "dw4": DW4, "gmm40": GMM40}
 
 
 # --------------------------------------------------------------------------- estimators
