@@ -235,11 +235,11 @@ def test_images_benchmark_rnode_penalties_and_flow_matching(ffjord: Path, tmp_pa
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
     runs, out = tmp_path / "runs", tmp_path / "results"
-    images.main(["train", "--ffjord", str(ffjord), "--configs", "rnode-b2", "fm", "--cpu", "4", "--checkpoints", "1",
+    images.main(["train", "--ffjord", str(ffjord), "--configs", "rnode-b2", "fm", "--cpu", "8", "--checkpoints", "1",
                  "--runs", str(runs)])
     log = (runs / "rnode-b2-s0" / "logs").read_text()
     assert re.search(r"kinetic: [0-9.]+ \| jacobian: [0-9.]+", log), log[-2000:]
-    ck = torch.load(runs / "fm-s0" / "ckpt-4.pt", weights_only=False)
+    ck = torch.load(runs / "fm-s0" / "ckpt-8.pt", weights_only=False)
     assert ck["nfe"] == ck["iteration"] > 10 and ck["guard_nfe"] == 0
     images.main(["score", "--runs", str(runs)])
     images.main(["report", "--runs", str(runs), "--out", str(out), "--figures", str(out), "--name", "t"])
