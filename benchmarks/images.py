@@ -319,7 +319,7 @@ def samples(args: argparse.Namespace) -> None:
                                                              if (p / "run.json").is_file()
                                                              and json.loads((p / "run.json").read_text())["seed"] == args.seed)
     grids = []
-    for out in runs:
+    for out in sorted(runs, key=lambda p: list(CONFIGS).index(json.loads((p / "run.json").read_text())["config"])):
         info = json.loads((out / "run.json").read_text())
         last = max(out.glob("ckpt-*.pt"), key=lambda p: float(p.stem.split("-")[1]))
         (out / "score").mkdir(exist_ok=True)
@@ -337,12 +337,15 @@ def samples(args: argparse.Namespace) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(grids), figsize=(3.2 * len(grids), 3.5))
-    for ax, (title, grid) in zip(list(axes) if len(grids) > 1 else [axes], grids):
-        ax.imshow(grid, cmap="gray", vmin=0, vmax=1)
-        ax.set_title(title, fontsize=8)
+    cols = min(4, len(grids))
+    rows = -(-len(grids) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.9 * rows), squeeze=False)
+    for ax in axes.flat:
         ax.axis("off")
-    fig.tight_layout()
+    for ax, (title, grid) in zip(axes.flat, grids):
+        ax.imshow(grid, cmap="gray", vmin=0, vmax=1)
+        ax.set_title(title.replace(", seed", "\nseed"), fontsize=8)
+    fig.tight_layout(h_pad=2.0)
     fig.savefig(args.figures / f"{args.name}.png", dpi=110)
     print(f"wrote {args.figures / (args.name + '.png')}")
 
@@ -395,7 +398,7 @@ def report(args: argparse.Namespace) -> None:
                "points": run["points"]}
         rows.append(row)
         lines.append(f"| {LABELS[run['config']]} | {run['seed']} | {last['iteration']} | {last['bits_per_dim']:.4f} | "
-                     f"{row['best_bits_per_dim']:.4f} | {row['nfe_per_iteration']:.1f} | {_budget(last['budget'])} | "
+                     f"{row['best_bits_per_dim']:.4f} | {row['nfe_per_iteration']:.1f} | {_budget(last['budget'], run['argv'])} | "
                      f"{_fmt(row['nfe_ratio_to_reach'])} | {_fmt(row['cpu_ratio_to_reach'])} |")
     budget = next(iter(runs.values()))["cpu_budget"] if runs else float("nan")
     text = "\n".join(lines) + (
@@ -412,8 +415,10 @@ def report(args: argparse.Namespace) -> None:
     _figure(runs, args.figures / f"{args.name}.png")
 
 
-def _budget(budget: list[int | None]) -> str:
-    """Steps per block, or '-' for an adaptive solve."""
+def _budget(budget: list[int | None], argv: list[str]) -> str:
+    """Steps per block, upstream's fixed grid (``--solver rk4 --step_size``) as 'N (rk4)', or '-' (adaptive)."""
+    if all(b is None for b in budget) and "--step_size" in argv:
+        return f"{round(1.0 / float(argv[argv.index('--step_size') + 1]))} (rk4)"  # over upstream's T = 1
     return "-" if all(b is None for b in budget) else "/".join(str(b) for b in budget)
 
 
