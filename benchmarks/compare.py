@@ -242,6 +242,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {
         "benchmark": name, "command": command, "machine": machine, "data": args.data, "iters": args.iters,
         "seeds": args.seeds, "configs": {c: configs[c] for c in args.configs}, "train_args": args.train_args,
+        "runs": str(args.runs.resolve().relative_to(ROOT)) if args.runs.resolve().is_relative_to(ROOT) else str(args.runs),
         "rows": {str(s): rows for s, rows in per_seed.items()},
     }
     (args.out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -98,12 +98,19 @@ def figure(results: dict[str, dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    paths = {(data, config): ROOT / res.get("runs", "runs/bench") / data / f"{config}-s{res['seeds'][0]}" / "metrics.json"
+             for data, res in results.items() for config in res["configs"]}
+    missing = [str(p) for p in paths.values() if not p.is_file()]
+    if missing:
+        print(f"{path.name} not redrawn: its runs are not here ({', '.join(missing[:3])}"
+              f"{', ...' if len(missing) > 3 else ''}); rerun the commands above to redraw it.")
+        return
     fig, axes = plt.subplots(1, len(results), figsize=(4.6 * len(results), 3.8))
     for ax, (data, res) in zip(list(axes) if len(results) > 1 else [axes], results.items()):
         seed = res["seeds"][0]
         base = None
         for config in res["configs"]:
-            m = json.loads((ROOT / "runs" / "bench" / data / f"{config}-s{seed}" / "metrics.json").read_text())
+            m = json.loads(paths[data, config].read_text())
             curve = [p for p in m["eval_curve"] if p["iteration"] > 0]
             ax.plot([p["cpu_seconds"] for p in curve], [p["test_nll"] for p in curve], lw=1.3, label=_label(config))
             base = m["test_nll"] if config == "ffjord" else base

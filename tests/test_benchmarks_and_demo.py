@@ -257,3 +257,17 @@ def test_quickstart_adaptive(capsys: pytest.CaptureFixture[str]) -> None:
     result = main(["--iters", "2", "--budget", "0", "--plot", ""])
     assert result["T"] != 0.5 and result["nfe"] > 2 * 6 and 0 < result["test_nll"] < 20
     assert "density:" not in capsys.readouterr().out
+
+
+def test_headline_figure_reads_each_results_runs_and_says_when_they_are_missing(tmp_path: Path, capsys) -> None:
+    head = _load("headline")
+    runs = tmp_path / "r"
+    for config in ("ffjord", "fm"):
+        (runs / "toy" / f"{config}-s3").mkdir(parents=True)
+        curve = [{"iteration": i, "cpu_seconds": 2.0 * i, "test_nll": 3.0 - 0.1 * i} for i in range(4)]
+        (runs / "toy" / f"{config}-s3" / "metrics.json").write_text(json.dumps({"test_nll": 2.7, "eval_curve": curve}))
+    res = {"seeds": [3], "configs": {"ffjord": ["ffjord", []], "fm": ["fm", []]}, "runs": str(runs)}
+    head.figure({"toy": res}, tmp_path / "a.png")
+    assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
+    head.figure({"toy": {**res, "runs": str(tmp_path / "nowhere")}}, tmp_path / "b.png")
+    assert not (tmp_path / "b.png").exists() and "b.png not redrawn: its runs are not here" in capsys.readouterr().out
