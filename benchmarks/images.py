@@ -120,6 +120,19 @@ with ffjord_patch.patched(checkout, script="train_cnf.py", **json.loads(patch_kw
         pass
 """
 
+# Inside ``patched(...) as patch`` with ``sys.argv`` set: upstream's model from its own flags, and its weights
+# (every parameter but the horizons' T), in a fixed order that the checkpoints keep.
+_BUILD = """
+    import train_cnf as tc
+    from train_misc import set_cnf_options, count_nfe
+    args = tc.args
+    train_set, test_loader, data_shape = tc.get_dataset(args)
+    model = tc.create_model(args, data_shape, None)
+    set_cnf_options(args, model)
+    times = {id(p) for h in patch.horizons for p in h.parameters()}
+    weights = [p for p in model.parameters() if id(p) not in times]
+"""
+
 # The flow-matching child: upstream's single-scale model (--multiscale False: its logit transform and one CNF
 # block of the same ODEnet) trained by conditional flow matching with Meta's flow_matching library, no ODE solved.
 # FFJORD's block has the data at t = 0 and the noise at T = 1: the path is drawn with x_0 the logit-transformed
@@ -136,14 +149,7 @@ torch.set_num_threads(1); torch.manual_seed(int(seed)); numpy.random.seed(int(se
 budget, marks = float(cpu), [float(m) for m in json.loads(marks)]
 with ffjord_patch.patched(checkout, script="train_cnf.py", off=True) as patch:
     sys.argv = ["train_cnf.py", *json.loads(argv), "--save", out]
-    import train_cnf as tc
-    from train_misc import set_cnf_options
-    args = tc.args
-    train_set, _, data_shape = tc.get_dataset(args)
-    model = tc.create_model(args, data_shape, None)
-    set_cnf_options(args, model)
-    times = {id(p) for h in patch.horizons for p in h.parameters()}
-    weights = [p for p in model.parameters() if id(p) not in times]
+""" + _BUILD + r"""
     logit, cnf = model.chain[0], model.chain[1]
     net, T = cnf.odefunc.diffeq, float(cnf.sqrt_end_time.item() ** 2)
     optimizer = torch.optim.Adam(weights, lr=args.lr, weight_decay=args.weight_decay)
@@ -185,14 +191,7 @@ from examples import ffjord_patch
 torch.set_num_threads(1)
 with ffjord_patch.patched(checkout, script="train_cnf.py", off=True) as patch:
     sys.argv = ["train_cnf.py", *json.loads(args_json)]
-    import train_cnf as tc
-    from train_misc import set_cnf_options, count_nfe
-    args = tc.args
-    _, test_loader, data_shape = tc.get_dataset(args)
-    model = tc.create_model(args, data_shape, None)
-    set_cnf_options(args, model)
-    times = {id(p) for h in patch.horizons for p in h.parameters()}
-    weights = [p for p in model.parameters() if id(p) not in times]
+""" + _BUILD + r"""
     for path in json.loads(ckpts):
         ck = torch.load(path, weights_only=False)
         assert [tuple(w.shape) for w in ck["weights"]] == [tuple(p.shape) for p in weights], path
@@ -494,7 +493,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("train", "iters"):
         s = sub.add_parser(name)
         s.add_argument("--ffjord", type=Path, required=True, help="an rtqichen/ffjord checkout (994864ad)")
-        s.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=list(CONFIGS))
+        solving = [c for c in CONFIGS if name == "train" or c != "fm"]  # flow matching has no solves to time
+        s.add_argument("--configs", nargs="+", choices=solving, default=solving)
         s.add_argument("--seed", type=int, default=0)
         s.add_argument("--imagesize", type=int, default=14 if name == "train" else 28)
     sub.choices["train"].add_argument("--cpu", type=float, default=1200.0, help="CPU seconds per run")
