@@ -206,14 +206,19 @@ def test_otflow_train_toy(otflow: Path, tmp_path: Path, off: bool) -> None:
     assert list(tmp_path.glob("figs/*.png"))
 
 
-def test_images_benchmark_trains_scores_and_reports(ffjord: Path, tmp_path: Path) -> None:
-    """benchmarks/images.py end to end on a few CPU seconds: checkpoints at the marks, scored by dopri5, reported."""
+def _images():
+    """benchmarks/images.py as a module."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import images
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
-    runs, out = tmp_path / "runs", tmp_path / "results"
+    return images
+
+
+def test_images_benchmark_trains_scores_and_reports(ffjord: Path, tmp_path: Path) -> None:
+    """benchmarks/images.py end to end on a few CPU seconds: checkpoints at the marks, scored by dopri5, reported."""
+    images, runs, out = _images(), tmp_path / "runs", tmp_path / "results"
     images.main(["train", "--ffjord", str(ffjord), "--configs", "ffjord", "b2", "--cpu", "6", "--checkpoints", "2",
                  "--runs", str(runs)])
     assert sorted(p.name for p in (runs / "b2-s0").glob("ckpt-*.pt")) == ["ckpt-3.pt", "ckpt-6.pt"]
@@ -229,12 +234,7 @@ def test_images_benchmark_trains_scores_and_reports(ffjord: Path, tmp_path: Path
 
 def test_images_benchmark_rnode_penalties_and_flow_matching(ffjord: Path, tmp_path: Path) -> None:
     """RNODE's penalties reach upstream's loss log under its flags; flow matching trains the single-scale model."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import images
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    runs, out = tmp_path / "runs", tmp_path / "results"
+    images, runs, out = _images(), tmp_path / "runs", tmp_path / "results"
     images.main(["train", "--ffjord", str(ffjord), "--configs", "rnode-b2", "fm", "--cpu", "8", "--checkpoints", "1",
                  "--runs", str(runs)])
     log = (runs / "rnode-b2-s0" / "logs").read_text()
