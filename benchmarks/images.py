@@ -142,11 +142,11 @@ import json, sys, time
 import numpy, torch
 from flow_matching.path import AffineProbPath
 from flow_matching.path.scheduler import CondOTScheduler
-root, checkout, out, cpu, marks, seed, argv = sys.argv[1:8]
+root, checkout, out, marks, seed, argv = sys.argv[1:7]
 sys.path.insert(0, root)
 from examples import ffjord_patch
 torch.set_num_threads(1); torch.manual_seed(int(seed)); numpy.random.seed(int(seed))
-budget, marks = float(cpu), [float(m) for m in json.loads(marks)]
+marks = [float(m) for m in json.loads(marks)]  # the last mark is the CPU budget
 with ffjord_patch.patched(checkout, script="train_cnf.py", off=True) as patch:
     sys.argv = ["train_cnf.py", *json.loads(argv), "--save", out]
 """ + _BUILD + r"""
@@ -251,7 +251,7 @@ def _run_child(checkout: Path, out: Path, config: str, argv: list[str], seed: in
     """One training run in a fresh process (``_TRAIN``), its output in ``out/stdout.txt``; returns its exit code."""
     with open(out / "stdout.txt", "w") as log:
         if config == "fm":
-            return subprocess.run([sys.executable, "-c", _FM_TRAIN, str(ROOT), str(checkout), str(out), str(cpu),
+            return subprocess.run([sys.executable, "-c", _FM_TRAIN, str(ROOT), str(checkout), str(out),
                                    json.dumps(marks or []), str(seed), json.dumps(argv)],
                                   cwd=checkout, env=_env(), stdout=log, stderr=subprocess.STDOUT).returncode
         return subprocess.run([sys.executable, "-c", _TRAIN, str(ROOT), str(checkout), str(out), str(cpu), str(iters),
