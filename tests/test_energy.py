@@ -70,7 +70,7 @@ def test_many_well_samples_are_exact() -> None:
 # ----------------------------------------------------------------------------- GMM-40
 
 
-def test_gmm40_is_a_normalized_mixture_of_fabs_construction() -> None:
+def test_gmm40_is_a_normalized_mixture_of_fabs_recipe() -> None:
     target = GMM40()
     assert target.means.shape == (40, 2) and target.means.abs().max() <= 40 and target.log_Z == 0.0
     assert target.std == pytest.approx(math.log(1 + math.e))  # softplus(1)

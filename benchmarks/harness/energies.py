@@ -15,7 +15,8 @@ and ``reference(n, seed)``: samples of p, exact or from a long seeded MCMC run.
   which leaves the relative coordinates' law unchanged. Its reference is a seeded random-walk
   Metropolis run over many chains (:func:`metropolis`) with its diagnostics (acceptance, split R-hat).
 * :class:`GMM40` (FAB, as iDEM uses it): an equal mixture of 40 isotropic Gaussians in 2-D, the means
-  uniform on [-40, 40]^2 (``torch.manual_seed(0)``), each standard deviation softplus(1) = 1.313. The
+  uniform on [-40, 40]^2 (FAB's recipe, drawn in float64 from a generator seeded 0, so not FAB's exact
+  means), each standard deviation softplus(1) = 1.313. The
   mixture is normalized, so log Z = 0, and its samples are exact. It is for pictures: its modes lie up to
   57 base standard deviations apart, which reverse KL is known to collapse onto a few of.
 
