@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["check_state", "flag", "real", "stacklevel", "whole"]
+__all__ = ["check_state", "flag", "keep_float32", "real", "stacklevel", "whole"]
 
 
 def stacklevel() -> int:
@@ -24,6 +24,17 @@ def stacklevel() -> int:
 
 
 _OURS = ("torch_tempopt.", "torch.")
+
+
+def keep_float32(module: Any, names: tuple[str, ...], apply: Any) -> Any:
+    """Runs ``apply()`` (a module's ``_apply``) but keeps ``names`` in float32 if it halves them."""
+    before = {n: getattr(module, n).detach() for n in names}
+    apply()
+    for n, old in before.items():
+        p = getattr(module, n)
+        if p.dtype in (torch.float16, torch.bfloat16):
+            p.data = old.to(device=p.device, dtype=torch.float32)
+    return module
 
 
 def real(name: str, value: Any) -> float:

@@ -12,7 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import real, stacklevel, whole
-from .horizon import FIXED_GRID_METHODS, LearnableHorizon, Select
+from .budget import FIXED_GRID_METHODS, Budget, Select
+from .horizon import LearnableHorizon
 from .nfe import NFECounter
 
 __all__ = ["BudgetGuard", "find_horizons"]
@@ -49,12 +50,12 @@ def find_horizons(horizons: Any) -> list[tuple[str, LearnableHorizon]]:
 class BudgetGuard:
     r"""Checks budgeted horizons against their adaptive reference; grows a budget that is too coarse.
 
-    Every ``every`` calls of :meth:`step` (the first included), each horizon with a budget is
-    checked on the batch of its last training call (:attr:`LearnableHorizon.last_input`):
-    :meth:`LearnableHorizon.fit` solves the reference once, measures the error per dimension
-    (:meth:`LearnableHorizon.error`) and fits the placement ``fit_steps`` Adam steps. Above ``tol``
-    the budget grows to the number of steps the method's order says brings the error under it
-    (``action="grow"``, at most the horizon's ``max_budget``), or :meth:`step` raises
+    Every ``every`` calls of :meth:`step` (the first included), each horizon's
+    :class:`~torch_tempopt.Budget` is checked on the batch of its last training call
+    (:attr:`Budget.last_input`): :meth:`Budget.fit` solves the reference once, measures the error
+    per dimension (:meth:`Budget.error`) and fits the placement ``fit_steps`` Adam steps. Above
+    ``tol`` the budget grows to the number of steps the method's order says brings the error under
+    it (``action="grow"``, at most its ``max_steps``), or :meth:`step` raises
     (``"raise"``). Its work is in :attr:`stats`: checks, evaluations of the field, seconds, the
     last errors and every growth. A field that counts its own evaluations counts the guard's too.
 
@@ -79,7 +80,7 @@ class BudgetGuard:
         >>> guard = BudgetGuard([horizon], every=1)
         >>> _ = horizon(lambda t, y: -y, torch.ones(8, 2))  # a training call: the guard's batch
         >>> guard.step()  # four rk4 steps of exp(-t) are well within tol: no growth
-        >>> guard.stats["checks"], horizon.budget, guard.stats["nfe"] > 0
+        >>> guard.stats["checks"], horizon.budget.steps, guard.stats["nfe"] > 0
         (1, 4, True)
 
     """
@@ -95,7 +96,7 @@ class BudgetGuard:
         fit_steps: int = 1,
         fit_lr: float = 0.05,
     ) -> None:
-        found = [(n, h) for n, h in find_horizons(horizons) if h.budget is not None]
+        found = [(n, h.budget) for n, h in find_horizons(horizons) if h.budget is not None]
         if not found:
             raise ValueError(
                 "horizons holds no horizon with a budget; construct one with budget=N."
@@ -110,70 +111,69 @@ class BudgetGuard:
             raise TypeError(
                 f"select must be callable as select(state), got {type(select).__name__}."
             )
-        self.action, self.select, self._horizons = action, select, found
-        for _, h in found:
-            h.guarded = True
+        self.action, self.select, self._budgets = action, select, found
+        for _, b in found:
+            b.warn_unguarded = False
         self.stats: dict[str, Any] = dict(steps=0, checks=0, nfe=0, seconds=0.0, events=[])
         self.stats["errors"] = [None] * len(found)
 
     @property
-    def horizons(self) -> list[LearnableHorizon]:
-        """The guarded horizons, in the order of ``stats["errors"]``."""
-        return [h for _, h in self._horizons]
+    def budgets(self) -> list[Budget]:
+        """The guarded budgets, in the order of ``stats["errors"]``."""
+        return [b for _, b in self._budgets]
 
     def step(self) -> None:
-        """Counts a training step; on check steps checks every horizon that has been called."""
+        """Counts a training step; on check steps checks every budget that has been trained."""
         due = self.every > 0 and self.stats["steps"] % self.every == 0
         self.stats["steps"] += 1
-        for k, (_, h) in enumerate(self._horizons):
-            if due and h.last_input is not None:
+        for k, (_, b) in enumerate(self._budgets):
+            if due and b.last_input is not None:
                 self.check(k)
 
     def check(self, k: int) -> Tensor:
-        """Checks horizon ``k`` on its last training batch now; grows its budget or raises.
+        """Checks budget ``k`` on its last training batch now; grows it or raises.
 
         Returns:
             The errors before this check's fitting, one per selected part.
 
         """
-        name, h = self._horizons[k]
-        func, y0, reverse = h.last_input  # type: ignore[misc]
+        name, b = self._budgets[k]
+        func, y0, t, settings = b.last_input  # type: ignore[misc]
         counter, start = NFECounter(func), time.perf_counter()
-        err, _ = h.fit(
-            counter, y0, steps=self.fit_steps, lr=self.fit_lr, reverse=reverse, select=self.select
-        )
+        fit = dict(steps=self.fit_steps, lr=self.fit_lr, select=self.select)
+        err, _ = b.fit(counter, y0, t, **fit, **settings)
         worst = err.max().clone()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(worst, op=torch.distributed.ReduceOp.MAX)
-            torch.distributed.broadcast(h.placement, 0)  # type: ignore[arg-type]
+            torch.distributed.broadcast(b.placement, 0)
         self.stats["checks"] += 1
         self.stats["errors"][k] = err.tolist()
         self.stats["nfe"] += counter.nfe
         self.stats["seconds"] += time.perf_counter() - start
         if not (math.isfinite(worst.item()) and worst.item() <= self.tol):
-            self._grow(name, h, worst.item(), err.tolist())
+            self._grow(name, b, worst.item(), err.tolist())
         return err
 
-    def _grow(self, name: str, h: LearnableHorizon, worst: float, err: list[float]) -> None:
-        n, order = h.budget or 1, FIXED_GRID_METHODS[h.method]
+    def _grow(self, name: str, b: Budget, worst: float, err: list[float]) -> None:
+        n, order = b.steps, FIXED_GRID_METHODS[b.method]
         new = (
             math.ceil(n * (worst / self.tol) ** (1 / order)) if math.isfinite(worst) else math.inf
         )
         new = max(n + 1, new)
         message = (
-            f"horizon {name!r}: the {n}-step {h.method} solve is {worst:.3g} per dimension from its "
+            f"horizon {name!r}: the {n}-step {b.method} solve is {worst:.3g} per dimension from its "
             f"reference (tol={self.tol}) at step {self.stats['steps'] - 1}"
         )
-        if self.action == "raise" or new > (h.max_budget or 0):
+        if self.action == "raise" or new > b.max_steps:
             raise RuntimeError(
-                f"{message}; raise the budget (max_budget={h.max_budget}), raise tol, or solve "
+                f"{message}; raise the budget (max_steps={b.max_steps}), raise tol, or solve "
                 "adaptively (budget=None)."
             )
-        h.set_budget(int(new))
-        event = dict(step=self.stats["steps"] - 1, horizon=name, error=err, budget=[n, h.budget])
+        b.steps = int(new)
+        event = dict(step=self.stats["steps"] - 1, horizon=name, error=err, budget=[n, b.steps])
         self.stats["events"].append(event)
         warnings.warn(
-            f"{message}: budget grown to {h.budget} steps.",
+            f"{message}: budget grown to {b.steps} steps.",
             RuntimeWarning,
             stacklevel=stacklevel(),
         )
@@ -191,5 +191,5 @@ class BudgetGuard:
     def __repr__(self) -> str:
         return (
             f"BudgetGuard(every={self.every}, tol={self.tol}, action={self.action!r}, "
-            f"horizons={[n for n, _ in self._horizons]})"
+            f"horizons={[n for n, _ in self._budgets]})"
         )

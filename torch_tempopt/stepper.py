@@ -146,9 +146,10 @@ class CoordinateDescentStepper(Optimizer):
         if isinstance(guard, BudgetGuard):
             return guard
         budgeted = {n: h for n, h in self._horizons if h.budget is not None}
-        for h in budgeted.values():  # guarded, or the user declined a guard: nothing to warn of
-            h.guarded = True
-        return BudgetGuard(budgeted) if flag("guard", guard) and budgeted else None
+        if not flag("guard", guard):  # the user declined a guard: nothing to warn of
+            for h in budgeted.values():
+                h.budget.warn_unguarded = False  # type: ignore[union-attr]
+        return BudgetGuard(budgeted) if guard and budgeted else None
 
     @property
     def horizons(self) -> list[LearnableHorizon]:
