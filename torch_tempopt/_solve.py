@@ -11,6 +11,8 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
+from ._checks import check_state, flag
+
 __all__ = ["Call", "adaptive", "add_note", "on_grid", "place"]
 
 State = Union[Tensor, Tuple[Tensor, ...]]
@@ -34,6 +36,21 @@ class Call:
     is_tuple: bool
     parts: Parts
     reverse: bool
+
+    @classmethod
+    def of(cls, func: Any, y0: Any, reverse: Any) -> Call:
+        """The call of ``func`` from ``y0``, its arguments checked."""
+        if not callable(func):
+            raise TypeError(f"func must be callable as func(t, y), got {type(func).__name__}.")
+        c = cls(func, *check_state("y0", y0), flag("reverse", reverse))
+        if all(p.numel() == 0 for p in c.parts):
+            raise ValueError("y0 has no elements; skip the solve for an empty batch.")
+        return c
+
+    def time_dtype(self) -> torch.dtype:
+        """The state's dtype, at least float32, so that T is not rounded to a half-precision grid."""
+        dtype = self.parts[0].dtype
+        return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
     def pack(self, parts: Sequence[Tensor]) -> State:
         return tuple(parts) if self.is_tuple else parts[0]

@@ -9,7 +9,7 @@ import torch
 import torchdiffeq
 from torch import Tensor, nn
 
-from ._checks import check_state, keep_float32, real, stacklevel, whole
+from ._checks import keep_float32, real, stacklevel, whole
 from ._solve import Call, Ends, Parts, State, adaptive, on_grid
 
 __all__ = ["DEFAULT_REFERENCE", "FIXED_GRID_METHODS", "GRADIENTS", "Budget"]
@@ -17,16 +17,9 @@ __all__ = ["DEFAULT_REFERENCE", "FIXED_GRID_METHODS", "GRADIENTS", "Budget"]
 Select = Callable[[State], Sequence[Tensor]]
 
 #: torchdiffeq's fixed-grid methods a budget can use, with their order of accuracy.
-FIXED_GRID_METHODS = {
-    "euler": 1,
-    "midpoint": 2,
-    "heun2": 2,
-    "heun3": 3,
-    "rk4": 4,
-    "explicit_adams": 4,
-    "implicit_adams": 4,
-    "fixed_adams": 4,
-}
+FIXED_GRID_METHODS = dict(
+    euler=1, midpoint=2, heun2=2, heun3=3, rk4=4, explicit_adams=4, implicit_adams=4, fixed_adams=4
+)
 
 #: The reference when a call names no adaptive solve of its own (a fixed-step call).
 DEFAULT_REFERENCE = {"method": "dopri5", "rtol": 1e-5, "atol": 1e-5}
@@ -37,22 +30,6 @@ GRADIENTS = ("backprop", "checkpoint", "adjoint")
 # The keyword arguments of odeint that choose a solve.
 SOLVE_KEYS = ("method", "rtol", "atol", "options")
 _ADAPTIVE = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun", "scipy_solver")
-
-
-def _checked_reference(reference: Any) -> dict[str, Any] | None:
-    if reference is None:
-        return None
-    if not isinstance(reference, dict) or not set(reference) <= set(SOLVE_KEYS):
-        raise TypeError(
-            f"reference must be None or a dict of {SOLVE_KEYS}, e.g. dict(method='dopri8'), "
-            f"got {reference!r}."
-        )
-    if reference.get("method", "dopri5") not in _ADAPTIVE:
-        raise ValueError(
-            f"reference's method must be one of torchdiffeq's adaptive {_ADAPTIVE} (it scores the "
-            f"model and guards the budget), got {reference['method']!r}."
-        )
-    return dict(reference)
 
 
 def sample_and_log_density(y: State) -> tuple[Tensor, ...]:
@@ -158,7 +135,19 @@ class Budget(nn.Module):
 
     @reference.setter
     def reference(self, value: dict[str, Any] | None) -> None:
-        self._reference = _checked_reference(value)
+        if value is not None and (
+            not isinstance(value, dict) or not set(value) <= set(SOLVE_KEYS)
+        ):
+            raise TypeError(
+                f"reference must be None or a dict of {SOLVE_KEYS}, e.g. dict(method='dopri8'), "
+                f"got {value!r}."
+            )
+        if value is not None and value.get("method", "dopri5") not in _ADAPTIVE:
+            raise ValueError(
+                f"reference's method must be one of torchdiffeq's adaptive {_ADAPTIVE} (it scores "
+                f"the model and guards the budget), got {value['method']!r}."
+            )
+        self._reference = None if value is None else dict(value)
 
     @property
     def steps(self) -> int:
@@ -276,18 +265,12 @@ class Budget(nn.Module):
         return (after if before is None else before), after
 
     def _call(self, func: Any, y0: Any, t: Any) -> tuple[Call, Ends]:
-        if not callable(func):
-            raise TypeError(f"func must be callable as func(t, y), got {type(func).__name__}.")
-        is_tuple, parts = check_state("y0", y0)
-        t = torch.as_tensor(t).detach().to(parts[0].device)
+        t = torch.as_tensor(t).detach()
         if t.shape != (2,) or t[0] == t[1]:
             raise ValueError(f"t must hold a start and an end that differ, got {t.tolist()}.")
-        reverse = bool(t[0] > t[1])
-        t = t.to(
-            torch.float32 if parts[0].dtype in (torch.float16, torch.bfloat16) else parts[0].dtype
-        )
-        ends = (t.min(), t.max())
-        return Call(func, is_tuple, parts, reverse), ends
+        c = Call.of(func, y0, bool(t[0] > t[1]))
+        t = t.to(dtype=c.time_dtype(), device=c.parts[0].device)
+        return c, (t.min(), t.max())
 
     def _error(
         self, c: Call, ends: Ends, pick: Select, ref: Sequence[Tensor], logits: Tensor

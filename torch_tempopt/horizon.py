@@ -9,7 +9,7 @@ import torch
 import torchdiffeq
 from torch import Tensor, nn
 
-from ._checks import check_state, flag, keep_float32, real, whole
+from ._checks import flag, keep_float32, real, whole
 from ._solve import Call, Ends, Parts, Solver, State, adaptive, add_note
 from .budget import SOLVE_KEYS, Budget
 
@@ -17,11 +17,6 @@ __all__ = ["LearnableHorizon"]
 
 # 0.3 kept the budget's buffers on the horizon; their keys in a 0.3 state dict, loaded into 0.4's Budget.
 _V03_KEYS = ("placement", "n_steps")
-
-
-def _time_dtype(dtype: torch.dtype) -> torch.dtype:
-    """At least float32, so that T is not rounded to a half-precision grid."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 class LearnableHorizon(nn.Module):
@@ -208,7 +203,9 @@ class LearnableHorizon(nn.Module):
         try:
             return c.pack(self._solve(c, s, ends, solver, kwargs))
         except Exception as error:
-            add_note(error, f"{self._name()}: the solve failed; {c.diagnose(ends[c.reverse])}")
+            budget = "" if self.budget is None else f", budget={self.budget.steps}"
+            name = f"{type(self).__name__}({self.extra_repr()}{budget})"
+            add_note(error, f"{name}: the solve failed; {c.diagnose(ends[c.reverse])}")
             raise
 
     def _solve(self, c: Call, s: Tensor, ends: Ends, solver: Solver, kwargs: dict) -> Parts:
@@ -219,33 +216,8 @@ class LearnableHorizon(nn.Module):
         other = {k: v for k, v in kwargs.items() if k not in SOLVE_KEYS}
         return adaptive(c, s, ends, solver, {**other, **self.budget.reference_for(kwargs)})
 
-    def _name(self) -> str:
-        budget = "" if self.budget is None else f", budget={self.budget.steps}"
-        return f"{type(self).__name__}({self.extra_repr()}{budget})"
-
-    def _call(self, func: Any, y0: Any, reverse: Any, solver: Any, kwargs: dict) -> Call:
-        if not callable(func):
-            raise TypeError(f"func must be callable as func(t, y), got {type(func).__name__}.")
-        if not callable(solver):
-            raise TypeError(f"solver must be callable like odeint, got {type(solver).__name__}.")
-        if self.budget is not None and solver not in (
-            torchdiffeq.odeint,
-            torchdiffeq.odeint_adjoint,
-        ):
-            raise TypeError(
-                f"solver must be torchdiffeq's odeint or odeint_adjoint on a budget, got {solver!r}."
-            )
-        if "t" in kwargs:
-            raise TypeError(
-                "t must not be passed: the horizon builds [t0, T]; use times= instead."
-            )
-        c = Call(func, *check_state("y0", y0), flag("reverse", reverse))
-        if all(p.numel() == 0 for p in c.parts):
-            raise ValueError("y0 has no elements; skip the solve for an empty batch.")
-        return c
-
     def _times(self, times: Any, c: Call) -> Tensor:
-        dtype, device = _time_dtype(c.parts[0].dtype), c.parts[0].device
+        dtype, device = c.time_dtype(), c.parts[0].device
         if times is None:
             return torch.tensor([0.0, 1.0], dtype=dtype, device=device)
         try:
@@ -261,7 +233,7 @@ class LearnableHorizon(nn.Module):
 
     def _ends(self, c: Call) -> Ends:
         """t0 and T in the state's time dtype and device."""
-        dtype, device = _time_dtype(c.parts[0].dtype), c.parts[0].device
+        dtype, device = c.time_dtype(), c.parts[0].device
         return self.t0.to(dtype=dtype, device=device), self.T.to(dtype=dtype, device=device)
 
     # ------------------------------------------------------------------ module plumbing
