@@ -216,6 +216,22 @@ class LearnableHorizon(nn.Module):
         other = {k: v for k, v in kwargs.items() if k not in SOLVE_KEYS}
         return adaptive(c, s, ends, solver, {**other, **self.budget.reference_for(kwargs)})
 
+    def _call(self, func: Any, y0: Any, reverse: Any, solver: Any, kwargs: dict) -> Call:
+        if not callable(solver):
+            raise TypeError(f"solver must be callable like odeint, got {type(solver).__name__}.")
+        if self.budget is not None and solver not in (
+            torchdiffeq.odeint,
+            torchdiffeq.odeint_adjoint,
+        ):
+            raise TypeError(
+                f"solver must be torchdiffeq's odeint or odeint_adjoint on a budget, got {solver!r}."
+            )
+        if "t" in kwargs:
+            raise TypeError(
+                "t must not be passed: the horizon builds [t0, T]; use times= instead."
+            )
+        return Call.of(func, y0, reverse)
+
     def _times(self, times: Any, c: Call) -> Tensor:
         dtype, device = c.time_dtype(), c.parts[0].device
         if times is None:
