@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.harness.cnf import CNF, nfe, sample  # noqa: E402
 from benchmarks.harness.data import load_digits_split, toy_sample  # noqa: E402
 from benchmarks.harness.train import load_model, scoring  # noqa: E402
-from torch_tempopt import LearnableHorizon  # noqa: E402
+from torch_tempopt import Budget, LearnableHorizon  # noqa: E402
 
 
 def _blocks(model: torch.nn.Module) -> list[CNF]:
@@ -55,7 +55,9 @@ def _fit(model: torch.nn.Module, x: torch.Tensor, image: bool, ref: dict[str, An
     for block in _blocks(model):
         block.odefunc.before_odeint()
         state = (y, y.new_zeros(y.shape[0]), *(y.new_zeros(y.shape[0]) for _ in _core(block.odefunc).reg_names))  # RNODE's
-        before, after = block.horizon.fit(block.odefunc, state, steps=steps)
+        h = block.horizon
+        t = torch.stack([h.t0, h.T]).detach()
+        before, after = h.budget.fit(block.odefunc, state, t, steps=steps)
         errors.append(float(after.max()))
         with torch.no_grad(), scoring(model, ref):
             y = block(y)[0]
@@ -66,7 +68,8 @@ def _on_budget(model: torch.nn.Module, n: int, ref: dict[str, Any]) -> None:
     """Gives every block a horizon of ``n`` uniform steps at its trained T (reference ``ref``)."""
     for b in _blocks(model):
         old = b.horizon
-        new = LearnableHorizon(T0=old.T0, t0=old.t0_init, eps=old.eps, budget=n, learn_T=False, reference=ref)
+        new = LearnableHorizon(T0=old.T_init, t0=old.t0_init, eps=old.eps, budget=Budget(n, reference=ref),
+                               learn_T=False)
         with torch.no_grad():
             new.T.copy_(old.T)
             new.t0.copy_(old.t0)

@@ -119,7 +119,7 @@ def train(args: argparse.Namespace) -> None:
             while todo and cpu >= todo[0]:
                 h = model.chain[0].horizon
                 ckpts.append({"mark": todo.pop(0), "cpu": cpu, "iteration": it, "nfe": log[-1]["nfe"],
-                              "budget": h.budget, "T": h.T.item(), "state": copy.deepcopy(model.state_dict())})
+                              "budget": None if h.budget is None else h.budget.steps, "T": h.T.item(), "state": copy.deepcopy(model.state_dict())})
             if it % 50 == 0:
                 print(f"{config} it {it} cpu {cpu:.0f} loss {kl.item():.3f} NFE {log[-1]['nfe']}", flush=True)
         guard = stepper.guard.stats if stepper.guard else None

@@ -52,7 +52,7 @@ from benchmarks.harness.data import (  # noqa: E402
     logit_transform,
     toy_sample,
 )
-from torch_tempopt import LearnableHorizon  # noqa: E402
+from torch_tempopt import Budget, LearnableHorizon  # noqa: E402
 
 TARGET = 0.002  # nats per sample
 REFERENCE = {"method": "dopri5", "rtol": 1e-7, "atol": 1e-7}
@@ -138,7 +138,8 @@ def horizon_logp(horizon: LearnableHorizon, field: Dynamics, x: Tensor, budgeted
 def fit(horizon: LearnableHorizon, field: Dynamics, x: Tensor, steps: int) -> tuple[float, float]:
     """Fits the placement on the mean |log p - reference| of ``x`` (a training batch): errors before, after."""
     pick = lambda y: (log_p0(y[0]) + y[1],)  # noqa: E731
-    before, after = horizon.fit(field, (x, x.new_zeros(x.shape[0])), steps=steps, reverse=True, select=pick)
+    t = x.new_tensor([1.0, 0.0])  # from data back to noise
+    before, after = horizon.budget.fit(field, (x, x.new_zeros(x.shape[0])), t, steps=steps, select=pick)
     return float(before.sum()), float(after.sum())
 
 
@@ -188,7 +189,7 @@ def run_set(name: str, cfg: dict[str, Any], budgets: tuple[int, ...], seed: int)
     model, train_cpu = train(sample, cfg["dim"], cfg["hidden"], cfg["iters"], seed)
     counter = Counter(model)
     field = Dynamics(counter)
-    ref_h = LearnableHorizon(T0=1.0, budget=1, reference=REFERENCE).double().eval()
+    ref_h = LearnableHorizon(T0=1.0, budget=Budget(1, reference=REFERENCE)).double().eval()
     ref, ref_nfe, ref_cpu = counted(counter, horizon_logp, ref_h, field, test, False)
     bpd = 1.0 / (cfg["dim"] * math.log(2))
 
@@ -208,14 +209,14 @@ def run_set(name: str, cfg: dict[str, Any], budgets: tuple[int, ...], seed: int)
     xfit = sample(cfg["fit_batch"], np.random.default_rng(seed + 2000))  # a training batch
     fits = []
     for n in budgets:
-        h = LearnableHorizon(T0=1.0, budget=n, reference=REFERENCE).double().eval()
+        h = LearnableHorizon(T0=1.0, budget=Budget(n, reference=REFERENCE)).double().eval()
         if not done("uniform"):
             logp, nfe, cpu = counted(counter, horizon_logp, h, field, test)
             rows.append(row("uniform", f"rk4 x {n}", logp, nfe, cpu))
         if not done("fitted"):
             (before, after), fit_nfe, fit_cpu = counted(counter, fit, h, field, xfit, cfg["fit_steps"])
             logp, nfe, cpu = counted(counter, horizon_logp, h, field, test)
-            frac = [round(f, 4) for f in h.fractions().tolist()]
+            frac = [round(f, 4) for f in h.budget.fractions().tolist()]
             rows.append(row("fitted", f"rk4 x {n}", logp, nfe, cpu, fractions=frac))
             fits.append(dict(budget=n, nfe=fit_nfe, cpu=fit_cpu, train_mae_before=before, train_mae_after=after))
     sub = test[:32]  # the library's rk4 at a tiny step against the reference: sign and time direction

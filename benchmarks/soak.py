@@ -101,10 +101,10 @@ def _within(h: LearnableHorizon) -> bool:
 
 def _grid_ok(h: LearnableHorizon) -> bool:
     """No budget, or a finite placement whose step boundaries increase from 0 to 1."""
-    if h.placement is None:
+    if h.budget is None:
         return True
-    u = h.fractions().detach()
-    return bool(torch.isfinite(h.placement).all()) and u[0] == 0 and u[-1] == 1 and bool((u.diff() > 0).all())
+    u = h.budget.fractions().detach()
+    return bool(torch.isfinite(h.budget.placement).all()) and u[0] == 0 and u[-1] == 1 and bool((u.diff() > 0).all())
 
 
 def _setup(args: argparse.Namespace) -> tuple[torch.nn.Module, CoordinateDescentStepper]:
@@ -144,7 +144,7 @@ def _check(it: int, value: float, model: torch.nn.Module, checks: dict[str, Any]
 
 def _sample(it: int, model: torch.nn.Module, losses: list[float], nfe_total: int, start: float) -> dict[str, Any]:
     return {"iteration": it, "rss_mb": _mb(rss_bytes()), "peak_rss_mb": _mb(peak_rss_bytes()), "T": end_times(model),
-            "budget": [h.budget for h in model.modules() if isinstance(h, LearnableHorizon)],
+            "budget": [h.budget.steps for h in model.modules() if isinstance(h, LearnableHorizon) and h.budget is not None],
             "mean_loss": float(np.mean(losses)), "nfe_per_iteration": nfe_total / it,
             "wall_seconds": round(time.perf_counter() - start, 2)}
 
@@ -208,8 +208,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    "rss_mb_at_end": end["rss_mb"], "peak_rss_mb_at_end": end["peak_rss_mb"]},
         "T": {"final": end_times(model), "min": loop["T_range"][0], "max": loop["T_range"][1],
               "bounds": [list(h.bounds) for h in horizons]},
-        "budget": [h.budget for h in horizons],
-        "fractions": [None if h.budget is None else h.fractions().tolist() for h in horizons],
+        "budget": [None if h.budget is None else h.budget.steps for h in horizons],
+        "fractions": [None if h.budget is None else h.budget.fractions().tolist() for h in horizons],
         "nfe_per_iteration": loop["nfe_total"] / max(args.iters, 1),
         "wall_seconds": round(loop["wall"], 2),
         "cpu_seconds": round(loop["cpu"], 2),

@@ -59,7 +59,7 @@ def _setup(n: int = 200, seed: int = 0):
 
 
 def _horizon(n: int) -> fm.LearnableHorizon:
-    return fm.LearnableHorizon(T0=1.0, budget=n, reference=fm.REFERENCE).double().eval()
+    return fm.LearnableHorizon(T0=1.0, budget=fm.Budget(n, reference=fm.REFERENCE)).double().eval()
 
 
 def test_reference_library_and_budget_match_the_closed_form():

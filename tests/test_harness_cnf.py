@@ -285,7 +285,7 @@ def test_toflow_time_gradient_matches_finite_differences() -> None:
 def test_ffjord_frozen_T_is_a_plain_odeint_solve(adjoint: bool) -> None:
     model = build_toy_model((8,), time_mode="fixed", kinetic=0.1, solver_kwargs=TIGHT, adjoint=adjoint)
     block, x = model.chain[0], torch.randn(5, 2)
-    assert not block.horizon.T.requires_grad and block.horizon.placement is None
+    assert not block.horizon.T.requires_grad and block.horizon.budget is None
     out = block(x)
     (out.z.sum() + out.logp.sum() + out.regs["kinetic"].sum()).backward()
     assert block.horizon.T.grad is None
@@ -374,9 +374,8 @@ def test_budget_blocks_take_4N_evaluations(time_mode: str, adjoint: bool) -> Non
     nll, _ = nll_and_reg(model, torch.randn(5, 2))
     assert nfe(model, reset=True) == {"forward": 2 * 4 * 3, "backward": 0}  # whatever solver_kwargs say
     nll.backward()
-    # odeint: autograd through the steps; odeint_adjoint: the adjoint rk4 on the same grid, plus F(T) for dL/dT.
-    extra = 1 if time_mode == "learn" else 0
-    assert nfe(model) == {"forward": 0, "backward": 2 * (4 * 3 + extra) if adjoint else 0}
+    # odeint or odeint_adjoint: a budget backpropagates through its steps (0.4), no evaluation in backward.
+    assert nfe(model) == {"forward": 0, "backward": 0}
     assert all((b.horizon.T.grad is not None) == (time_mode == "learn") for b in model.chain)
 
 
@@ -395,12 +394,13 @@ def test_budget_block_matches_an_rk4_solve_and_scores_adaptively() -> None:
 def test_the_loss_never_moves_the_placement() -> None:
     model = build_toy_model((8,), solver_kwargs=TIGHT, budget=2)
     horizon = model.chain[0].horizon
-    assert horizon.reference == TIGHT and horizon.T.requires_grad  # TO-FLOW's time mode learns T on a budget too
-    assert all(p is not horizon.placement for p in model.parameters())  # a buffer: no optimizer holds it
-    before = horizon.placement.clone()
+    assert horizon.budget.reference is None and horizon.T.requires_grad  # the reference: the call's TIGHT
+    assert horizon.budget.reference_for(model.chain[0].solver_kwargs) == TIGHT  # TO-FLOW learns T on a budget too
+    assert all(p is not horizon.budget.placement for p in model.parameters())  # a buffer: no optimizer holds it
+    before = horizon.budget.placement.clone()
     nll, _ = nll_and_reg(model, torch.randn(5, 2))
     nll.backward()
-    assert torch.equal(horizon.placement, before)
+    assert torch.equal(horizon.budget.placement, before)
 
 
 # ----------------------------------------------------------------------------- flow matching
@@ -494,14 +494,14 @@ def test_state_dict_round_trip_and_repr() -> None:
     model = build_toy_model((8,), num_blocks=2, solver_kwargs=TIGHT, budget=2)
     with torch.no_grad():
         model.chain[1].horizon.T.fill_(0.6)
-    model.chain[1].horizon.set_budget(3)
+    model.chain[1].horizon.budget.steps = 3
     clone = build_toy_model((8,), num_blocks=2, solver_kwargs=TIGHT, budget=2)
     clone.load_state_dict(model.state_dict())
-    assert end_times(clone) == [0.5, 0.6] and [b.horizon.budget for b in clone.chain] == [2, 3]
+    assert end_times(clone) == [0.5, 0.6] and [b.horizon.budget.steps for b in clone.chain] == [2, 3]
     x = torch.randn(4, 2)
     torch.testing.assert_close(clone(x).z, model(x).z)
     text = repr(model)
-    assert "CNF(" in text and "LearnableHorizon(T=0.6" in text and "budget=3" in text
+    assert "CNF(" in text and "T=0.6" in text and "Budget(steps=3" in text
     assert torch.equal(SequentialFlow([])(x).logp, torch.zeros(4))
 
 

@@ -112,7 +112,7 @@ def test_budget_runs_log_budget_and_guard_columns(budget_run: Path) -> None:
     assert [bool(r["guard_error_0"]) for r in rows] == [True, False, True]
     assert 0 < float(rows[0]["guard_error_0"]) < 0.05
     assert [int(r["nfe_forward"]) for r in rows][1] == 4 * 2 and int(rows[0]["nfe_forward"]) > 4 * 2 * 2
-    assert [int(r["nfe_backward"]) for r in rows][1] == 4 * 2 + 1  # the adjoint on the grid, and F(T) for dL/dT
+    assert [int(r["nfe_backward"]) for r in rows][1] == 0  # through the steps (0.4), though the run names the adjoint
     (fractions,) = saved["fractions"]
     assert fractions[0] == 0 and fractions[-1] == 1 and fractions[1] != 0.5  # the placement was learned
     assert saved["T"] != [0.5]
@@ -218,7 +218,7 @@ def test_evaluate_leaves_random_states_mode_and_budget_alone(budget_run: Path) -
     value = evaluate(model, test, **kwargs)
     assert torch.equal(torch.get_rng_state(), before[0]) and np.array_equal(np.random.get_state()[1], before[1])
     assert random.getstate() == before[2] and model.training
-    assert [b.horizon.budget for b in model.chain] == [2] and model.chain[0].solver_kwargs["method"] == "dopri5"
+    assert [b.horizon.budget.steps for b in model.chain] == [2] and model.chain[0].solver_kwargs["method"] == "dopri5"
     assert model.chain[0].adjoint  # scoring() restored the training solver
     # The checkpoint's model scores what the run reported; a smaller evaluation batch changes nothing.
     assert value == json.loads((budget_run / "metrics.json").read_text())["test_nll"]
@@ -230,8 +230,8 @@ def test_load_model_round_trip(budget_run: Path) -> None:
     model, config, iteration = load_model(budget_run / "checkpoint.pt")
     assert config == saved["config"] and iteration == saved["iters"] == 3
     horizon = model.chain[0].horizon
-    assert [horizon.T.item()] == saved["T"] and horizon.fractions().tolist() == saved["fractions"][0]
-    assert not horizon.placement.requires_grad and not model.training and horizon.budget == 2
+    assert [horizon.T.item()] == saved["T"] and horizon.budget.fractions().tolist() == saved["fractions"][0]
+    assert not horizon.budget.placement.requires_grad and not model.training and horizon.budget.steps == 2
     fresh = build_model(config)
     assert set(fresh.state_dict()) == set(model.state_dict())
     first, _, zero = load_model(budget_run / "snapshots" / "iter_000000.pt")
@@ -273,7 +273,7 @@ def test_plots_write_pngs(tmp_path: Path, budget_run: Path) -> None:
     rk4 = {"method": "rk4", "options": {"step_size": 0.25}}
     xs, ys, logp = plots.density_grid(model, resolution=12, solver_kwargs=rk4)
     assert logp.shape == (12, 12) and xs.shape == (12,) and np.isfinite(logp).all()
-    assert model.chain[0].horizon.budget == 2 and not model.training
+    assert model.chain[0].horizon.budget.steps == 2 and not model.training
     fast = {"resolution": 10, "solver_kwargs": rk4, "n_samples": 200}
     paths = [
         plots.figure_densities(runs, tmp_path / "fig1.png", **fast),

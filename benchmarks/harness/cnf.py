@@ -253,7 +253,7 @@ class CNF(nn.Module):
         T0: The initial (TO-FLOW) or fixed (FFJORD) end time.
         time_mode: ``"learn"`` (TO-FLOW), ``"fixed"`` (FFJORD, RNODE: T frozen) or ``"steer"``
             (T frozen at ``T0``, drawn from :math:`U[T_0 - b, T_0 + b]` per training solve, :math:`b = T_0 - 0.25`).
-        solver_kwargs: The solver settings (default dopri5 at 1e-5); with a budget, its reference.
+        solver_kwargs: The solver settings (default dopri5 at 1e-5); with a budget, its reference (the call's).
         adjoint: Solve with :func:`torchdiffeq.odeint_adjoint`.
         budget: Solve on this many rk4 steps (:class:`~torch_tempopt.LearnableHorizon` ``budget``).
         eps: The horizon's clip margin.
@@ -269,9 +269,7 @@ class CNF(nn.Module):
         _core(odefunc)
         self.odefunc, self.time_mode, self.adjoint = odefunc, time_mode, adjoint
         self.solver_kwargs = dict(DEFAULT_SOLVER_KWARGS if solver_kwargs is None else solver_kwargs)
-        reference = None if budget is None else self.solver_kwargs
-        self.horizon = LearnableHorizon(T0=T0, eps=eps, budget=budget, learn_T=time_mode == "learn",
-                                        reference=reference)
+        self.horizon = LearnableHorizon(T0=T0, eps=eps, budget=budget, learn_T=time_mode == "learn")
 
     def forward(self, z: Tensor, logpz: Tensor | None = None, reverse: bool = False) -> FlowOutput:
         """Transports ``z`` from t0 to T (back if ``reverse``); see :class:`FlowOutput`."""

@@ -286,18 +286,17 @@ class _Data:
 def scoring(model: nn.Module, solver_kwargs: dict[str, Any]) -> Iterator[None]:
     """Within the block every block solves adaptively with ``solver_kwargs`` (plain odeint), whatever its budget."""
     blocks = [m for m in model.modules() if isinstance(m, CNF)]
-    saved = [(b.solver_kwargs, b.adjoint, b.horizon.reference) for b in blocks]
+    saved = [(b.solver_kwargs, b.adjoint) for b in blocks]
     with contextlib.ExitStack() as stack:
-        for b in blocks:
+        for b in blocks:  # a budget's reference is the call's own settings: these
             b.solver_kwargs, b.adjoint = dict(solver_kwargs), False
             if b.horizon.budget is not None:
-                b.horizon.reference = dict(solver_kwargs)
                 stack.enter_context(b.horizon.budgeted(False))
         try:
             yield
         finally:
-            for b, (kwargs, adjoint, reference) in zip(blocks, saved):
-                b.solver_kwargs, b.adjoint, b.horizon.reference = kwargs, adjoint, reference
+            for b, (kwargs, adjoint) in zip(blocks, saved):
+                b.solver_kwargs, b.adjoint = kwargs, adjoint
 
 
 def evaluate(model: nn.Module, test: Tensor, *, image: bool, solver_kwargs: dict[str, Any], seed: int,
@@ -443,7 +442,7 @@ class _Run:
         errors = guard.stats["errors"] if guard is not None else []
         for i, h in enumerate(self.horizons):
             row[f"T_{i}"], row[f"dLdT_{i}"] = float(h.T.detach()), None if h.T.grad is None else float(h.T.grad)
-            row[f"budget_{i}"] = h.budget
+            row[f"budget_{i}"] = None if h.budget is None else h.budget.steps
             error = errors[i] if i < len(errors) else None
             row[f"guard_error_{i}"] = max(error) if checked and error else None
         row.update(nfe_forward=counts["forward"], nfe_backward=counts["backward"], wall_seconds=self.wall,
@@ -507,8 +506,8 @@ class _Run:
                 "cpu_seconds_per_iteration": self.cpu / done, "wall_seconds_per_iteration": self.wall / done,
                 "nfe_forward_per_iteration": self.nfe_forward / done,
                 "nfe_backward_per_iteration": self.nfe_backward / done, "T": end_times(self.model),
-                "budget": [h.budget for h in self.horizons],
-                "fractions": [None if h.budget is None else h.fractions().tolist() for h in self.horizons],
+                "budget": [None if h.budget is None else h.budget.steps for h in self.horizons],
+                "fractions": [None if h.budget is None else h.budget.fractions().tolist() for h in self.horizons],
                 "clip_counts": None if stats is None else [h["clip_count"] for h in stats["horizons"]],
                 "guard_events": None if guard is None else guard.stats["events"],
                 "guard": None if guard is None else {k: guard.stats[k] for k in ("checks", "nfe", "seconds")},
