@@ -12,33 +12,37 @@ from fields import TimeMLP
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from torch_tempopt import BudgetGuard, CoordinateDescentStepper, LearnableHorizon
+from torch_tempopt import Budget, BudgetGuard, CoordinateDescentStepper, LearnableHorizon
 
 WORLD = 2
 BATCH = 8  # the global batch; each rank takes BATCH // WORLD rows
 STEPS = 3
 SCENARIOS = {
-    # name: (find_unused_parameters, budget, the guard's settings)
+    # name: (find_unused_parameters, the Budget's steps and gradient, the guard's settings)
     "plain": (False, None, None),
     "find-unused": (True, None, None),
     # T and t0 learned on a budget; the guard checks every step (far below its tol) and leaves the steps uniform,
     # so one process on the whole batch takes the very same steps.
-    "budget": (False, 4, dict(every=1, tol=10.0, fit_steps=0)),
+    "budget": (False, dict(steps=4), dict(every=1, tol=10.0, fit_steps=0)),
+    # The same with each step recomputed in backward (DDP's hooks see the recomputation), and with the adjoint.
+    "checkpoint": (False, dict(steps=4, gradient="checkpoint"), dict(every=1, tol=10.0, fit_steps=0)),
+    "adjoint": (False, dict(steps=4, gradient="adjoint"), dict(every=1, tol=10.0, fit_steps=0)),
     # One euler step and a tight tol: the guard grows the budget in place under DDP at the first step, and fits
     # the placement on each rank's half batch; rank 0's is broadcast, so the ranks stay equal.
-    "growth": (False, 1, dict(every=1, tol=1e-2, fit_steps=1)),
+    "growth": (False, dict(steps=1), dict(every=1, tol=1e-2, fit_steps=1)),
 }
 
 
 class Tiny(nn.Module):
     """A time-conditioned MLP field integrated over a learnable horizon, with a learned t0 too (and a budget)."""
 
-    def __init__(self, budget: int | None = None) -> None:
+    def __init__(self, budget: dict | None = None) -> None:
         super().__init__()
         self.field = TimeMLP(2, 8)
         # euler: an error (1e-3) far above the reference's, whose noise would otherwise steer the placement
-        self.horizon = LearnableHorizon(T0=0.5, t0=0.0, learn_T=True, learn_t0=True, budget=budget, method="euler",
-                                        reference=None if budget is None else dict(rtol=1e-10, atol=1e-10))
+        reference = dict(rtol=1e-10, atol=1e-10)
+        budget = None if budget is None else Budget(**budget, method="euler", reference=reference)
+        self.horizon = LearnableHorizon(T0=0.5, t0=0.0, learn_T=True, learn_t0=True, budget=budget)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.horizon.budget is None:
@@ -46,7 +50,7 @@ class Tiny(nn.Module):
         return self.horizon(self.field, x)[-1]
 
 
-def build(seed: int = 0, budget: int | None = None) -> Tiny:
+def build(seed: int = 0, budget: dict | None = None) -> Tiny:
     torch.manual_seed(seed)
     return Tiny(budget)
 

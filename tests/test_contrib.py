@@ -212,6 +212,18 @@ def test_torchode_bad_inputs():
     assert "func(t0, y0) is not finite" in str(info.value.__notes__)  # the horizon's diagnosis
 
 
+@pytest.mark.parametrize("name", ["final_state", "zuko", "torchode"])
+def test_an_adapter_is_refused_on_a_budget(name):
+    """A budget solves its steps with torchdiffeq and its reference with torchdiffeq's odeint or odeint_adjoint."""
+    solver = {"final_state": final_state_solver(_rk4_tuple, nt=4), "zuko": zuko_solver, "torchode": torchode_solver}
+    horizon = LearnableHorizon(budget=2)
+    for mode in (horizon.train, horizon.eval):
+        mode()
+        with pytest.raises(TypeError, match="^solver must be torchdiffeq's odeint or odeint_adjoint on a budget"):
+            horizon(TimeMLP(), torch.ones(3, 2), solver=solver[name])
+    assert horizon.budget.last_input is None  # refused before any solve
+
+
 @pytest.mark.parametrize(("backend", "solver"), [("zuko", zuko_solver), ("torchode", torchode_solver)])
 def test_missing_backend_gives_the_install_hint(backend, solver, monkeypatch):
     monkeypatch.setitem(sys.modules, backend, None)  # `import backend` now raises ImportError

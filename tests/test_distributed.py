@@ -45,7 +45,7 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(w.WORLD)]
 
 
-def reference(guard: dict | None, budget: int | None) -> dict:
+def reference(guard: dict | None, budget: dict | None) -> dict:
     """One process, the concatenated batch, rank 0's initialisation."""
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
@@ -70,7 +70,7 @@ def test_ranks_stay_bitwise_equal_and_match_one_process(ranks: list[dict], scena
     _, _, budget, guard = (scenario, *w.SCENARIOS[scenario])
     if scenario == "growth":  # grown in place, the same on every rank; each rank measured its own half
         grown = [e["budget"] for e in a["guard"]["events"]]
-        assert grown[0][0] == 1 and grown[-1][1] == int(a["state"]["horizon.n_steps"]) > 1
+        assert grown[0][0] == 1 and grown[-1][1] == int(a["state"]["horizon.budget.n_steps"]) > 1
         assert grown == [e["budget"] for e in b["guard"]["events"]]
         assert a["guard"]["errors"] != b["guard"]["errors"]
         return  # the placement was fitted on rank 0's half batch: one process on the whole batch differs

@@ -13,7 +13,7 @@ from fields import TimeMLP
 from helpers import assert_same
 from torch import nn
 
-from torch_tempopt import CoordinateDescentStepper, LearnableHorizon
+from torch_tempopt import Budget, CoordinateDescentStepper, LearnableHorizon
 from torch_tempopt.nfe import in_backward
 
 RK4 = dict(method="rk4", options=dict(step_size=0.125))
@@ -90,10 +90,14 @@ def test_a_failing_solve_gets_a_note_naming_its_cause_and_not_the_tolerance_advi
 
 
 def test_a_failing_budgeted_solve_gets_a_note() -> None:
-    horizon = LearnableHorizon(T0=0.5, budget=3)
-    with pytest.raises(RuntimeError) as info:
-        horizon(_bad_shape, torch.ones(3))
-    assert "budget=3, method='rk4'): the solve failed; func returned [(2,)]" in _notes(info)
+    horizon = LearnableHorizon(T0=0.5, budget=Budget(3, method="midpoint"))
+    for mode in (horizon.train, horizon.eval):  # the budget's steps, then the reference's adaptive solve
+        mode()
+        with pytest.raises(RuntimeError) as info:
+            horizon(_bad_shape, torch.ones(3))
+        assert _notes(info).startswith(
+            "LearnableHorizon(T=0.5, t0=0, bounds=(0.1, 0.9), budget=3): the solve failed; func returned [(2,)]"
+        )
 
 
 def test_field_failure_in_the_backward_extra_evaluation_gets_a_note() -> None:
@@ -141,13 +145,61 @@ def test_empty_state_is_refused_by_name() -> None:
         (dict(budget=2.5), TypeError, "budget"),
         (dict(budget=True), TypeError, "budget"),
         (dict(budget="4"), TypeError, "budget"),
-        (dict(method="dopri5"), ValueError, "method"),
-        (dict(budget=4, method="Euler"), ValueError, "method"),
+        (dict(budget=4.0), TypeError, "budget"),
+        (dict(budget=dict(steps=4)), TypeError, "budget"),
     ],
 )
 def test_constructor_rejects_bad_input(kwargs, exc, name):
     with pytest.raises(exc, match=rf"^{name} must"):
         LearnableHorizon(**kwargs)
+
+
+@pytest.mark.parametrize("keyword, value", [("method", "midpoint"), ("reference", dict(rtol=1e-9)), ("max_budget", 8)])
+def test_constructor_refuses_the_budget_keywords_of_0_3(keyword, value):
+    with pytest.raises(TypeError, match=keyword):  # they are Budget's now: budget=Budget(4, method=...)
+        LearnableHorizon(budget=4, **{keyword: value})
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, exc, name",
+    [
+        ((0,), {}, ValueError, "steps"),
+        ((-3,), {}, ValueError, "steps"),
+        ((2.5,), {}, TypeError, "steps"),
+        ((True,), {}, TypeError, "steps"),
+        (("4",), {}, TypeError, "steps"),
+        ((None,), {}, TypeError, "steps"),
+        ((9,), dict(max_steps=8), ValueError, "steps"),
+        ((4,), dict(method="dopri5"), ValueError, "method"),
+        ((4,), dict(method="Euler"), ValueError, "method"),
+        ((4,), dict(method=None), ValueError, "method"),
+        ((4,), dict(gradient="adjoint_"), ValueError, "gradient"),
+        ((4,), dict(gradient=None), ValueError, "gradient"),
+        ((4,), dict(max_steps=0), ValueError, "max_steps"),
+        ((4,), dict(max_steps=8.0), TypeError, "max_steps"),
+        ((4,), dict(max_steps=np.bool_(True)), TypeError, "max_steps"),
+        ((4,), dict(reference="dopri8"), TypeError, "reference"),
+        ((4,), dict(reference=dict(step_size=0.1)), TypeError, "reference"),
+        ((4,), dict(reference=dict(method="rk4")), ValueError, "reference"),
+    ],
+)
+def test_budget_rejects_bad_input(args, kwargs, exc, name):
+    with pytest.raises(exc, match=rf"^{name}('s method)? must"):
+        Budget(*args, **kwargs)
+
+
+def test_budget_settings_are_checked_on_every_write():
+    budget = Budget(4, reference=dict(method="dopri8", rtol=1e-7), max_steps=8)
+    for bad, exc in ((0, ValueError), (9, ValueError), (1.0, TypeError), (None, TypeError), (True, TypeError)):
+        with pytest.raises(exc, match="^steps must"):
+            budget.steps = bad
+    for bad, exc in (("x", TypeError), (dict(method="rk4"), ValueError), (dict(solver="odeint"), TypeError),
+                     ([("method", "dopri5")], TypeError)):
+        with pytest.raises(exc, match="^reference"):
+            budget.reference = bad
+    assert budget.steps == 4 and budget.reference == dict(method="dopri8", rtol=1e-7)  # a refused write changes nothing
+    budget.reference = None
+    assert budget.reference is None
 
 
 def test_constructor_accepts_tensor_int_and_numpy():
@@ -193,28 +245,25 @@ def test_call_rejects_non_callable_func():
 
 
 def test_budget_methods_reject_bad_input():
-    plain, budgeted = LearnableHorizon(T0=0.5), LearnableHorizon(T0=0.5, budget=2)
-    f, y0 = (lambda t, y: -y), torch.ones(2)
+    budgeted = LearnableHorizon(T0=0.5, budget=2)
+    budget = budgeted.budget
+    f, y0, t = (lambda t, y: -y), torch.ones(2), torch.tensor([0.0, 0.5])
     with pytest.raises(TypeError, match="^solver must be torchdiffeq's odeint or odeint_adjoint"):
         budgeted(f, y0, solver=lambda func, y, t, **kw: torchdiffeq.odeint(func, y, t, **kw))
-    with pytest.raises(ValueError, match="needs a budget"):
-        plain.error(f, y0)
-    with pytest.raises(ValueError, match="^fit needs a budget"):
-        plain.fit(f, y0)
-    with pytest.raises(ValueError, match="^fractions needs a budget"):
-        plain.fractions()
-    for bad, exc in ((0, ValueError), (1.0, TypeError), (None, TypeError)):
-        with pytest.raises(exc, match="^budget must"):
-            budgeted.set_budget(bad)
     with pytest.raises(ValueError, match="^steps must be at least 0"):
-        budgeted.fit(f, y0, steps=-1)
+        budget.fit(f, y0, t, steps=-1)
     with pytest.raises(TypeError, match="^lr must be a real number"):
-        budgeted.fit(f, y0, lr="fast")
-    with pytest.raises(TypeError, match="^reverse must be True or False"):
-        budgeted.error(f, y0, reverse="no")
+        budget.fit(f, y0, t, lr="fast")
+    for bad in ([0.0, 0.0], [0.0, 0.5, 1.0], [0.5], [[0.0, 0.5]]):
+        with pytest.raises(ValueError, match="^t must hold a start and an end"):
+            budget.error(f, y0, torch.tensor(bad))
     with pytest.raises(TypeError, match=r"^y0\[0\] must be a floating-point tensor"):
-        budgeted.error(f, [1, 2])
-    assert budgeted.budget == 2
+        budget.error(f, [1, 2], t)
+    with pytest.raises(TypeError, match="^func must be callable"):
+        budget.error(None, y0, t)
+    with pytest.raises(TypeError, match="^select must return a tuple"):
+        budget.error(f, y0, t, select=lambda y: y)
+    assert budget.steps == 2 and budget.placement.eq(0).all()
 
 
 # ------------------------------------------------------------------ (c) non-finite gradients: all or nothing

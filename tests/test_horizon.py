@@ -11,7 +11,7 @@ import torchdiffeq
 from fields import Linear, TimeMLP, TupleField
 from torch.func import functional_call
 
-from torch_tempopt import LearnableHorizon, count_nfe
+from torch_tempopt import Budget, LearnableHorizon, count_nfe
 
 TOL = dict(rtol=1e-11, atol=1e-11)
 ODEINT, ADJOINT = torchdiffeq.odeint, torchdiffeq.odeint_adjoint
@@ -346,7 +346,7 @@ def test_every_parameter_gets_a_gradient():
             assert p.grad is not None, name
             assert torch.isfinite(p.grad).all(), name
         assert set(dict(h.named_parameters())) == {"T", "t0"}  # a budget's placement and size are buffers
-        assert set(dict(h.named_buffers())) == ({"placement", "n_steps"} if h.budget else set())
+        assert set(dict(h.named_buffers())) == ({"budget.placement", "budget.n_steps"} if h.budget else set())
     assert not LearnableHorizon(budget=2).T.requires_grad  # on a budget T is fixed unless learn_T=True
 
 
@@ -356,10 +356,18 @@ def test_repr_bounds_and_parameters():
     assert repr(h) == "LearnableHorizon(T=0.5, t0=0, bounds=(0.1, 0.9))"
     assert isinstance(h.T, torch.nn.Parameter) and h.T.dim() == 0
     assert "t0" in dict(h.named_buffers()) and "t0" not in dict(h.named_parameters())
-    assert h.placement is None and h.budget is None
-    h2 = LearnableHorizon(T0=1.0, learn_t0=True, budget=4, method="midpoint")
+    assert h.budget is None
+    removed = ("placement", "n_steps", "set_budget", "max_budget", "fractions", "error", "fit", "reference",
+               "method", "last_input", "guarded", "T0")  # 0.3's horizon attributes, now the Budget's (T0: T_init)
+    assert [name for name in removed if hasattr(h, name)] == []
+    assert (h.T_init, h.t0_init) == (0.5, 0.0)
+    h2 = LearnableHorizon(T0=1.0, learn_t0=True, budget=Budget(4, method="midpoint"))
     assert "t0" in dict(h2.named_parameters())
-    assert "budget=4, method='midpoint'" in repr(h2)
+    assert repr(h2) == (
+        "LearnableHorizon(\n  T=1, t0=0, bounds=(0.1, 1.9)\n"
+        "  (budget): Budget(steps=4, method='midpoint', gradient='backprop')\n)"
+    )
+    assert "reference={'rtol': 1e-09}" in repr(LearnableHorizon(budget=Budget(2, reference=dict(rtol=1e-9))))
 
 
 def test_state_dict_round_trip():
@@ -367,7 +375,8 @@ def test_state_dict_round_trip():
     with torch.no_grad():
         h.T.fill_(0.3)
         h.t0.fill_(-0.05)
-        h.placement[:3] = torch.tensor([0.2, -0.1, 0.4])
+        h.budget.placement[:3] = torch.tensor([0.2, -0.1, 0.4])
+    assert set(h.state_dict()) == {"T", "t0", "budget.placement", "budget.n_steps"}
     other = LearnableHorizon(T0=0.5, learn_t0=True, budget=3)
     other.load_state_dict(h.state_dict())
     for k, v in h.state_dict().items():
@@ -379,7 +388,7 @@ def test_state_dict_round_trip():
 
 def test_half_keeps_time_in_float32():
     h = LearnableHorizon(T0=0.5123, learn_t0=True, budget=2).half()
-    assert h.T.dtype == h.t0.dtype == h.placement.dtype == torch.float32
+    assert h.T.dtype == h.t0.dtype == h.budget.placement.dtype == torch.float32
     assert h.T.item() == pytest.approx(0.5123, rel=1e-7)  # float16 would round it to 0.5122
     h.double()
     assert h.T.dtype == torch.float64
@@ -391,9 +400,11 @@ def test_half_keeps_time_in_float32():
 def test_numpy_scalars_and_bools_are_accepted():
     h = LearnableHorizon(T0=np.float32(0.5), t0=np.float64(0.0), eps=np.float32(0.125), learn_t0=np.bool_(True),
                          budget=np.int64(3))
-    assert h.T.item() == 0.5 and h.learn_t0 is True and h.budget == 3 and h.bounds == (0.125, 0.875)
-    h.set_budget(np.int32(4))
-    assert h.budget == 4
+    assert h.T.item() == 0.5 and h.learn_t0 is True and h.budget.steps == 3 and h.bounds == (0.125, 0.875)
+    h.budget.steps = np.int32(4)
+    assert h.budget.steps == 4 and type(h.budget.steps) is int
+    b = Budget(np.int64(2), max_steps=np.int32(8))
+    assert (b.steps, b.max_steps) == (2, 8)
     y = h(lambda t, y: -y, torch.ones(2), reverse=np.True_, times=np.array([0.0, 0.5, 1.0]))
     assert y.shape == (3, 2)
     assert y[-1][0].item() == pytest.approx(math.exp(0.5), rel=1e-4)  # dy/dt = -y from T = 0.5 back to t0 = 0

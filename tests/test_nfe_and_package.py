@@ -20,8 +20,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_public_surface():
-    assert set(torch_tempopt.__all__) == {"BudgetGuard", "CoordinateDescentStepper", "LearnableHorizon", "NFECounter",
-                                          "count_nfe"}
+    assert set(torch_tempopt.__all__) == {"Budget", "BudgetGuard", "CoordinateDescentStepper", "LearnableHorizon",
+                                          "NFECounter", "count_nfe"}
+    assert torch_tempopt.Budget is torch_tempopt.budget.Budget and issubclass(torch_tempopt.Budget, torch.nn.Module)
+    assert set(torch_tempopt.budget.__all__) == {"Budget", "DEFAULT_REFERENCE", "FIXED_GRID_METHODS", "GRADIENTS"}
+    assert torch_tempopt.budget.GRADIENTS == ("backprop", "checkpoint", "adjoint")
+    assert not hasattr(torch_tempopt.horizon, "FIXED_GRID_METHODS")  # 0.3's place for it: now torch_tempopt.budget
     assert {n for n in dir(torch_tempopt) if not n.startswith("_")} >= set(torch_tempopt.__all__)
     metadata = (ROOT / "setup.cfg").read_text()
     assert "version = attr: torch_tempopt.__version__" in metadata  # one place for the version

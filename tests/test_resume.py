@@ -10,8 +10,10 @@ from typing import Any
 
 import pytest
 import torch
+from torch import nn
 
 from benchmarks.harness.train import run
+from torch_tempopt import LearnableHorizon
 
 ROOT = Path(__file__).resolve().parents[1]
 # Clocks differ; and the first half of a split run ends with an evaluation that the straight run does not make.
@@ -90,7 +92,8 @@ def test_resume_on_a_budget_after_the_guard_grew_it(tmp_path: Path) -> None:
     assert [r["budget_0"] for r in whole["log"]] == [3, 3, 3, 3]
     assert whole["fractions"][0] != pytest.approx([0, 1 / 3, 2 / 3, 1], abs=1e-6)  # learned after the growth
     a, _ = compare(straight, split)
-    assert int(a["model"]["chain.0.horizon.n_steps"]) == 3 and a["model"]["chain.0.horizon.placement"].shape == (64,)
+    budget = {k.rsplit(".", 1)[-1]: v for k, v in a["model"].items() if k.startswith("chain.0.horizon.budget.")}
+    assert int(budget["n_steps"]) == 3 and budget["placement"].shape == (64,)  # the grown budget is in the checkpoint
     assert resumed["fractions"] == whole["fractions"] and resumed["T"] == whole["T"]
 
 
@@ -110,3 +113,26 @@ def test_resume_refuses_another_configuration_an_old_checkpoint_and_none(tmp_pat
         run([*args(out, 3, "--budget", "2"), "--resume"])
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         run([*args(tmp_path / "missing", 2), "--resume"])
+
+
+def test_a_0_3_state_dict_loads_into_the_budget() -> None:
+    """0.3 kept a budget's buffers on the horizon (``placement``, ``n_steps``); 0.4 keeps them on its Budget."""
+    placement = torch.zeros(64)
+    placement[:5] = torch.tensor([0.3, -0.2, 0.1, 0.4, -0.6])
+    old = {"chain.0.horizon.T": torch.tensor(0.8), "chain.0.horizon.t0": torch.tensor(0.0),
+           "chain.0.horizon.placement": placement, "chain.0.horizon.n_steps": torch.tensor(5)}
+    keys = list(old)
+    model = nn.ModuleDict({"chain": nn.ModuleList([nn.ModuleDict({"horizon": LearnableHorizon(T0=1.0, budget=2)})])})
+    model.load_state_dict(old)  # strict: every key of 0.3 has its place
+    horizon = model["chain"][0]["horizon"]
+    assert horizon.budget.steps == 5 and torch.equal(horizon.budget.placement, placement) and horizon.T.item() == 0.8
+    fractions = torch.cat([torch.zeros(1), torch.softmax(placement[:5], 0).cumsum(0)])
+    torch.testing.assert_close(horizon.budget.fractions(), fractions, rtol=0, atol=1e-15)
+    assert list(old) == keys  # the caller's dict is read, not renamed
+    assert set(model.state_dict()) == {"chain.0.horizon.T", "chain.0.horizon.t0", "chain.0.horizon.budget.placement",
+                                       "chain.0.horizon.budget.n_steps"}
+    with pytest.raises(RuntimeError, match="Unexpected key"):  # a budgeted checkpoint does not fit an adaptive horizon
+        LearnableHorizon(T0=1.0).load_state_dict({k.split(".")[-1]: v for k, v in old.items()})
+    adaptive = LearnableHorizon(T0=1.0)
+    adaptive.load_state_dict({"T": torch.tensor(0.8), "t0": torch.tensor(0.0)})  # a 0.3 checkpoint without a budget
+    assert adaptive.T.item() == 0.8 and adaptive.budget is None

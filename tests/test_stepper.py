@@ -490,12 +490,13 @@ def test_guard_names_horizons_as_the_model_does():
     model = Model()
     opt = CoordinateDescentStepper(torch.optim.Adam([nn.Parameter(torch.zeros(1))]), model)
     assert "flow.h" in repr(opt.guard) and opt.stats["horizons"][0]["name"] == "flow.h"
+    assert opt.guard.budgets == [model.flow["h"].budget] and not model.flow["h"].budget.warn_unguarded
 
 
 def test_declining_the_guard_does_not_warn():
     h, field = LearnableHorizon(T0=0.5, budget=2), TimeMLP()
     opt = CoordinateDescentStepper(torch.optim.Adam(field.parameters()), [h], guard=False)
-    assert opt.guard is None
+    assert opt.guard is None and not h.budget.warn_unguarded
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         h(field, torch.randn(4, 2))[-1].sum().backward()
