@@ -1,4 +1,4 @@
-"""Run E(n) Equivariant Normalizing Flows' DW-4/LJ-13 script (vgsatorras/en_flows), unchanged on disk, through a horizon.
+"""Run E-NF's DW-4/LJ-13 script (vgsatorras/en_flows), unchanged on disk, through a horizon.
 
 Usage::
 

@@ -1,4 +1,4 @@
-"""Run FFJORD's training scripts (rtqichen/ffjord), unchanged on disk, with a learnable end time per CNF block.
+"""Run FFJORD's scripts (rtqichen/ffjord), unchanged on disk, with a learnable end time per block.
 
 Usage::
 

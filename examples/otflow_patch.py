@@ -3,7 +3,8 @@
 Usage::
 
     python examples/otflow_patch.py --otflow PATH [--tempopt-lr 1e-2] [--tempopt-alpha 0.1]
-        [--tempopt-eps 0.1] [--tempopt-budget N] [--tempopt-off] -- trainToyOTflow.py <its arguments>
+        [--tempopt-eps 0.1] [--tempopt-budget N] [--tempopt-off]
+        -- trainToyOTflow.py <its arguments>
 
 (likewise ``trainLargeOTflow.py`` and ``trainMnistOTflow.py``; the ``evaluate*`` scripts evaluate a
 patched checkpoint at its T). ``tempopt.csv`` goes into the script's ``--save`` directory. What is

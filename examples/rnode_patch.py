@@ -1,4 +1,4 @@
-"""Run RNODE's ``train.py`` (cfinlay/ffjord-rnode), unchanged on disk, with a learnable end time per CNF block.
+"""Run RNODE's ``train.py`` (cfinlay/ffjord-rnode), unchanged on disk, with a learnable end time.
 
 Usage (``train.py`` needs a GPU and a process group)::
 

@@ -1,6 +1,6 @@
-"""Where the code lives: examples/ and benchmarks/ do not import each other, the package imports neither, the
-optional torch_tempopt.patches is imported only by its users, and each patch names the upstream commit it was
-checked against."""
+"""Where the code lives: examples/ and benchmarks/ do not import each other, the package imports
+neither, the optional torch_tempopt.patches is imported only by its users, and each patch names the
+upstream commit it was checked against."""
 
 from __future__ import annotations
 
@@ -18,14 +18,15 @@ from torch_tempopt.patches import Upstream
 
 ROOT = Path(__file__).resolve().parents[1]
 PATCHES = {"ffjord", "rnode", "otflow", "enf"}
-# An import statement, also in code that a benchmark hands to a child process as a string (or a shell heredoc).
+# An import statement, also in code that a benchmark hands to a child process as a string (or in a
+# shell heredoc).
 IMPORT_LINE = re.compile(
     r"^\s*(?:from\s+(?P<source>\w+)[\w.]*\s+import\s|import\s+(?P<module>\w+))", re.MULTILINE
 )
 
 
 def imported(path: Path) -> set[str]:
-    """The top-level modules that ``path`` imports: its import statements, and import lines in its strings."""
+    """The top-level modules ``path`` imports (import statements, or lines of its strings)."""
     text = path.read_text()
     tops = {m["source"] or m["module"] for m in IMPORT_LINE.finditer(text)}
     if path.suffix == ".py":
@@ -61,7 +62,8 @@ def test_examples_and_benchmarks_do_not_import_each_other(
 def test_the_import_check_sees_imports_in_code_and_in_strings(tmp_path: Path) -> None:
     source = tmp_path / "x.py"
     source.write_text(
-        'import os.path\nfrom benchmarks.harness import cnf\nCHILD = """\nfrom examples import a\n"""\n'
+        "import os.path\nfrom benchmarks.harness import cnf\n"
+        'CHILD = """\nfrom examples import a\n"""\n'
     )
     assert imported(source) >= {"os", "benchmarks", "examples"}
 
@@ -97,7 +99,8 @@ def test_patches_are_optional_and_import_nothing_beyond_torch_torchdiffeq_numpy(
         "assert 'torch_tempopt.patches' not in sys.modules\n"
         f"for name in {sorted(PATCHES | {'runner', 'torchvision_cpu'})}:\n"
         "    __import__('torch_tempopt.patches.' + name)\n"
-        "print(sorted({m.split('.')[0] for m in sys.modules} - before - set(sys.stdlib_module_names)))\n"
+        "new = {m.split('.')[0] for m in sys.modules} - before - set(sys.stdlib_module_names)\n"
+        "print(sorted(new))\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
@@ -120,7 +123,7 @@ def test_the_commands_run(name: str) -> None:
 
 
 def test_the_ddp_example_draws_the_benchmarks_toy_sets() -> None:
-    """examples/ddp_train.py carries its own copy of the toy sets (it imports no benchmark): the same points."""
+    """examples/ddp_train.py copies the toy sets (it imports no benchmark): the same points."""
     from benchmarks.harness.data import TOY_DATASETS, toy_sample
     from examples import ddp_train
 
