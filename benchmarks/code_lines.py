@@ -1,6 +1,6 @@
 """Counts code lines (non-blank lines that are not comments or docstrings) and the longest functions.
 
-    python benchmarks/code_lines.py torch_tempopt --exclude torch_tempopt/contrib
+    python benchmarks/code_lines.py torch_tempopt --exclude torch_tempopt/contrib torch_tempopt/patches
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ and scores every final model the same way: the NLL of 5,000 held-out points with
 The codebases: ``torchdiffeq`` (a CNF of one's own on ``odeint_adjoint``), ``zuko`` (a field on ``zuko.nn.MLP``
 solved by ``zuko.utils.odeint``, through ``torch_tempopt.contrib.zuko_solver`` once adopted; no budget: a budget
 solves with torchdiffeq) and ``ffjord`` (upstream's ``train_toy.py`` run unchanged, ``--ffjord PATH``, through
-``examples/ffjord_patch.py``; ``plain`` runs the script without the patch). One thread, one run at a time.
+``torch_tempopt.patches.ffjord``; ``plain`` runs the script without the patch). One thread, one run at a time.
 
     python benchmarks/defaults.py --ffjord .upstream/ffjord        # benchmarks/results/defaults.{json,md}
 """
@@ -133,7 +133,7 @@ if config == "plain":  # upstream's script as it is; six is not installed here, 
     sys.argv = ["train_toy.py", *args]
     runpy.run_path(checkout + "/train_toy.py", run_name="__main__")
 else:
-    from examples import ffjord_patch
+    from torch_tempopt.patches import ffjord as ffjord_patch
     flags = {{"alpha": 0.1}} if config == "paper" else {{"budget": 2}} if config == "budget2" else {{}}
     with ffjord_patch.patched(checkout, script="train_toy.py", skip_trajectory=True, **flags) as patch:
         patch.run(args)
@@ -144,7 +144,7 @@ import json, sys
 import numpy, torch
 checkout, save, test = sys.argv[1:4]
 sys.path[:0] = [checkout, {root!r}]
-from examples import ffjord_patch
+from torch_tempopt.patches import ffjord as ffjord_patch
 with ffjord_patch.patched(checkout) as patch:
     import train_misc
     from lib.layers.odefunc import ODEfunc  # noqa: F401

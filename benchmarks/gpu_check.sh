@@ -88,7 +88,7 @@ from mnist_idx import FILES, read_idx
 raw = Path(sys.argv[1]) / "MNIST" / "raw"
 shapes = {k: read_idx(raw / f).shape for k, f in FILES.items()}
 print("IDX read back:", shapes)
-from examples.ffjord_patch import patched
+from torch_tempopt.patches.ffjord import patched
 with patched(sys.argv[2], script="train_cnf.py") as session:
     print("patch OK on", session.commit, "names:", ", ".join(session.names))
 EOF

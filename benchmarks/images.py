@@ -1,6 +1,6 @@
 """Image scale on the CPU: real MNIST through upstream FFJORD's own ``train_cnf.py`` and multiscale model.
 
-Every configuration runs upstream's ``train_cnf.py`` unchanged through ``examples/ffjord_patch.py``, in a
+Every configuration runs upstream's ``train_cnf.py`` unchanged through ``torch_tempopt.patches.ffjord``, in a
 fresh process with one thread, on the same model (``--multiscale True --dims 32,32 --strides 1,1,1
 --num_blocks 1 --layer_type concat --rademacher True --batch_size 50``), data (the 4,500 real MNIST
 training images of ``benchmarks/mnist_idx.py``) and seed, for the same CPU budget. A step hook saves the
@@ -54,7 +54,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from examples.torchvision_cpu import make_grid  # noqa: E402
+from torch_tempopt.patches.torchvision_cpu import make_grid  # noqa: E402
 
 MODEL = ["--data", "mnist", "--multiscale", "True", "--dims", "32,32", "--strides", "1,1,1", "--num_blocks", "1",
          "--layer_type", "concat", "--rademacher", "True", "--batch_size", "50", "--test_batch_size", "100",
@@ -84,7 +84,7 @@ import json, sys, time
 import numpy, torch
 root, checkout, out, cpu, max_iters, marks, seed, patch_kwargs, argv, rnode = sys.argv[1:11]
 sys.path.insert(0, root)
-from examples import ffjord_patch
+from torch_tempopt.patches import ffjord as ffjord_patch
 torch.set_num_threads(1); torch.manual_seed(int(seed)); numpy.random.seed(int(seed))
 budget, max_iters, marks = float(cpu), int(max_iters), [float(m) for m in json.loads(marks)]
 saving, start = [0.0], time.process_time()
@@ -144,7 +144,7 @@ from flow_matching.path import AffineProbPath
 from flow_matching.path.scheduler import CondOTScheduler
 root, checkout, out, marks, seed, argv = sys.argv[1:7]
 sys.path.insert(0, root)
-from examples import ffjord_patch
+from torch_tempopt.patches import ffjord as ffjord_patch
 torch.set_num_threads(1); torch.manual_seed(int(seed)); numpy.random.seed(int(seed))
 marks = [float(m) for m in json.loads(marks)]  # the last mark is the CPU budget
 with ffjord_patch.patched(checkout, script="train_cnf.py", off=True) as patch:
@@ -187,7 +187,7 @@ import json, sys, time
 import numpy, torch
 root, checkout, args_json, ckpts, samples = sys.argv[1:6]
 sys.path.insert(0, root)
-from examples import ffjord_patch
+from torch_tempopt.patches import ffjord as ffjord_patch
 torch.set_num_threads(1)
 with ffjord_patch.patched(checkout, script="train_cnf.py", off=True) as patch:
     sys.argv = ["train_cnf.py", *json.loads(args_json)]

@@ -86,7 +86,7 @@ def test_ranks_stay_bitwise_equal_and_match_one_process(ranks: list[dict], scena
 
 @pytest.mark.slow
 def test_ddp_example_runs_with_torchrun(tmp_path: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}  # this tree's torch_tempopt
     if sys.platform.startswith("linux"):
         env["GLOO_SOCKET_IFNAME"] = "lo"
     cmd = [

@@ -1,5 +1,6 @@
-"""examples/enf_patch.py: E-NF's DW-4 script through the patch, when ``TEMPOPT_ENF_DIR`` names a checkout of
-vgsatorras/en_flows (skipped otherwise), and the DW-4 data writer and the name checks without one::
+"""torch_tempopt.patches.enf (examples/enf_patch.py): E-NF's DW-4 script through the patch, when
+``TEMPOPT_ENF_DIR`` names a checkout of vgsatorras/en_flows (skipped otherwise), and the DW-4 data writer
+(benchmarks/enf_dw4.py) and the name checks without one::
 
     TEMPOPT_ENF_DIR=.upstream/en_flows pytest tests/test_enf_patch.py
 
@@ -19,8 +20,9 @@ import pytest
 import torch
 from test_upstream_patches import column, finite_difference, read_csv
 
-from examples import enf_patch
-from examples._upstream_common import Patch, PatchError
+from benchmarks import enf_dw4
+from torch_tempopt.patches import Patch, PatchError
+from torch_tempopt.patches import enf as enf_patch
 
 SCRIPT = "main_dw4_lj13.py"
 TINY = ["--data", "dw4", "--model", "egnn_dynamics", "--nf", "8", "--n_layers", "1", "--n_data", "300",
@@ -29,7 +31,7 @@ TINY = ["--data", "dw4", "--model", "egnn_dynamics", "--nf", "8", "--n_layers", 
 
 # ------------------------------------------------------------------------------------------------- no checkout
 def test_write_dw4_is_the_file_enf_loads(tmp_path: Path) -> None:
-    path = enf_patch.write_dw4(tmp_path / "data", n=150, seed=3, chains=20, steps=400)
+    path = enf_dw4.write_dw4(tmp_path / "data", n=150, seed=3, chains=20, steps=400)
     assert path == tmp_path / "data" / "dw4-dataidx.npy"
     data, idx = np.load(path, allow_pickle=True)  # upstream's dataset.py, line for line
     assert isinstance(data, torch.Tensor) and data.dtype == torch.float32 and data.shape == (150, 8)
@@ -38,7 +40,14 @@ def test_write_dw4_is_the_file_enf_loads(tmp_path: Path) -> None:
     assert 1.0 < pairs[:, 0, 1:].mean() < 6.0  # DW-4's wells sit at distances 4 +- 1.5
     assert data.view(-1, 4, 2).shape == (150, 4, 2) and data[:100].clone().shape == (100, 8)  # remove_mean, [:n_data]
     with pytest.raises(FileExistsError, match="remove it first"):
-        enf_patch.write_dw4(tmp_path / "data", n=150, seed=3, chains=20, steps=400)
+        enf_dw4.write_dw4(tmp_path / "data", n=150, seed=3, chains=20, steps=400)
+    with pytest.raises(SystemExit, match="remove it first"):  # the command line, before any sampling
+        enf_dw4.main([str(tmp_path / "data"), "--samples", "150"])
+
+
+def test_the_old_data_option_names_its_new_command() -> None:
+    with pytest.raises(SystemExit, match="python -m benchmarks.enf_dw4 DIR"):
+        enf_patch.main(["--tempopt-write-dw4", "data"])
 
 
 def test_a_checkout_without_a_patched_name_is_refused(tmp_path: Path) -> None:
@@ -70,7 +79,7 @@ def copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.skip("set TEMPOPT_ENF_DIR to a checkout of vgsatorras/en_flows to run this test")
     target = tmp_path_factory.mktemp("enf") / "en_flows"
     shutil.copytree(source, target, ignore=shutil.ignore_patterns(".git", "outputs", "__pycache__", "*.png", "*.npy"))
-    enf_patch.write_dw4(target / "dw4_experiment" / "data", n=2300, seed=0, chains=100, steps=1000)
+    enf_dw4.write_dw4(target / "dw4_experiment" / "data", n=2300, seed=0, chains=100, steps=1000)
     return target
 
 

