@@ -196,8 +196,8 @@ class CNF(nn.Module):
         super().__init__()
         self.field = Field(hidden, divergence)
         self.solver_kwargs, self.adjoint = solver_kwargs, adjoint
-        reference = None if budget is None else solver_kwargs  # on a budget: what eval() solves with
-        self.horizon = LearnableHorizon(T0=T0, eps=eps, budget=budget, learn_T=True, reference=reference)
+        # on a budget, the call's solver_kwargs are the reference: what eval() solves with
+        self.horizon = LearnableHorizon(T0=T0, eps=eps, budget=budget, learn_T=True)
 
     def forward(self, x: Tensor) -> Tensor:
         """The mean negative log-likelihood of ``x`` under N(0, I) transported from t0 to T."""

@@ -107,9 +107,11 @@ def test_ffjord_budget_solves_on_n_rk4_steps_under_the_guard(tmp_path: Path) -> 
     assert [int(r["nfe_forward"]) for r in rows] == [12, 12, 12]  # 3 rk4 steps, whatever upstream's dopri5
     assert column(rows, "T")[-1] != column(rows, "T")[0]  # learn_T: TO-FLOW on a budget
     guard = patch.stepper.guard
-    assert patch.horizons[0].budget == 3 and guard.stats["errors"][0] is not None  # checked against dopri5
+    assert patch.horizons[0].budget.steps == 3 and guard.stats["errors"][0] is not None  # checked against dopri5
     assert not guard.stats["events"] and guard.stats["nfe"] > 0  # its evaluations are its own, not the rows'
-    assert patch.horizons[0].reference == {"method": "dopri5", "rtol": 1e-5, "atol": 1e-5}  # upstream's settings
+    budget = patch.horizons[0].budget  # upstream's settings are the reference the guard checked against
+    reference = budget.reference_for(budget.last_input.settings)
+    assert {k: reference[k] for k in ("method", "rtol", "atol")} == {"method": "dopri5", "rtol": 1e-5, "atol": 1e-5}
 
 
 def test_ffjord_patch_is_fully_reverted(tmp_path: Path) -> None:
@@ -434,20 +436,23 @@ def test_ffjord_budget_validation_is_scored_with_the_reference_and_checkpoints_k
         x, zero = torch.randn(6, 2), torch.zeros(6, 1)
         cnf.train()
         on_budget = cnf(x, zero)[0]
-        cnf.eval()  # upstream's validation: its test settings become the reference, solved adaptively
+        cnf.eval()  # upstream's validation: its test settings are the reference, solved adaptively
         scored = cnf(x, zero)[0]
-        assert horizon.reference == {"method": "dopri5", "rtol": 1e-9, "atol": 1e-9} and not horizon.training
+        assert horizon.budget.reference is None and not horizon.training
+        with horizon.budgeted(False), torch.no_grad():  # the same as the horizon at upstream's test settings
+            assert torch.equal(cnf(x, zero)[0], scored)
         with horizon.budgeted():
             assert torch.equal(cnf(x, zero)[0], on_budget)
         assert not torch.allclose(scored, on_budget, atol=1e-6)
         with torch.no_grad():
-            horizon.set_budget(3)
-            horizon.placement[:3] = torch.tensor([0.3, -0.2, 0.1])
+            horizon.budget.steps = 3
+            horizon.budget.placement[:3] = torch.tensor([0.3, -0.2, 0.1])
         state = cnf.state_dict()
         assert int(state["tempopt_budget"]) == 3 and "tempopt_placement" in state
         fresh = layers.CNF(odefunc, T=0.5, train_T=True, solver="dopri5", atol=1e-9, rtol=1e-9)
         fresh.load_state_dict(state)
-        assert fresh.horizon.budget == 3 and torch.equal(fresh.horizon.fractions(), horizon.fractions())
+        assert fresh.horizon.budget.steps == 3
+        assert torch.equal(fresh.horizon.budget.fractions(), horizon.budget.fractions())
         plain = {k: v for k, v in state.items() if "tempopt_" not in k}  # an unpatched run's checkpoint
         fresh.load_state_dict(plain)
         torch.set_default_dtype(torch.float32)
@@ -472,5 +477,6 @@ def test_otflow_guard_compares_x_and_l_against_dopri5(tmp_path: Path) -> None:
         patch.run(["--niters", "2", "--nt", "8", "--save", str(tmp_path)])
     guard = patch.stepper.guard
     (horizon,) = patch.horizons
-    assert horizon.reference == {"method": "dopri5", "rtol": 1e-5, "atol": 1e-5}
-    assert len(guard.stats["errors"][0]) == 2 and not guard.stats["events"] and horizon.budget == 2
+    assert horizon.budget.reference_for(horizon.budget.last_input.settings) == {"method": "dopri5", "rtol": 1e-5,
+                                                                                "atol": 1e-5}
+    assert len(guard.stats["errors"][0]) == 2 and not guard.stats["events"] and horizon.budget.steps == 2

@@ -71,8 +71,9 @@ class Budget(nn.Module):
     Whatever the call's ``solver``, a training solve on a budget is one of these three. Every
     other solve, in ``eval()`` and in the checks of :class:`~torch_tempopt.BudgetGuard`, is the
     reference: ``reference`` if given, else the call's own adaptive settings (``method``,
-    ``rtol``, ``atol``, ``options``, as they stand in the call), else, for a call on a fixed
-    grid, :data:`DEFAULT_REFERENCE`. So adopting a budget changes the training solves only.
+    ``rtol``, ``atol``, ``options``, as they stand in the call: a call that names none is solved
+    as ``odeint`` solves it, dopri5 at rtol 1e-7, atol 1e-9), else, for a call on a fixed grid,
+    :data:`DEFAULT_REFERENCE`. So adopting a budget changes the training solves only.
 
     Arguments:
         steps: The number of steps of a training solve.

@@ -54,7 +54,6 @@ import torch
 from torch import nn
 
 from torch_tempopt import LearnableHorizon
-from torch_tempopt.horizon import FIXED_GRID_METHODS
 
 from .runner import Patch, Upstream, importable
 from .runner import main as _main
@@ -137,22 +136,10 @@ def _route(patch: Patch, odeint: Callable[..., Any]) -> Callable[..., Any]:
                 file=sys.stderr,
                 flush=True,
             )
-        if horizon.budget is not None:
-            kwargs = _as_reference(horizon, kwargs)
+        # on a budget, the call's adaptive settings (training's or test's) are the reference
         return horizon(patch.count(horizon, func), y0, solver=odeint, **kwargs)
 
     return routed
-
-
-def _as_reference(horizon: LearnableHorizon, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """On a budget, the call's adaptive settings (training's or test's) become the reference."""
-    solve = {
-        k: kwargs[k] for k in ("method", "rtol", "atol", "options") if kwargs.get(k) is not None
-    }
-    # a fixed-step --method keeps dopri5 at 1e-5
-    if solve.get("method", "dopri5") not in FIXED_GRID_METHODS:
-        horizon.reference = solve
-    return {k: v for k, v in kwargs.items() if k not in ("method", "rtol", "atol", "options")}
 
 
 def _nothing(*args: Any, **kwargs: Any) -> None:

@@ -61,9 +61,6 @@ import numpy
 import torch
 from torch import nn
 
-from torch_tempopt import LearnableHorizon
-from torch_tempopt.horizon import FIXED_GRID_METHODS
-
 from .runner import Patch, Upstream, importable
 from .runner import main as _main
 
@@ -121,8 +118,8 @@ def _read_T(cnf: nn.Module, incompatible_keys: Any) -> None:
 
 
 def _save_budget(cnf: nn.Module, state: dict[str, Any], prefix: str, metadata: Any) -> None:
-    state[prefix + _BUDGET[0]] = cnf.horizon.n_steps.detach().clone()
-    state[prefix + _BUDGET[1]] = cnf.horizon.placement.detach().clone()
+    state[prefix + _BUDGET[0]] = cnf.horizon.budget.n_steps.detach().clone()
+    state[prefix + _BUDGET[1]] = cnf.horizon.budget.placement.detach().clone()
 
 
 def _load_budget(cnf: nn.Module, state: dict[str, Any], prefix: str, *args: Any) -> None:
@@ -130,8 +127,8 @@ def _load_budget(cnf: nn.Module, state: dict[str, Any], prefix: str, *args: Any)
     n, placement = (state.pop(prefix + key, None) for key in _BUDGET)
     if n is not None and placement is not None:
         with torch.no_grad():
-            cnf.horizon.placement.copy_(placement)
-            cnf.horizon.n_steps.copy_(n)
+            cnf.horizon.budget.placement.copy_(placement)
+            cnf.horizon.budget.n_steps.copy_(n)
 
 
 def _route(patch: Patch, odeint: Callable[..., Any]) -> Callable[..., Any]:
@@ -148,31 +145,13 @@ def _route(patch: Patch, odeint: Callable[..., Any]) -> Callable[..., Any]:
                 **kwargs,
             }
         # outside the module tree: it follows its block's mode
+        # on a budget, upstream's adaptive settings (in eval its test's) are the reference
         horizon = cnf.horizon.train(cnf.training)
-        if horizon.budget is not None:
-            kwargs = _as_reference(horizon, kwargs)
         return horizon(
             patch.count(horizon, func), y0, solver=odeint, reverse=bool(t[0] > t[-1]), **kwargs
         )
 
     return routed
-
-
-def _as_reference(horizon: LearnableHorizon, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """On a budget, upstream's adaptive settings (in eval its test's) become the reference."""
-    solve = {
-        k: kwargs[k] for k in ("method", "rtol", "atol", "options") if kwargs.get(k) is not None
-    }
-    # a fixed-step call (RNODE's rk4 recipe) keeps dopri5
-    if solve.get("method") not in FIXED_GRID_METHODS:
-        horizon.reference = {
-            k: v[0] if isinstance(v, (list, tuple)) else v for k, v in solve.items()
-        }
-    return {
-        k: v
-        for k, v in kwargs.items()
-        if k not in solve and k not in ("method", "rtol", "atol", "options")
-    }
 
 
 def _spans(t: torch.Tensor, cnf: nn.Module) -> bool:

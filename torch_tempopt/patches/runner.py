@@ -43,7 +43,14 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from torch_tempopt import BudgetGuard, CoordinateDescentStepper, LearnableHorizon, NFECounter
+from torch_tempopt import (
+    Budget,
+    BudgetGuard,
+    CoordinateDescentStepper,
+    LearnableHorizon,
+    NFECounter,
+)
+from torch_tempopt.budget import GRADIENTS
 
 __all__ = ["CSV_COLUMNS", "Patch", "PatchError", "Upstream", "importable", "main"]
 
@@ -95,9 +102,12 @@ class Patch:
         alpha: The weight of the temporal regulariser.
         eps: The clip margin: T stays in ``[eps, 2 T0 - eps]``.
         budget: Solve each block on this many rk4 steps in training (``LearnableHorizon(...,
-            budget=N)``); upstream's adaptive solver settings become its reference (else dopri5
-            at 1e-5), which scores the model in ``eval()`` and which the stepper's guard checks
-            the steps against.
+            budget=Budget(N, gradient=gradient))``); upstream's adaptive solver settings are its
+            reference (else dopri5 at 1e-5), which scores the model in ``eval()`` and which the
+            stepper's guard checks the steps against.
+        gradient: How a budget's steps are differentiated: ``"backprop"`` through the steps
+            (whatever solver upstream calls), ``"checkpoint"`` (each step recomputed in backward),
+            or ``"adjoint"`` (upstream's ``odeint_adjoint`` on the same steps, 0.3's way).
         off: The baseline: the same patch with T fixed at T0.
         learn_T: Learn T on a budget too (without a budget T is learned unless ``off``).
         flags: The upstream's own switches (:attr:`Upstream.flags`).
@@ -123,6 +133,7 @@ class Patch:
         alpha: float = 0.0,
         eps: float = 0.1,
         budget: int | None = None,
+        gradient: str = "backprop",
         off: bool = False,
         learn_T: bool = False,
         **flags: bool,
@@ -145,6 +156,7 @@ class Patch:
             off,
             learn_T,
         )
+        self.gradient = gradient
         self.iterations = 0
         self.names: list[str] = []
         self.horizons: list[LearnableHorizon] = []
@@ -239,7 +251,8 @@ class Patch:
         """A new horizon for the upstream block ``owner`` whose end time is ``T0``."""
         try:
             learn = False if self.off else (True if self.learn_T else None)
-            horizon = LearnableHorizon(T0, eps=self.eps, budget=self.budget, learn_T=learn)
+            budget = None if self.budget is None else Budget(self.budget, gradient=self.gradient)
+            horizon = LearnableHorizon(T0, eps=self.eps, budget=budget, learn_T=learn)
         except (TypeError, ValueError) as e:
             raise PatchError(
                 f"block {len(self.horizons)} (T0={T0:.6g}) does not fit the --tempopt-* "
@@ -526,6 +539,13 @@ def _parser(upstream: Upstream, prog: str) -> argparse.ArgumentParser:
         metavar="N",
         help="train each block on N rk4 steps, guarded; upstream's adaptive settings are "
         "the reference that scores the model in eval() (else dopri5 at 1e-5)",
+    )
+    parser.add_argument(
+        "--tempopt-gradient",
+        choices=GRADIENTS,
+        default="backprop",
+        help="on a budget: backprop through the steps (default), checkpoint (each step "
+        "recomputed in backward: less memory), or adjoint (upstream's odeint_adjoint on the steps)",
     )
     parser.add_argument(
         "--tempopt-off",
