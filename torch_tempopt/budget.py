@@ -85,8 +85,8 @@ class Budget(nn.Module):
     Attributes:
         placement: ``max_steps`` logits of the step lengths, the first :attr:`steps` in use (a
             buffer: uniform at 0).
-        last_input: The last training call with gradients as a :class:`Batch` (``y0`` detached),
-            which :class:`~torch_tempopt.BudgetGuard` checks; ``None`` before one.
+        last_input: The last training call with gradients, ``Batch(func, y0, t, settings)``
+            (``y0`` detached), which :class:`~torch_tempopt.BudgetGuard` checks; ``None`` before.
         warn_unguarded: Whether training on this budget warns once that no guard checks it;
             cleared by a :class:`~torch_tempopt.BudgetGuard` over it, or by
             ``CoordinateDescentStepper(..., guard=False)``.
