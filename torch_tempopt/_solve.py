@@ -9,7 +9,6 @@ import torch
 import torchdiffeq
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
-from torch.utils.checkpoint import checkpoint
 
 from ._checks import check_state, flag
 
@@ -185,15 +184,56 @@ def adaptive(c: Call, s: Tensor, ends: Ends, solver: Solver, kw: dict) -> Parts:
     return _assemble(c, _solve(solver, c, y, torch.stack(grid).detach(), kw), grid)
 
 
-def _stepwise(c: Call, grid: Sequence[Tensor], kw: dict) -> Parts:
+class _Step(torch.autograd.Function):
+    """One fixed-grid step from ``y`` at ``a`` to ``b``, recomputed in the backward pass (``*phi``: the
+    field's parameters), so that only the states between steps are kept.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, c: Call, method: str, a: Tensor, b: Tensor, *args: Tensor) -> Parts:
+        ctx.c, ctx.method = c, method
+        ctx.save_for_backward(a, b, *args)
+        return _step(c, method, a, b, args[: len(c.parts)])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Any, ...]:
+        a, b, *args = ctx.saved_tensors
+        n = len(ctx.c.parts)
+        with torch.enable_grad():
+            ins = [x.detach().requires_grad_(True) for x in (a, b, *args[:n])]
+            out = _step(ctx.c, ctx.method, ins[0], ins[1], ins[2:])
+            pairs = [(o, g) for o, g in zip(out, grads) if o.requires_grad]
+            got = torch.autograd.grad(
+                [o for o, _ in pairs], [*ins, *args[n:]], [g for _, g in pairs], allow_unused=True
+            )
+        return (
+            None,
+            None,
+            *[g if need else None for g, need in zip(got, ctx.needs_input_grad[2:])],
+        )
+
+
+def _step(c: Call, method: str, a: Tensor, b: Tensor, y: Sequence[Tensor]) -> Parts:
+    return tuple(
+        q[-1] for q in _solve(torchdiffeq.odeint, c, y, torch.stack([a, b]), {"method": method})
+    )
+
+
+def _stepwise(c: Call, grid: Sequence[Tensor], method: str, kw: dict) -> Parts:
     """``odeint`` on ``grid`` one step at a time, each step recomputed in the backward pass."""
-
-    def step(a: Tensor, b: Tensor, *y: Tensor) -> Parts:
-        return tuple(q[-1] for q in _solve(torchdiffeq.odeint, c, y, torch.stack([a, b]), kw))
-
+    if isinstance(c.func, nn.Module):
+        phi = tuple(p for p in c.func.parameters() if p.requires_grad)
+    elif "adjoint_params" in kw:
+        phi = tuple(kw["adjoint_params"])
+    else:
+        raise TypeError(
+            "gradient='checkpoint' needs func to be an nn.Module, or the call's adjoint_params= "
+            "to name the parameters it uses."
+        )
     rows = [c.parts]
     for a, b in zip(grid[:-1], grid[1:]):
-        rows.append(checkpoint(step, a, b, *rows[-1], use_reentrant=False))
+        rows.append(_Step.apply(c, method, a, b, *rows[-1], *phi))
     return tuple(torch.stack([r[k] for r in rows]) for k in range(len(c.parts)))
 
 
@@ -220,7 +260,7 @@ def on_grid(
         sol = _solve(torchdiffeq.odeint_adjoint, c, y, t, {"method": method, **adjoint})
         return _assemble(c, tuple(q[idx] for q in sol), [grid[i] for i in idx.tolist()])
     if gradient == "checkpoint":
-        sol = _stepwise(c, grid, {"method": method})
+        sol = _stepwise(c, grid, method, kw)
     else:
         sol = _solve(torchdiffeq.odeint, c, c.parts, torch.stack(grid), {"method": method})
     return tuple(torch.cat([p[None], q[idx[1:]]]) for p, q in zip(c.parts, sol))

@@ -213,7 +213,9 @@ class LearnableHorizon(nn.Module):
             return adaptive(c, s, ends, solver, kwargs)
         if self.training if self._use_budget is None else self._use_budget:
             return self.budget.solve(c, s, ends, kwargs)
+        odeint = solver is torchdiffeq.odeint  # which takes no adjoint_* settings
         other = {k: v for k, v in kwargs.items() if k not in SOLVE_KEYS}
+        other = {k: v for k, v in other.items() if not (odeint and k.startswith("adjoint_"))}
         return adaptive(c, s, ends, solver, {**other, **self.budget.reference_for(kwargs)})
 
     def _call(self, func: Any, y0: Any, reverse: Any, solver: Any, kwargs: dict) -> Call:
