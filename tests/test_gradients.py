@@ -220,3 +220,12 @@ def test_checkpoint_needs_the_parameters_of_a_plain_function():
     h(lambda t, y: net(y), torch.randn(4, 2), adjoint_params=tuple(net.parameters()))[-1].sum().backward()
     assert net.weight.grad is not None
     h.eval()(lambda t, y: net(y), torch.randn(4, 2), adjoint_params=tuple(net.parameters()))  # odeint: dropped
+
+
+def test_a_budgets_gradient_is_checked_on_every_write():
+    budget = Budget(2)
+    with pytest.raises(ValueError, match="^gradient must be one of"):
+        budget.gradient = "adjont"
+    assert budget.gradient == "backprop"
+    budget.gradient = "checkpoint"
+    assert budget.gradient == "checkpoint"

@@ -121,13 +121,22 @@ class Budget(nn.Module):
             raise ValueError(
                 f"method must be one of {sorted(FIXED_GRID_METHODS)}, got {method!r}."
             )
-        if gradient not in GRADIENTS:
-            raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}.")
         self.register_buffer("placement", torch.zeros(capacity))
         self.register_buffer("n_steps", torch.tensor(n))
         self.method, self.gradient, self.reference = method, gradient, reference
         self.last_input: Batch | None = None
         self.warn_unguarded, self._warned = True, False
+
+    @property
+    def gradient(self) -> str:
+        """How a training solve is differentiated: ``"backprop"``, ``"checkpoint"`` or ``"adjoint"``."""
+        return self._gradient
+
+    @gradient.setter
+    def gradient(self, value: str) -> None:
+        if value not in GRADIENTS:
+            raise ValueError(f"gradient must be one of {GRADIENTS}, got {value!r}.")
+        self._gradient = value
 
     @property
     def reference(self) -> dict[str, Any] | None:
