@@ -1,9 +1,11 @@
 # make test: ruff, the docs site (mkdocs build --strict), the sdist and the wheel (python -m build, then
 #            twine check --strict), then pytest, which also runs the docs' ```python blocks (tests/test_docs.py)
 #            and a part of the suite from the unpacked sdist (tests/test_packaging.py).
-# make demo: FFJORD vs TO-FLOW on a toy set, on the CPU, in a few minutes.
-# Both work on a fresh clone with only Python (>= 3.11, which the docs tools need): a virtual environment is
-# created in .venv unless one is active, and the project is installed with its dev extra and constraints-cpu.txt.
+# make demo: FFJORD against a 4-step budget and TO-FLOW on it, on a toy set, on the CPU, in a few minutes.
+# Both work on a fresh clone with only Python: a virtual environment is created in .venv unless one is active.
+# `make test` installs the project with its dev extra and constraints-cpu.txt (Python >= 3.11, which the docs tools
+# need); `make demo` installs only what the demo needs, the project with its examples extra (matplotlib, tqdm,
+# scikit-learn) and the same constraints, so it leaves an active environment's other packages alone.
 #
 # Which torch: constraints-cpu.txt pins torch==2.13.0, and a version pin does not choose the CPU build. Where pip
 # already sees a CPU build of that version (installed, or a wheel in a local directory or index pip is configured
@@ -29,7 +31,7 @@ endif
 
 PIP_INDEX := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 
-.PHONY: install test lint docs package demo bench clean
+.PHONY: install install-examples test lint docs package demo bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -54,7 +56,11 @@ package: install
 test: install lint docs package
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
-demo: install
+# What the demo needs: the project and its examples extra, not the dev tools.
+install-examples: $(PY)
+	$(PY) -m pip install --quiet $(PIP_INDEX) -c $(CONSTRAINTS) -e ".[examples]"
+
+demo: install-examples
 	OMP_NUM_THREADS=1 $(PY) -m benchmarks.demo --out $(DEMO_OUT)
 
 bench: install
