@@ -229,3 +229,13 @@ def test_a_budgets_gradient_is_checked_on_every_write():
     assert budget.gradient == "backprop"
     budget.gradient = "checkpoint"
     assert budget.gradient == "checkpoint"
+
+
+def test_fitting_the_placement_of_a_memory_bound_budget_gives_the_backprop_fit():
+    placements = []
+    for gradient in ("backprop", "checkpoint", "adjoint"):
+        func, y0, h = _problem(True, 3, gradient, seed=9)
+        h.budget.fit(func, y0, torch.tensor([0.2, 0.9]), steps=3, method="dopri5", rtol=1e-9, atol=1e-9)
+        placements.append(h.budget.placement[:3].clone())
+    for p in placements[1:]:
+        torch.testing.assert_close(p, placements[0], rtol=1e-10, atol=1e-12)

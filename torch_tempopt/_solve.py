@@ -222,10 +222,10 @@ def _step(c: Call, method: str, a: Tensor, b: Tensor, y: Sequence[Tensor]) -> Pa
 
 def _stepwise(c: Call, grid: Sequence[Tensor], method: str, kw: dict) -> Parts:
     """``odeint`` on ``grid`` one step at a time, each step recomputed in the backward pass."""
-    if isinstance(c.func, nn.Module):
-        phi = tuple(p for p in c.func.parameters() if p.requires_grad)
-    elif "adjoint_params" in kw:
+    if "adjoint_params" in kw:
         phi = tuple(kw["adjoint_params"])
+    elif isinstance(c.func, nn.Module):
+        phi = tuple(p for p in c.func.parameters() if p.requires_grad)
     else:
         raise TypeError(
             "gradient='checkpoint' needs func to be an nn.Module, or the call's adjoint_params= "

@@ -285,8 +285,10 @@ class Budget(nn.Module):
     def _error(
         self, c: Call, ends: Ends, pick: Select, ref: Sequence[Tensor], logits: Tensor
     ) -> Tensor:
-        u = self.fractions(logits).to(ends[0])
-        out = on_grid(c, ends[0].new_tensor([0.0, 1.0]), ends, u, self.method, "backprop", {})
+        u, s = self.fractions(logits).to(ends[0]), ends[0].new_tensor([0.0, 1.0])
+        # differentiated in the steps' times only; a budget that bounds memory bounds its fit's too
+        bound = "backprop" if self.gradient == "backprop" else "checkpoint"
+        out = on_grid(c, s, ends, u, self.method, bound, {"adjoint_params": ()})
         return _per_dimension(pick(c.pack([q[-1] for q in out])), ref).to(ends[0].dtype)
 
     # ------------------------------------------------------------------ module plumbing
