@@ -1,28 +1,34 @@
-"""The pages read where users read them: the ```python blocks of README.md and docs/**/*.md run (one test per
-Markdown file), the generated results tables are the results files, and the README stays short.
+"""The pages read where users read them: the ```python blocks of README.md and docs/**/*.md run
+(one test per Markdown file), the generated results tables are the results files, and the README
+stays short.
 
 The convention for doc authors:
 
-* Every block fenced as ```python runs; blocks fenced otherwise (```bash, ```text, ```diff, ```console, ...)
-  do not. Fences may be indented (inside a list item) and may carry attributes (```python title="x.py").
-* Each block runs as a script of its own, as a reader who copies it would run it: the blocks of one file run in
-  order in one fresh interpreter, each in a fresh namespace, in an empty temporary directory, with only
-  ``torch_tempopt`` (this checkout's) importable from the repository (``import examples`` or ``import
-  benchmarks`` fails, as for a user who installed the package), torch's default dtype float32 as for a user,
-  and a warning an error, as in the rest of the suite. A traceback names the Markdown file and line.
-* A block whose first lines (its leading comments) include ``# continues the block above`` runs in the namespace
-  of the blocks before it instead, and says so to the reader. A file's first block cannot continue anything.
-* A block whose first line is ``# requires: zuko, cuda, env:FFJORD_DIR`` runs only when each requirement is met:
-  a module that imports (``zuko``), ``cuda`` (``torch.cuda.is_available()``), or ``env:NAME`` (the environment
-  variable NAME is set, e.g. the path of an upstream checkout). The file's other blocks still run, then the test
-  reports the skipped blocks as a skip. A block that builds on a block with requirements repeats its line.
-* A block whose first code line starts with ``>>>`` is a doctest: the output lines it shows are checked
-  (ELLIPSIS and NORMALIZE_WHITESPACE).
+* Every block fenced as ```python runs; blocks fenced otherwise (```bash, ```text, ```diff,
+  ```console, ...) do not. Fences may be indented (inside a list item) and may carry attributes
+  (```python title="x.py").
+* Each block runs as a script of its own, as a reader who copies it would run it: the blocks of
+  one file run in order in one fresh interpreter, each in a fresh namespace, in an empty temporary
+  directory, with only ``torch_tempopt`` (this checkout's) importable from the repository
+  (``import examples`` or ``import benchmarks`` fails, as for a user who installed the package),
+  torch's default dtype float32 as for a user, and a warning an error, as in the rest of the
+  suite. A traceback names the Markdown file and line.
+* A block whose leading comment lines include ``# continues the block above`` runs in the
+  namespace of the blocks before it instead, and says so to the reader. A file's first block
+  cannot continue anything.
+* A block whose first line is ``# requires: zuko, cuda, env:FFJORD_DIR`` runs only when each
+  requirement is met: a module that imports (``zuko``), ``cuda`` (``torch.cuda.is_available()``),
+  or ``env:NAME`` (the environment variable NAME is set, e.g. the path of an upstream checkout).
+  The file's other blocks still run, then the test reports the skipped blocks as a skip. A block
+  that continues a block with requirements repeats its line.
+* A block whose first code line starts with ``>>>`` is a doctest: the output lines it shows are
+  checked (ELLIPSIS and NORMALIZE_WHITESPACE).
 * A file's blocks get ``DOC_TIMEOUT`` seconds in all: a recipe is an example, not a training run.
 
-A results table between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->`` is ``benchmarks/results/NAME.md``
-verbatim (``python benchmarks/update_readme.py`` refills README.md's); pages include no files (``--8<--``), which
-GitHub would show as raw lines. README.md holds at most ``README_WORDS`` words of prose.
+A results table between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->`` is
+``benchmarks/results/NAME.md`` verbatim (``python benchmarks/update_readme.py`` refills
+README.md's); pages include no files (``--8<--``), which GitHub would show as raw lines. README.md
+holds at most ``README_WORDS`` words of prose.
 """
 
 from __future__ import annotations
@@ -43,7 +49,9 @@ README_WORDS = 1200
 FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})[ \t]*\{?[ \t]*\.?(?P<lang>[\w+-]*)")
 REQUIRES = re.compile(r"^#\s*requires:(?P<items>.*)$")
 CONTINUES = "# continues the block above"
-RESULTS = re.compile(r"<!-- results:(?P<name>[\w.+-]+) -->\n(?P<body>.*?)<!-- /results:(?P=name) -->", re.S)
+RESULTS = re.compile(
+    r"<!-- results:(?P<name>[\w.+-]+) -->\n(?P<body>.*?)<!-- /results:(?P=name) -->", re.S
+)
 
 # Runs in the child interpreter: argv = [report path]; stdin = the blocks as JSON.
 RUNNER = r"""
@@ -83,14 +91,15 @@ for block in json.load(sys.stdin):
         if runner.run(test, clear_globs=False).failed:
             sys.exit(f"{block['path']}:{block['line']}: the doctest above failed")
     else:
-        exec(compile("\n" * (block["line"] - 1) + block["source"], block["path"], "exec"), namespace)
+        source = "\n" * (block["line"] - 1) + block["source"]
+        exec(compile(source, block["path"], "exec"), namespace)
 with open(sys.argv[1], "w") as report:
     json.dump(skipped, report)
 """
 
 
 def python_blocks(text: str, path: str) -> list[dict]:
-    """The ```python blocks of a Markdown text: source (dedented), first line number, requirements, doctest."""
+    """The ```python blocks of a Markdown text: source, first line, requirements, kind."""
     blocks, lines, i = [], text.splitlines(), 0
     while i < len(lines):
         opening = FENCE.match(lines[i])
@@ -99,9 +108,14 @@ def python_blocks(text: str, path: str) -> list[dict]:
             continue
         indent, fence = len(opening["indent"]), opening["fence"]
         start = i
-        while i < len(lines) and not re.match(rf"^[ \t]*{re.escape(fence[0])}{{{len(fence)},}}[ \t]*$", lines[i]):
+        while i < len(lines) and not re.match(
+            rf"^[ \t]*{re.escape(fence[0])}{{{len(fence)},}}[ \t]*$", lines[i]
+        ):
             i += 1
-        body = [line[indent:] if line[:indent].strip() == "" else line.lstrip() for line in lines[start:i]]
+        body = [
+            line[indent:] if line[:indent].strip() == "" else line.lstrip()
+            for line in lines[start:i]
+        ]
         i += 1
         if opening["lang"] == "python":
             blocks.append(_block(body, start + 1, path))
@@ -110,29 +124,50 @@ def python_blocks(text: str, path: str) -> list[dict]:
 
 def _block(body: list[str], line: int, path: str) -> dict:
     requires = REQUIRES.match(body[0].strip()) if body else None
-    items = [item.strip() for item in requires["items"].split(",") if item.strip()] if requires else []
+    items = (
+        [item.strip() for item in requires["items"].split(",") if item.strip()] if requires else []
+    )
     code = [b for b in body if b.strip() and not b.lstrip().startswith("#")]
     leading = [b.strip() for b in body[: body.index(code[0]) if code else len(body)]]
     doctest = bool(code) and code[0].lstrip().startswith(">>>")
-    return {"source": "\n".join(body) + "\n", "line": line, "path": path, "requires": items, "doctest": doctest,
-            "continues": CONTINUES in leading}
+    return {
+        "source": "\n".join(body) + "\n",
+        "line": line,
+        "path": path,
+        "requires": items,
+        "doctest": doctest,
+        "continues": CONTINUES in leading,
+    }
 
 
-def run_blocks(blocks: list[dict], tmp_path: Path) -> tuple[subprocess.CompletedProcess, list[str]]:
-    """Runs the blocks in a fresh interpreter in an empty folder; returns the process and the skipped blocks."""
+def run_blocks(
+    blocks: list[dict], tmp_path: Path
+) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """Runs the blocks in a fresh interpreter in an empty folder; returns it and the skips."""
     cwd = Path(tempfile.mkdtemp(dir=tmp_path))
     report = cwd.with_suffix(".skipped.json")
-    package = Path(tempfile.mkdtemp(dir=tmp_path))  # this checkout's torch_tempopt, and nothing else of it
+    package = Path(
+        tempfile.mkdtemp(dir=tmp_path)
+    )  # this checkout's torch_tempopt, and nothing else of it
     (package / "torch_tempopt").symlink_to(ROOT / "torch_tempopt", target_is_directory=True)
     pythonpath = os.pathsep.join(p for p in (str(package), os.environ.get("PYTHONPATH", "")) if p)
     env = dict(os.environ, PYTHONPATH=pythonpath, MPLBACKEND="Agg", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-W", "error", "-c", RUNNER, str(report)]
     try:
-        result = subprocess.run(cmd, input=json.dumps(blocks), capture_output=True, text=True, cwd=cwd,
-                                env=env, timeout=DOC_TIMEOUT)
+        result = subprocess.run(
+            cmd,
+            input=json.dumps(blocks),
+            capture_output=True,
+            text=True,
+            cwd=cwd,
+            env=env,
+            timeout=DOC_TIMEOUT,
+        )
     except subprocess.TimeoutExpired:
         path = blocks[0]["path"]
-        pytest.fail(f"the python blocks of {path} ran past DOC_TIMEOUT={DOC_TIMEOUT} s; shorten the recipe")
+        pytest.fail(
+            f"the python blocks of {path} ran past DOC_TIMEOUT={DOC_TIMEOUT} s; shorten the recipe"
+        )
     skipped = json.loads(report.read_text()) if result.returncode == 0 else []
     return result, skipped
 
@@ -145,7 +180,9 @@ def _doc_files() -> list[Path]:
 @pytest.mark.parametrize("path", _doc_files(), ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_python_blocks_run(path: Path, tmp_path: Path):
     blocks = python_blocks(path.read_text(encoding="utf-8"), str(path))
-    assert not blocks[0]["continues"], f"{path}:{blocks[0]['line']}: the first block has no block above"
+    assert not blocks[0]["continues"], (
+        f"{path}:{blocks[0]['line']}: the first block has no block above"
+    )
     result, skipped = run_blocks(blocks, tmp_path)
     assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
     if skipped:
@@ -211,14 +248,20 @@ def test_blocks_are_found_with_their_lines_requirements_and_kind():
         (29, [], False, True),
         (34, [], False, False),
     ]
-    assert blocks[0]["source"] == "x = 2\n" and blocks[1]["source"] == "# continues the block above\n>>> x + 1\n3\n"
+    assert (
+        blocks[0]["source"] == "x = 2\n"
+        and blocks[1]["source"] == "# continues the block above\n>>> x + 1\n3\n"
+    )
 
 
 def test_each_block_is_a_script_unless_it_continues_and_unmet_requirements_skip(tmp_path: Path):
     result, skipped = run_blocks(python_blocks(MARKDOWN, "page.md"), tmp_path)
     assert result.returncode == 0, result.stderr
-    assert skipped == ["page.md:24: no_such_module_xyz does not import (ModuleNotFoundError: No module named "
-                       "'no_such_module_xyz')", "page.md:29: it continues a block that did not run"]
+    assert skipped == [
+        "page.md:24: no_such_module_xyz does not import (ModuleNotFoundError: No module named "
+        "'no_such_module_xyz')",
+        "page.md:29: it continues a block that did not run",
+    ]
 
 
 def test_a_failure_names_the_markdown_line(tmp_path: Path):
@@ -227,17 +270,22 @@ def test_a_failure_names_the_markdown_line(tmp_path: Path):
     result, _ = run_blocks(python_blocks(page.read_text(), str(page)), tmp_path)
     assert result.returncode != 0
     assert f'File "{page}", line 5' in result.stderr and "ZeroDivisionError" in result.stderr
-    page.write_text("```python\nx = 1\n```\n\n```python\n# continues the block above\n>>> x\n2\n```\n")
+    page.write_text(
+        "```python\nx = 1\n```\n\n```python\n# continues the block above\n>>> x\n2\n```\n"
+    )
     result, _ = run_blocks(python_blocks(page.read_text(), str(page)), tmp_path)
     assert result.returncode != 0 and f"{page}:6: the doctest above failed" in result.stderr
     page.write_text("```python\nx = 1\n```\n\n```python\nprint(x)\n```\n")
     result, _ = run_blocks(python_blocks(page.read_text(), str(page)), tmp_path)
-    assert result.returncode != 0 and "NameError" in result.stderr  # no marker: a script of its own
+    assert (
+        result.returncode != 0 and "NameError" in result.stderr
+    )  # no marker: a script of its own
 
 
 def prose_words(markdown: str) -> int:
-    """Words of prose: outside fenced blocks, generated results tables and HTML comments; a link counts its text,
-    not its address. A word is a whitespace-separated token with a letter or a digit in it."""
+    """Words of prose: outside fenced blocks, generated results tables and HTML comments; a link
+    counts its text, not its address. A word is a whitespace-separated token with a letter or a
+    digit in it."""
     text = re.sub(r"(?ms)^[ \t]*(`{3,}|~{3,}).*?^[ \t]*\1[ \t]*$", "", markdown)
     text = RESULTS.sub("", text)
     text = re.sub(r"(?s)<!--.*?-->", "", text)
@@ -248,14 +296,17 @@ def prose_words(markdown: str) -> int:
 def test_prose_words_leave_out_code_results_comments_and_addresses():
     markdown = (
         "Two words.\n\n```bash\nmake demo and more\n```\n<!-- a comment -->\n"
-        "<!-- results:x -->\n| a | b |\n<!-- /results:x -->\n[a link](https://example.com/long/address) - x\n"
+        "<!-- results:x -->\n| a | b |\n<!-- /results:x -->\n"
+        "[a link](https://example.com/long/address) - x\n"
     )
     assert prose_words(markdown) == 5
 
 
 def test_readme_prose_is_short():
     words = prose_words((ROOT / "README.md").read_text(encoding="utf-8"))
-    assert words <= README_WORDS, f"README.md has {words} words of prose (at most {README_WORDS}): move to docs/"
+    assert words <= README_WORDS, (
+        f"README.md has {words} words of prose (at most {README_WORDS}): move to docs/"
+    )
 
 
 def _pages() -> list[Path]:
@@ -267,14 +318,25 @@ def test_results_tables_are_the_results_files():
     for page in _pages():
         for m in RESULTS.finditer(page.read_text(encoding="utf-8")):
             source = ROOT / "benchmarks" / "results" / f"{m['name']}.md"
-            if not source.exists() or m["body"].strip() != source.read_text(encoding="utf-8").strip():
-                stale.append(f"{page.relative_to(ROOT)}: results:{m['name']} is not {source.relative_to(ROOT)}")
+            if (
+                not source.exists()
+                or m["body"].strip() != source.read_text(encoding="utf-8").strip()
+            ):
+                stale.append(
+                    f"{page.relative_to(ROOT)}: results:{m['name']} differs from "
+                    f"{source.relative_to(ROOT)}"
+                )
     assert not stale, "copy each results file between its markers:\n" + "\n".join(stale)
 
 
 def test_pages_include_no_files():
-    lines = [f"{page.relative_to(ROOT)}:{i}" for page in _pages()
-             for i, line in enumerate(page.read_text(encoding="utf-8").splitlines(), 1)
-             if re.match(r"^[ \t]*-{1,}8<-{1,}", line)]
-    assert not lines, "GitHub shows an include as a raw line; put the file's text between results markers:\n" + \
-        "\n".join(lines)
+    lines = [
+        f"{page.relative_to(ROOT)}:{i}"
+        for page in _pages()
+        for i, line in enumerate(page.read_text(encoding="utf-8").splitlines(), 1)
+        if re.match(r"^[ \t]*-{1,}8<-{1,}", line)
+    ]
+    assert not lines, (
+        "GitHub shows an include as a raw line; put the file's text between results markers:\n"
+        + "\n".join(lines)
+    )
