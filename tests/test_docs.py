@@ -26,9 +26,9 @@ The convention for doc authors:
 * A file's blocks get ``DOC_TIMEOUT`` seconds in all: a recipe is an example, not a training run.
 
 A results table between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->`` is
-``benchmarks/results/NAME.md`` verbatim (``python benchmarks/update_readme.py`` refills
-README.md's); pages include no files (``--8<--``), which GitHub would show as raw lines. README.md
-holds at most ``README_WORDS`` words of prose.
+``benchmarks/results/NAME.md`` verbatim (``benchmarks/update_readme.py`` refills the tables);
+pages include no files (``--8<--``), which GitHub would show as raw lines. README.md holds at most
+``README_WORDS`` words of prose.
 """
 
 from __future__ import annotations
