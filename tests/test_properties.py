@@ -125,7 +125,7 @@ def test_horizon_call(y0: Any, reverse: Any, times: Any, budget: Any, learn_t0: 
 
     try:
         solve = {} if budget else dict(method="rk4", options=dict(step_size=0.25))
-        if h.budget is not None and h.budget.gradient == "adjoint":  # a plain function has no parameters to name
+        if h.budget is not None and h.budget.gradient != "backprop":  # a plain function has no parameters to name
             solve = dict(solver=torchdiffeq.odeint_adjoint, adjoint_params=())
         out = h(field, y0, reverse=reverse, times=times, **solve)
     except (ValueError, TypeError) as error:
