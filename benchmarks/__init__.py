@@ -1,1 +1,3 @@
-"""The benchmarks and their harness (``benchmarks.harness``); not part of the library's import path."""
+"""The benchmarks, each a module run as ``python -m benchmarks.NAME``; not part of the library."""
+
+__all__: list[str] = []

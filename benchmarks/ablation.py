@@ -1,19 +1,17 @@
-"""Ablations of the temporal regulariser alpha and the clip margin eps (the paper's Figures 6-9, on toy data).
+"""Ablations of TO-FLOW's regulariser alpha and clip margin eps (the paper's Figures 6-9).
 
 Trains TO-FLOW on one toy set for every alpha in ``--alphas`` (at the default eps) and every eps
 in ``--epss`` (at the default alpha), same seed and data, one run at a time with 1 thread, and
 writes ``<name>.json``, ``<name>.md`` (final test NLL, NFE per iteration, final T, mean |dL/dT|)
-and ``<name>.png`` (|dL/dT|, NFE per iteration, test NLL and T against iterations, one panel row
-per ablation) into ``--out``::
+into ``--out`` and ``<name>.png`` (|dL/dT|, NFE per iteration, test NLL and T against iterations,
+one panel row per ablation) into ``--figures``::
 
-    python benchmarks/ablation.py --data 8gaussians --iters 1000
+    python -m benchmarks.ablation --data 8gaussians --iters 1000
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import shlex
 import sys
 from pathlib import Path
@@ -21,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks.harness.train import run
+from benchmarks.writer import FIGURES, RESULTS, ROOT, command, write
 
-from benchmarks.harness.train import run  # noqa: E402
+__all__ = ["main", "table"]
 
 
 def _smooth(x: np.ndarray, w: int) -> np.ndarray:
@@ -33,8 +31,10 @@ def _smooth(x: np.ndarray, w: int) -> np.ndarray:
     return np.convolve(x, np.ones(w) / w, mode="valid")
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--data", default="8gaussians")
     p.add_argument("--iters", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
@@ -45,48 +45,80 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--train-args", default="", help="flags passed to every run")
     p.add_argument("--runs", type=Path, default=ROOT / "runs" / "ablation")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--figures", type=Path, default=FIGURES, help="where the figure goes")
     p.add_argument("--name", default=None)
-    args = p.parse_args(argv)
-    name = args.name or f"ablation_{args.data}"
+    return p
 
-    settings = [("alpha", a, args.eps) for a in args.alphas] + [("eps", args.alpha, e) for e in args.epss]
-    results: list[dict[str, Any]] = []
-    for kind, alpha, eps in settings:
-        out = args.runs / args.data / f"{kind}-a{alpha:g}-e{eps:g}-s{args.seed}"
-        m = run([
-            "--data", args.data, "--method", "toflow", "--iters", str(args.iters), "--seed", str(args.seed),
-            "--alpha", str(alpha), "--eps", str(eps), "--out", str(out), "--eval-every", str(args.eval_every),
-            "--threads", "1", "--no-progress", "--checkpoint-every", "0", *shlex.split(args.train_args),
-        ])  # fmt: skip
-        log = m["log"]
-        dldt = np.array([abs(r["dLdT_0"]) for r in log if r.get("dLdT_0") not in (None, "")], dtype=float)
-        nfe = np.array([r["nfe_forward"] + r["nfe_backward"] for r in log], dtype=float)
-        results.append({
-            "ablation": kind, "alpha": alpha, "eps": eps, "test_nll": m["test_nll"], "unit": m["unit"],
-            "nfe_per_iteration": float(nfe.mean()), "T": m["T"], "mean_abs_dLdT": float(dldt.mean()),
-            "cpu_seconds": m["cpu_seconds"], "eval_curve": [(e["iteration"], e["test_nll"]) for e in m["eval_curve"]],
-            "nfe": nfe.tolist(), "abs_dLdT": dldt.tolist(), "T_curve": [r["T_0"] for r in log],
-        })  # fmt: skip
-        print(f"{kind}: alpha={alpha:g} eps={eps:g}  test NLL {m['test_nll']:.4f}  NFE/iter {nfe.mean():.1f}  T {m['T']}",
-              flush=True)
 
-    lines = [
-        f"| ablation | alpha | eps | test NLL ({results[0]['unit']}) | NFE/iter | final T | mean abs dL/dT | CPU s |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+def _one(args: argparse.Namespace, kind: str, alpha: float, eps: float) -> dict[str, Any]:
+    """One TO-FLOW run at ``alpha`` and ``eps``, summarised."""
+    out = args.runs / args.data / f"{kind}-a{alpha:g}-e{eps:g}-s{args.seed}"
+    m = run([
+        "--data", args.data, "--method", "toflow", "--iters", str(args.iters),
+        "--seed", str(args.seed), "--alpha", str(alpha), "--eps", str(eps), "--out", str(out),
+        "--eval-every", str(args.eval_every), "--threads", "1", "--no-progress",
+        "--checkpoint-every", "0", *shlex.split(args.train_args),
+    ])  # fmt: skip
+    log = m["log"]
+    dldt = [abs(r["dLdT_0"]) for r in log if r.get("dLdT_0") not in (None, "")]
+    nfe = np.array([r["nfe_forward"] + r["nfe_backward"] for r in log], dtype=float)
+    mean_dldt = float(np.mean(dldt))
+    summary = f"test NLL {m['test_nll']:.4f}  NFE/iter {nfe.mean():.1f}  T {m['T']}"
+    print(f"{kind}: alpha={alpha:g} eps={eps:g}  {summary}", flush=True)
+    return {
+        "ablation": kind,
+        "alpha": alpha,
+        "eps": eps,
+        "test_nll": m["test_nll"],
+        "unit": m["unit"],
+        "nfe_per_iteration": float(nfe.mean()),
+        "T": m["T"],
+        "mean_abs_dLdT": mean_dldt,
+        "cpu_seconds": m["cpu_seconds"],
+        "eval_curve": [(e["iteration"], e["test_nll"]) for e in m["eval_curve"]],
+        "nfe": nfe.tolist(),
+        "abs_dLdT": dldt,
+        "T_curve": [r["T_0"] for r in log],
+    }
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    """The markdown table of the ablations."""
+    unit = results[0]["unit"]
+    head = f"| ablation | alpha | eps | test NLL ({unit}) | NFE/iter | final T | mean abs dL/dT |"
+    lines = [head + " CPU s |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['ablation']} | {r['alpha']:g} | {r['eps']:g} | {r['test_nll']:.4f} | {r['nfe_per_iteration']:.1f} | "
-                     f"{', '.join(f'{t:.3f}' for t in r['T'])} | {r['mean_abs_dLdT']:.3g} | {r['cpu_seconds']:.0f} |")
-    command = "python benchmarks/ablation.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    text = (f"**TO-FLOW ablations, {args.data}, {args.iters} iterations, seed {args.seed}**\n\n" + "\n".join(lines)
-            + f"\n\nCommand: `{command}`. Machine: {platform.processor() or platform.machine()}, 1 thread.\n")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{name}.md").write_text(text)
-    (args.out / f"{name}.json").write_text(json.dumps({"command": command, "results": results}) + "\n")
-    _figure(results, args.out / f"{name}.png")
-    print(text)
-    return {"results": results}
+        T = ", ".join(f"{t:.3f}" for t in r["T"])
+        cost = f"{r['mean_abs_dLdT']:.3g} | {r['cpu_seconds']:.0f}"
+        lines.append(
+            f"| {r['ablation']} | {r['alpha']:g} | {r['eps']:g} | {r['test_nll']:.4f} | "
+            f"{r['nfe_per_iteration']:.1f} | {T} | {cost} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = _parser().parse_args(argv)
+    name = args.name or f"ablation_{args.data}"
+    settings = [("alpha", a, args.eps) for a in args.alphas] + [
+        ("eps", args.alpha, e) for e in args.epss
+    ]
+    results = [_one(args, kind, alpha, eps) for kind, alpha, eps in settings]
+    title = (
+        f"**TO-FLOW ablations, {args.data}, {args.iters} iterations, seed {args.seed}, 1 thread**"
+    )
+    record = write(
+        args.out,
+        name,
+        {"results": results},
+        f"{title}\n\n{table(results)}",
+        command("ablation", argv),
+    )
+    _figure(results, args.figures / f"{name}.png")
+    print((args.out / f"{name}.md").read_text())
+    return record
 
 
 def _figure(results: list[dict[str, Any]], out: Path) -> None:
@@ -104,12 +136,15 @@ def _figure(results: list[dict[str, Any]], out: Path) -> None:
             it, nll = zip(*r["eval_curve"])
             axes[row, 2].plot(it, nll, "o-", ms=3, label=label)
             axes[row, 3].plot(r["T_curve"], label=label)
-        for ax, title in zip(axes[row], ("|dL/dT| (smoothed)", "NFE per iteration (smoothed)", "test NLL", "T")):
+        for ax, title in zip(
+            axes[row], ("|dL/dT| (smoothed)", "NFE per iteration (smoothed)", "test NLL", "T")
+        ):
             ax.set_title(f"{title}, varying {kind}", fontsize=9)
             ax.set_xlabel("iteration", fontsize=8)
             ax.legend(fontsize=7)
         axes[row, 0].set_yscale("log")
     fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=90)
 
 

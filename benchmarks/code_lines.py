@@ -1,6 +1,7 @@
-"""Counts code lines (non-blank lines that are not comments or docstrings) and the longest functions.
+"""Counts code lines (not blank, comment or docstring lines), files and the functions' lengths.
 
-    python benchmarks/code_lines.py torch_tempopt --exclude torch_tempopt/contrib torch_tempopt/patches
+python -m benchmarks.code_lines benchmarks
+python -m benchmarks.code_lines torch_tempopt --exclude torch_tempopt/contrib torch_tempopt/patches
 """
 
 from __future__ import annotations
@@ -9,9 +10,13 @@ import argparse
 import ast
 import io
 import json
+import statistics
 import sys
 import tokenize
 from pathlib import Path
+from typing import Any
+
+__all__ = ["code_lines", "functions", "main", "measure"]
 
 
 def _docstring_lines(tree: ast.AST) -> set[int]:
@@ -19,9 +24,10 @@ def _docstring_lines(tree: ast.AST) -> set[int]:
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
             body = getattr(node, "body", [])
-            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
-                    and isinstance(body[0].value.value, str):
-                lines.update(range(body[0].lineno, body[0].end_lineno + 1))
+            first = body[0] if body else None
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                if isinstance(first.value.value, str):
+                    lines.update(range(first.lineno, first.end_lineno + 1))
     return lines
 
 
@@ -29,7 +35,14 @@ def code_lines(source: str) -> set[int]:
     """The line numbers that hold code: a token other than a comment, outside docstrings."""
     docs = _docstring_lines(ast.parse(source))
     lines: set[int] = set()
-    skip = {tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER}
+    skip = {
+        tokenize.COMMENT,
+        tokenize.NL,
+        tokenize.NEWLINE,
+        tokenize.INDENT,
+        tokenize.DEDENT,
+        tokenize.ENDMARKER,
+    }
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
         if tok.type not in skip:
             lines.update(n for n in range(tok.start[0], tok.end[0] + 1) if n not in docs)
@@ -54,20 +67,48 @@ def functions(source: str, path: str) -> list[tuple[str, int]]:
     return out
 
 
-def measure(roots: list[str], exclude: list[str]) -> dict:
-    files = sorted(p for r in roots for p in (Path(r).rglob("*.py") if Path(r).is_dir() else [Path(r)])
-                   if not any(p.is_relative_to(e) for e in map(Path, exclude)))
-    per_file, funcs = {}, []
+def _top_level_names(source: str) -> int:
+    """Functions, classes and assigned names at a module's top level."""
+    names = 0
+    for node in ast.parse(source).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names += 1
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names += sum(isinstance(t, ast.Name) for t in targets)
+    return names
+
+
+def measure(roots: list[str], exclude: list[str]) -> dict[str, Any]:
+    """Code lines per file and in all, the five longest functions, and the functions' lengths."""
+    found = (p for r in roots for p in (Path(r).rglob("*.py") if Path(r).is_dir() else [Path(r)]))
+    files = sorted(p for p in found if not any(p.is_relative_to(e) for e in map(Path, exclude)))
+    per_file, funcs, names = {}, [], 0
     for p in files:
         src = p.read_text()
         per_file[str(p)] = len(code_lines(src))
         funcs += functions(src, str(p))
-    longest = sorted(funcs, key=lambda f: -f[1])[:5]
-    return {"code_lines": sum(per_file.values()), "files": per_file, "longest_functions": longest}
+        names += _top_level_names(src)
+    lengths = sorted(n for _, n in funcs) or [0]
+    top = {p.parent for p in map(Path, roots) if p.is_file()} | {
+        Path(r) for r in roots if Path(r).is_dir()
+    }
+    return {
+        "code_lines": sum(per_file.values()),
+        "files": per_file,
+        "top_level_files": sum(Path(f).parent in top for f in per_file),
+        "top_level_names": names,
+        "longest_functions": sorted(funcs, key=lambda f: -f[1])[:5],
+        "functions": len(funcs),
+        "median_function": statistics.median(lengths),
+        "p90_function": lengths[min(len(lengths) - 1, int(0.9 * len(lengths)))],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("paths", nargs="+")
     p.add_argument("--exclude", nargs="*", default=[])
     args = p.parse_args(argv)

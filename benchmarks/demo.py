@@ -1,11 +1,12 @@
 """``make demo``: what makes CNF training cheaper, on a toy set, on the CPU, in a few minutes.
 
-Trains FFJORD's toy model three times with :func:`benchmarks.harness.train.run`, from the same seed, data
-stream and held-out set: FFJORD as published (dopri5 1e-5, T = 0.5), the same on a budget of 4 rk4
-steps per solve (``LearnableHorizon(budget=4)``, guarded by the stepper), and TO-FLOW on that budget
-(T and the steps' placement learned). Every test NLL is scored with dopri5 1e-5. Prints the table
-(test NLL, NFE, CPU time, final T) and writes to ``--out``: ``comparison.md``, the densities
-(``densities.png``), the learning curves (``curves.png``) and each run's directory::
+Trains FFJORD's toy model three times with :func:`benchmarks.harness.train.run`, from the same
+seed, data stream and held-out set: FFJORD as published (dopri5 1e-5, T = 0.5), the same on a
+budget of 4 rk4 steps per solve (``LearnableHorizon(budget=4)``, guarded by the stepper), and
+TO-FLOW on that budget (T and the steps' placement learned). Every test NLL is scored with dopri5
+1e-5. Prints the table (test NLL, NFE, CPU time, final T) and writes to ``--out``:
+``comparison.md``, the densities (``densities.png``), the learning curves (``curves.png``) and each
+run's directory::
 
     python -m benchmarks.demo --data 8gaussians --iters 400 --out runs/demo
 """
@@ -24,7 +25,9 @@ __all__ = ["main"]
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Runs the demo; returns the three runs' metrics."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", default="8gaussians")
     parser.add_argument("--iters", type=int, default=400)
     parser.add_argument("--seed", type=int, default=0)
@@ -35,14 +38,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
 
     results: dict[str, Any] = {}
-    configs = {"ffjord": ["--method", "ffjord"], "ffjord-b4": ["--method", "ffjord", "--budget", "4"],
-               "toflow-b4": ["--method", "toflow", "--budget", "4"]}
+    configs = {
+        "ffjord": ["--method", "ffjord"],
+        "ffjord-b4": ["--method", "ffjord", "--budget", "4"],
+        "toflow-b4": ["--method", "toflow", "--budget", "4"],
+    }
     for name, flags in configs.items():
         print(f"== {name}: {args.iters} iterations on {args.data}", flush=True)
         results[name] = run([
             "--data", args.data, "--iters", str(args.iters), "--seed", str(args.seed), *flags,
-            "--out", str(args.out / name), "--hidden", args.hidden, "--test-size", str(args.test_size),
-            "--eval-every", str(max(1, args.iters // 8)), "--checkpoint-every", "0", "--threads", "1",
+            "--out", str(args.out / name), "--hidden", args.hidden,
+            "--test-size", str(args.test_size), "--eval-every", str(max(1, args.iters // 8)),
+            "--checkpoint-every", "0", "--threads", "1",
         ])  # fmt: skip
 
     lines = [
@@ -51,11 +58,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ]
     for method, m in results.items():
         per_iter = (m["nfe_forward_total"] + m["nfe_backward_total"]) / m["iters"]
-        lines.append(
-            f"| {method} | {m['test_nll']:.4f} | {m['nfe_forward_total']} | {m['nfe_backward_total']} | "
-            f"{per_iter:.1f} | {m['cpu_seconds']:.1f} | {', '.join(f'{t:.3f}' for t in m['T'])} |"
-        )
-    table = "\n".join(lines) + f"\n\n{args.data}, {args.iters} iterations, seed {args.seed}, 1 thread.\n"
+        nfe = f"{m['nfe_forward_total']} | {m['nfe_backward_total']} | {per_iter:.1f}"
+        T = ", ".join(f"{t:.3f}" for t in m["T"])
+        lines.append(f"| {method} | {m['test_nll']:.4f} | {nfe} | {m['cpu_seconds']:.1f} | {T} |")
+    table = (
+        "\n".join(lines)
+        + f"\n\n{args.data}, {args.iters} iterations, seed {args.seed}, 1 thread.\n"
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "comparison.md").write_text(table)
     print(table)

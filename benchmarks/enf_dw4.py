@@ -24,10 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks.harness.energies import DW4
 
-from benchmarks.harness.energies import DW4  # noqa: E402
+__all__ = ["DW4_FILE", "main", "write_dw4"]
 
 # in dw4_experiment/data/, read relative to the working directory (the checkout)
 DW4_FILE = "dw4-dataidx.npy"

@@ -1,34 +1,35 @@
-"""Budgeted likelihoods for flow-matching models: Meta's ``flow_matching`` against a fitted ``LearnableHorizon``.
+"""Likelihoods of flow-matching models: Meta's ``flow_matching`` against a fitted rk4 budget.
 
 A flow-matching model trains without a solve, but each log-likelihood needs one: the library's
-``ODESolver.compute_likelihood`` integrates (x, log-det) from the data at t = 1 back to the noise at t = 0
-(Euler by default). This trains a model with the library itself (``AffineProbPath(CondOTScheduler())``, MSE on
-the velocity, Adam; an MLP of 3x64 in 2-D, 3x128 on digits) on 2-D 8gaussians and on 8x8 digits (dequantized,
-logit space, as the harness does), then scores held-out log-likelihoods, all in float64 with the exact trace:
+``ODESolver.compute_likelihood`` integrates (x, log-det) from the data at t = 1 back to the noise
+at t = 0 (Euler by default). This trains a model with the library itself
+(``AffineProbPath(CondOTScheduler())``, MSE on the velocity, Adam; an MLP of 3x64 in 2-D, 3x128 on
+digits) on 2-D 8gaussians and on 8x8 digits (dequantized, logit space, as the harness does), then
+scores held-out log-likelihoods, all in float64 with the exact trace:
 
-* ``euler``/``midpoint``: the library's ``compute_likelihood`` at steps 1/2, 1/4, ... (to 1/1024 in 2-D, 1/256
-  on digits);
-* ``fitted``: ``LearnableHorizon(T0=1, budget=N)`` (rk4) on the same field, its step placement fitted by
-  ``horizon.fit`` to the reference on a *training* batch, scored on held-out data with ``horizon.budgeted()``;
-* ``uniform``: the same budget unfitted (what ``compute_likelihood(method="rk4", step_size=1/N)`` computes);
-* the reference: dopri5 at rtol = atol = 1e-7 (the horizon's ``reference``, i.e. its ``eval()`` solve).
+* ``euler``/``midpoint``: the library's ``compute_likelihood`` at steps 1/2, 1/4, ... (to 1/1024 in
+  2-D, 1/256 on digits);
+* ``fitted``: ``LearnableHorizon(T0=1, budget=N)`` (rk4) on the same field, its step placement
+  fitted by ``Budget.fit`` to the reference on a *training* batch, scored on held-out data with
+  ``horizon.budgeted()`` (:func:`benchmarks.scoring.flow_log_likelihood`);
+* ``uniform``: the same budget unfitted (what ``compute_likelihood(method="rk4", step_size=1/N)``
+  computes);
+* the reference: dopri5 at rtol = atol = 1e-7 (the horizon's ``reference``, i.e. its ``eval()``
+  solve).
 
-NFE are counted by a counter on the velocity net (evaluations per solve, each one batched over the samples).
-Errors are the mean absolute difference of log p per held-out sample from the reference. Each family is swept
-from its cheapest setting and stops at the first within 0.002 nats (a costlier one cannot change the smallest
-NFE that reaches it)::
+NFE are counted by a counter on the velocity net (evaluations per solve, each one batched over the
+samples). Errors are the mean absolute difference of log p per held-out sample from the reference.
+Each family is swept from its cheapest setting and stops at the first within 0.002 nats (a costlier
+one cannot change the smallest NFE that reaches it)::
 
-    python benchmarks/fm_likelihood.py --data both       # benchmarks/results/fm_likelihood.{json,md}, docs/img/fm_likelihood.png
-    python benchmarks/fm_likelihood.py --quick --out /tmp/fm --img /tmp/fm   # seconds, for the tests
+    python -m benchmarks.fm_likelihood --data both   # results/fm_likelihood.{json,md}, docs/img
+    python -m benchmarks.fm_likelihood --quick --out /tmp/fm --figures /tmp/fm   # seconds
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import platform
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -42,25 +43,42 @@ from flow_matching.solver import ODESolver
 from flow_matching.utils import ModelWrapper
 from torch import Tensor, nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.harness.data import (  # noqa: E402
+from benchmarks.harness.data import (
     bits_per_dim,
     dequantize,
     load_digits_split,
     logit_transform,
     toy_sample,
 )
-from torch_tempopt import Budget, LearnableHorizon  # noqa: E402
+from benchmarks.scoring import flow_log_likelihood
+from benchmarks.writer import FIGURES, RESULTS, command, write
+from torch_tempopt import Budget, LearnableHorizon
+
+__all__ = [
+    "Counter",
+    "Dynamics",
+    "FAMILIES",
+    "MLP",
+    "REFERENCE",
+    "fit",
+    "library_logp",
+    "log_p0",
+    "main",
+    "run_set",
+]
 
 TARGET = 0.002  # nats per sample
 REFERENCE = {"method": "dopri5", "rtol": 1e-7, "atol": 1e-7}
 FAMILIES = ("euler", "midpoint", "uniform", "fitted")
-# width, iterations, held-out points, fit batch and Adam steps, finest library step 2^-finest, check step 2^-check
+# width, iterations, held-out points, fit batch and Adam steps, finest library step 2^-finest,
+# check step 2^-check
 SETS: dict[str, dict[str, Any]] = {
-    "2d": dict(dim=2, hidden=64, iters=4000, test=1000, fit_batch=256, fit_steps=100, finest=10, check=7),
-    "digits": dict(dim=64, hidden=128, iters=4000, test=200, fit_batch=32, fit_steps=40, finest=8, check=7),
+    "2d": dict(
+        dim=2, hidden=64, iters=4000, test=1000, fit_batch=256, fit_steps=100, finest=10, check=7
+    ),
+    "digits": dict(
+        dim=64, hidden=128, iters=4000, test=200, fit_batch=32, fit_steps=40, finest=8, check=7
+    ),
 }
 QUICK = dict(iters=20, test=16, fit_batch=16, fit_steps=2, finest=3, check=3)
 
@@ -80,7 +98,7 @@ class MLP(nn.Module):
 
 
 class Counter(ModelWrapper):
-    """The velocity as the library calls it, ``model(x=x, t=t)``, counting its evaluations in ``nfe``."""
+    """The velocity as the library calls it, ``model(x=x, t=t)``, its evaluations in ``nfe``."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
@@ -92,10 +110,11 @@ class Counter(ModelWrapper):
 
 
 class Dynamics(nn.Module):
-    """The augmented field (dx/dt, dlogdet/dt) = (v, div v): the library's dynamics, the same exact trace.
+    """The augmented field (dx/dt, dlogdet/dt) = (v, div v): the library's dynamics and trace.
 
-    The library takes the trace with one ``autograd.grad`` per dimension; this takes all of them in one batched
-    call (``is_grads_batched``), the same numbers (to rounding) in a third of the time in 64-D.
+    The library takes the trace with one ``autograd.grad`` per dimension; this takes all of them in
+    one batched call (``is_grads_batched``), the same numbers (to rounding) in a third of the time
+    in 64-D.
     """
 
     def __init__(self, velocity: nn.Module) -> None:
@@ -108,11 +127,13 @@ class Dynamics(nn.Module):
             x = x if x.requires_grad else x.detach().requires_grad_(True)
             v = self.velocity(x=x, t=t)
             eye = torch.eye(v.shape[1], dtype=v.dtype).unsqueeze(1).expand(-1, *v.shape)
-            jac = torch.autograd.grad(v, x, eye, create_graph=True, is_grads_batched=True)[0]  # jac[i] = d v_i / dx
+            # jac[i] = d v_i / dx
+            jac = torch.autograd.grad(v, x, eye, create_graph=True, is_grads_batched=True)[0]
         return v, jac.diagonal(dim1=0, dim2=2).sum(1)
 
 
 def log_p0(x: Tensor) -> Tensor:
+    """log N(x; 0, I) per sample."""
     return -0.5 * x.pow(2).sum(1) - 0.5 * x.shape[1] * math.log(2 * math.pi)
 
 
@@ -125,30 +146,33 @@ def counted(counter: Counter, fn: Callable[..., Any], *args: Any) -> tuple[Any, 
 
 def library_logp(counter: Counter, x: Tensor, method: str, step: float) -> Tensor:
     grid = torch.tensor([1.0, 0.0], dtype=x.dtype)
-    return ODESolver(counter).compute_likelihood(x, log_p0, step, method=method, time_grid=grid, exact_divergence=True)[1]
-
-
-def horizon_logp(horizon: LearnableHorizon, field: Dynamics, x: Tensor, budgeted: bool = True) -> Tensor:
-    """log p(x) from data (t = 1) back to noise (t = 0): the budget's fixed grid, or (False) its reference."""
-    with torch.no_grad(), horizon.budgeted(budgeted):
-        z, logdet = (s[-1] for s in horizon(field, (x, x.new_zeros(x.shape[0])), reverse=True))
-    return log_p0(z) + logdet
+    return ODESolver(counter).compute_likelihood(
+        x, log_p0, step, method=method, time_grid=grid, exact_divergence=True
+    )[1]
 
 
 def fit(horizon: LearnableHorizon, field: Dynamics, x: Tensor, steps: int) -> tuple[float, float]:
-    """Fits the placement on the mean |log p - reference| of ``x`` (a training batch): errors before, after."""
+    """Fits the placement on the mean |log p - reference| of ``x``: the errors before and after."""
     pick = lambda y: (log_p0(y[0]) + y[1],)  # noqa: E731
     t = x.new_tensor([1.0, 0.0])  # from data back to noise
-    before, after = horizon.budget.fit(field, (x, x.new_zeros(x.shape[0])), t, steps=steps, select=pick)
+    before, after = horizon.budget.fit(
+        field, (x, x.new_zeros(x.shape[0])), t, steps=steps, select=pick
+    )
     return float(before.sum()), float(after.sum())
 
 
-def data(name: str, n_test: int, seed: int) -> tuple[Callable[[int, np.random.Generator], Tensor], Tensor, Tensor]:
-    """A training sampler ``(batch, rng) -> x`` (float64), the held-out set and its transform's log-det."""
+def data(
+    name: str, n_test: int, seed: int
+) -> tuple[Callable[[int, np.random.Generator], Tensor], Tensor, Tensor]:
+    """A training sampler ``(batch, rng) -> x`` (float64), the held-out set, its log-det."""
     if name == "2d":
         train = torch.from_numpy(toy_sample("8gaussians", 20000, seed)).double()
         test = torch.from_numpy(toy_sample("8gaussians", n_test, seed + 1000)).double()
-        return (lambda b, rng: train[torch.from_numpy(rng.integers(0, len(train), b))]), test, test.new_zeros(n_test)
+        return (
+            (lambda b, rng: train[torch.from_numpy(rng.integers(0, len(train), b))]),
+            test,
+            test.new_zeros(n_test),
+        )
     train_levels, test_levels = load_digits_split(seed=seed)
     g = torch.Generator().manual_seed(seed)
 
@@ -156,16 +180,29 @@ def data(name: str, n_test: int, seed: int) -> tuple[Callable[[int, np.random.Ge
         levels = train_levels[torch.from_numpy(rng.integers(0, len(train_levels), b))]
         return logit_transform(dequantize(levels, g, dtype=torch.float64), 1e-6)[0].flatten(1)
 
-    y, logdet = logit_transform(dequantize(test_levels[:n_test], torch.Generator().manual_seed(seed + 1000),
-                                           dtype=torch.float64), 1e-6)
+    y, logdet = logit_transform(
+        dequantize(
+            test_levels[:n_test], torch.Generator().manual_seed(seed + 1000), dtype=torch.float64
+        ),
+        1e-6,
+    )
     return sample, y.flatten(1), logdet
 
 
-def train(sample: Callable[[int, np.random.Generator], Tensor], dim: int, hidden: int, iters: int,
-          seed: int) -> tuple[MLP, float]:
-    """Flow matching with the library's path: x_t, dx_t from ``AffineProbPath(CondOTScheduler())``."""
+def train(
+    sample: Callable[[int, np.random.Generator], Tensor],
+    dim: int,
+    hidden: int,
+    iters: int,
+    seed: int,
+) -> tuple[MLP, float]:
+    """Flow matching with the library's path, ``AffineProbPath(CondOTScheduler())``."""
     torch.manual_seed(seed)
-    model, path, rng = MLP(dim, hidden), AffineProbPath(scheduler=CondOTScheduler()), np.random.default_rng(seed)
+    model, path, rng = (
+        MLP(dim, hidden),
+        AffineProbPath(scheduler=CondOTScheduler()),
+        np.random.default_rng(seed),
+    )
     opt, start = torch.optim.Adam(model.parameters(), lr=1e-3), time.process_time()
     for _ in range(iters):
         x_1 = sample(256, rng).float()
@@ -183,89 +220,158 @@ def reach(rows: list[dict[str, Any]], family: str) -> int | None:
     return min(ok) if ok else None
 
 
+class _Sweep:
+    """One model's rows: each family swept from its cheapest setting to the first within TARGET."""
+
+    def __init__(
+        self, name: str, cfg: dict[str, Any], counter: Counter, test: Tensor, logdet: Tensor
+    ) -> None:
+        self.name, self.cfg, self.counter = name, cfg, counter
+        self.test, self.logdet, self.field = test, logdet, Dynamics(counter)
+        self.rows: list[dict[str, Any]] = []
+        self.fits: list[dict[str, Any]] = []
+        ref_h = LearnableHorizon(T0=1.0, budget=Budget(1, reference=REFERENCE)).double().eval()
+        self.ref, self.ref_nfe, self.ref_cpu = self.count(ref_h, False)
+
+    def count(self, horizon: LearnableHorizon, budgeted: bool = True) -> tuple[Tensor, int, float]:
+        """log p of the held-out set by the horizon's budget (or reference), its NFE and CPU s."""
+        args = (horizon, self.field, self.test, log_p0, budgeted)
+        return counted(self.counter, flow_log_likelihood, *args)
+
+    def done(self, family: str) -> bool:
+        return any(r["family"] == family and r["mae"] <= TARGET for r in self.rows)
+
+    def add(
+        self, family: str, setting: str, scored: tuple[Tensor, int, float], **extra: Any
+    ) -> None:
+        logp, nfe, cpu = scored
+        mae, nll = float((logp - self.ref).abs().mean()), float(-(logp + self.logdet).mean())
+        row = dict(family=family, setting=setting, nfe=nfe, mae=mae, nll=nll, cpu=cpu, **extra)
+        if self.name == "digits":
+            bpd = 1.0 / (self.cfg["dim"] * math.log(2))
+            row.update(mae_bpd=mae * bpd, nll_bpd=float(bits_per_dim(-nll, self.cfg["dim"])))
+        self.rows.append(row)
+
+    def library(self) -> None:
+        """The library's euler and midpoint at steps 1/2, 1/4, ..."""
+        for method in ("euler", "midpoint"):
+            for k in range(1, self.cfg["finest"] + 1):
+                if not self.done(method):
+                    args = (self.counter, self.test, method, 2.0**-k)
+                    self.add(method, f"step 1/{2**k}", counted(self.counter, library_logp, *args))
+
+    def budgets(self, budgets: tuple[int, ...], xfit: Tensor) -> None:
+        """Each budget uniform, then fitted on ``xfit``."""
+        for n in budgets:
+            h = LearnableHorizon(T0=1.0, budget=Budget(n, reference=REFERENCE)).double().eval()
+            if not self.done("uniform"):
+                self.add("uniform", f"rk4 x {n}", self.count(h))
+            if not self.done("fitted"):
+                args = (h, self.field, xfit, self.cfg["fit_steps"])
+                (before, after), fit_nfe, fit_cpu = counted(self.counter, fit, *args)
+                frac = [round(f, 4) for f in h.budget.fractions().tolist()]
+                self.add("fitted", f"rk4 x {n}", self.count(h), fractions=frac)
+                fit_row = dict(budget=n, nfe=fit_nfe, cpu=fit_cpu)
+                self.fits.append(dict(fit_row, train_mae_before=before, train_mae_after=after))
+
+    def check(self) -> dict[str, Any]:
+        """The library's rk4 at a tiny step against the reference: sign and time direction."""
+        sub, step = self.test[:32], 2.0 ** -self.cfg["check"]
+        worst = float((library_logp(self.counter, sub, "rk4", step) - self.ref[:32]).abs().max())
+        return dict(method="rk4", step=step, points=len(sub), max_abs=worst)
+
+
 def run_set(name: str, cfg: dict[str, Any], budgets: tuple[int, ...], seed: int) -> dict[str, Any]:
-    """Trains one model and sweeps every family from its cheapest setting to the first within TARGET."""
+    """Trains one model and sweeps every family to its first setting within TARGET."""
     sample, test, logdet = data(name, cfg["test"], seed)
     model, train_cpu = train(sample, cfg["dim"], cfg["hidden"], cfg["iters"], seed)
-    counter = Counter(model)
-    field = Dynamics(counter)
-    ref_h = LearnableHorizon(T0=1.0, budget=Budget(1, reference=REFERENCE)).double().eval()
-    ref, ref_nfe, ref_cpu = counted(counter, horizon_logp, ref_h, field, test, False)
-    bpd = 1.0 / (cfg["dim"] * math.log(2))
-
-    def row(family: str, setting: str, logp: Tensor, nfe: int, cpu: float, **extra: Any) -> dict[str, Any]:
-        mae = float((logp - ref).abs().mean())
-        nll = float(-(logp + logdet).mean())
-        out = dict(family=family, setting=setting, nfe=nfe, mae=mae, nll=nll, cpu=cpu, **extra)
-        return {**out, "mae_bpd": mae * bpd, "nll_bpd": float(bits_per_dim(-nll, cfg["dim"]))} if name == "digits" else out
-
-    rows: list[dict[str, Any]] = []
-    done = lambda family: any(r["family"] == family and r["mae"] <= TARGET for r in rows)  # noqa: E731
-    for method in ("euler", "midpoint"):
-        for k in range(1, cfg["finest"] + 1):
-            if not done(method):
-                logp, nfe, cpu = counted(counter, library_logp, counter, test, method, 2.0 ** -k)
-                rows.append(row(method, f"step 1/{2 ** k}", logp, nfe, cpu))
-    xfit = sample(cfg["fit_batch"], np.random.default_rng(seed + 2000))  # a training batch
-    fits = []
-    for n in budgets:
-        h = LearnableHorizon(T0=1.0, budget=Budget(n, reference=REFERENCE)).double().eval()
-        if not done("uniform"):
-            logp, nfe, cpu = counted(counter, horizon_logp, h, field, test)
-            rows.append(row("uniform", f"rk4 x {n}", logp, nfe, cpu))
-        if not done("fitted"):
-            (before, after), fit_nfe, fit_cpu = counted(counter, fit, h, field, xfit, cfg["fit_steps"])
-            logp, nfe, cpu = counted(counter, horizon_logp, h, field, test)
-            frac = [round(f, 4) for f in h.budget.fractions().tolist()]
-            rows.append(row("fitted", f"rk4 x {n}", logp, nfe, cpu, fractions=frac))
-            fits.append(dict(budget=n, nfe=fit_nfe, cpu=fit_cpu, train_mae_before=before, train_mae_after=after))
-    sub = test[:32]  # the library's rk4 at a tiny step against the reference: sign and time direction
-    check = float((library_logp(counter, sub, "rk4", 2.0 ** -cfg["check"]) - ref[:32]).abs().max())
-    reached, ref_nll = {f: reach(rows, f) for f in FAMILIES}, float(-(ref + logdet).mean())
-    best = min([v for f, v in reached.items() if f in ("euler", "midpoint") and v is not None], default=None)
+    sweep = _Sweep(name, cfg, Counter(model), test, logdet)
+    sweep.library()
+    sweep.budgets(budgets, sample(cfg["fit_batch"], np.random.default_rng(seed + 2000)))
+    check = sweep.check()
+    reached = {f: reach(sweep.rows, f) for f in FAMILIES}
+    ref_nll = float(-(sweep.ref + logdet).mean())
+    library = [v for f, v in reached.items() if f in ("euler", "midpoint") and v is not None]
+    best = min(library, default=None)
     ratio = reached["fitted"] / best if best and reached["fitted"] else None
-    return dict(data="8gaussians" if name == "2d" else "digits", dim=cfg["dim"], hidden=cfg["hidden"],
-                iters=cfg["iters"], n_test=len(test), fit_batch=cfg["fit_batch"], fit_steps=cfg["fit_steps"],
-                train_cpu=train_cpu, reference=dict(nfe=ref_nfe, cpu=ref_cpu, nll=ref_nll, **REFERENCE,
-                nll_bpd=float(bits_per_dim(-ref_nll, cfg["dim"]))), check=dict(method="rk4", step=2.0 ** -cfg["check"], points=len(sub), max_abs=check), rows=rows, fits=fits, reached=reached,
-                library_best=best, ratio=ratio)
+    reference = dict(nfe=sweep.ref_nfe, cpu=sweep.ref_cpu, nll=ref_nll, **REFERENCE)
+    reference["nll_bpd"] = float(bits_per_dim(-ref_nll, cfg["dim"]))
+    return dict(
+        data="8gaussians" if name == "2d" else "digits",
+        dim=cfg["dim"],
+        hidden=cfg["hidden"],
+        iters=cfg["iters"],
+        n_test=len(test),
+        fit_batch=cfg["fit_batch"],
+        fit_steps=cfg["fit_steps"],
+        train_cpu=train_cpu,
+        reference=reference,
+        check=check,
+        rows=sweep.rows,
+        fits=sweep.fits,
+        reached=reached,
+        library_best=best,
+        ratio=ratio,
+    )
 
 
 def _fmt(v: int | None, rows: list[dict[str, Any]], family: str) -> str:
-    return str(v) if v is not None else f"not reached (<= {max(r['nfe'] for r in rows if r['family'] == family)})"
+    if v is not None:
+        return str(v)
+    return f"not reached (<= {max(r['nfe'] for r in rows if r['family'] == family)})"
+
+
+def _set_markdown(s: dict[str, Any]) -> list[str]:
+    """One data set's table of every solve, and its fits."""
+    digits = s["data"] == "digits"
+    unit, ref = ("bits/dim" if digits else "nats"), s["reference"]
+    out = [
+        f"**{s['data']}** ({s['dim']}-D, MLP 3x{s['hidden']}, {s['iters']} flow-matching "
+        f"iterations; {s['n_test']} held-out points; reference dopri5 1e-7: {ref['nfe']} NFE, NLL "
+        f"{ref['nll_bpd'] if digits else ref['nll']:.4f} {unit})\n"
+    ]
+    head = "| solve | setting | NFE per sample | mean abs error of log p (nats) |"
+    head += " (bits/dim) |" if digits else ""
+    out += [head + f" held-out NLL ({unit}) | CPU s |", "|---" * (6 + digits) + "|"]
+    for r in s["rows"]:
+        extra = f" {r['mae_bpd']:.2e} |" if digits else ""
+        nll = f"{r['nll_bpd'] if digits else r['nll']:.4f} | {r['cpu']:.2f}"
+        mae = f"{r['mae']:.2e} |{extra}"
+        out.append(f"| {r['family']} | {r['setting']} | {r['nfe']} | {mae} {nll} |")
+    fits = ", ".join(
+        f"N={f['budget']}: {f['nfe']} NFE on {s['fit_batch']} points, {f['cpu']:.1f} s, "
+        f"training-batch error {f['train_mae_before']:.1e} -> {f['train_mae_after']:.1e}"
+        for f in s["fits"]
+    )
+    c = s["check"]
+    out.append(
+        f"\nFit ({s['fit_steps']} Adam steps + its reference solve, once per model): {fits}. The "
+        f"library's rk4 at step 1/{round(1 / c['step'])} is within {c['max_abs']:.1e} nats of the "
+        f"reference (max over {c['points']} points).\n"
+    )
+    return out
 
 
 def markdown(res: dict[str, Any]) -> str:
-    out = []
+    """Every data set's table, then the smallest NFE within TARGET of each family."""
+    out = [line for s in res["sets"] for line in _set_markdown(s)]
+    out += [
+        f"**Smallest measured NFE per sample within {TARGET} nats of the reference** (mean "
+        "absolute error of log p per held-out sample; no interpolation)\n",
+        "| data | library euler | library midpoint | uniform rk4 budget "
+        "| fitted rk4 budget | fitted / library's best |",
+        "|---|---|---|---|---|---|",
+    ]
     for s in res["sets"]:
-        digits = s["data"] == "digits"
-        unit = "bits/dim" if digits else "nats"
-        out.append(f"**{s['data']}** ({s['dim']}-D, MLP 3x{s['hidden']}, {s['iters']} flow-matching iterations; "
-                   f"{s['n_test']} held-out points; reference dopri5 1e-7: {s['reference']['nfe']} NFE, NLL "
-                   f"{s['reference']['nll_bpd'] if digits else s['reference']['nll']:.4f} {unit})\n")
-        head = "| solve | setting | NFE per sample | mean abs error of log p (nats) |"
-        head += " (bits/dim) |" if digits else ""
-        out += [head + f" held-out NLL ({unit}) | CPU s |", "|---" * (6 + digits) + "|"]
-        for r in s["rows"]:
-            extra = f" {r['mae_bpd']:.2e} |" if digits else ""
-            nll = r["nll_bpd"] if digits else r["nll"]
-            out.append(f"| {r['family']} | {r['setting']} | {r['nfe']} | {r['mae']:.2e} |{extra} {nll:.4f} | {r['cpu']:.2f} |")
-        fits = ", ".join(f"N={f['budget']}: {f['nfe']} NFE on {s['fit_batch']} points, {f['cpu']:.1f} s, training-batch "
-                         f"error {f['train_mae_before']:.1e} -> {f['train_mae_after']:.1e}" for f in s["fits"])
-        c = s["check"]
-        out.append(f"\nFit ({s['fit_steps']} Adam steps + its reference solve, once per model): {fits}. The library's "
-                   f"rk4 at step 1/{round(1 / c['step'])} is within {c['max_abs']:.1e} nats of the reference "
-                   f"(max over {c['points']} points).\n")
-    out += [f"**Smallest measured NFE per sample within {TARGET} nats of the reference** (mean absolute error of log p "
-            "per held-out sample; no interpolation)\n", "| data | library euler | library midpoint | uniform rk4 budget "
-            "| fitted rk4 budget | fitted / library's best |", "|---|---|---|---|---|---|"]
-    for s in res["sets"]:
-        r = s["reached"]
         ratio = "-" if s["ratio"] is None else f"{s['ratio']:.2f}"
-        out.append(f"| {s['data']} | " + " | ".join(_fmt(r[f], s["rows"], f) for f in FAMILIES) + f" | {ratio} |")
-    out.append("\nThe library's rows take the trace with one `autograd.grad` per dimension (its own code), the horizon's "
-               "with one batched call, so their CPU seconds are not comparable per NFE; NFE are.\n")
-    out.append(f"Command: `{res['command']}`. Machine: {res['machine']}, 1 thread.")
+        cells = " | ".join(_fmt(s["reached"][f], s["rows"], f) for f in FAMILIES)
+        out.append(f"| {s['data']} | {cells} | {ratio} |")
+    out.append(
+        "\nThe library's rows take the trace with one `autograd.grad` per dimension (its own "
+        "code), the horizon's with one batched call, so their CPU seconds are not comparable per "
+        "NFE; NFE are.\n"
+    )
+    out.append("One thread.")
     return "\n".join(out) + "\n"
 
 
@@ -275,12 +381,18 @@ def figure(res: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(res["sets"]), figsize=(5.5 * len(res["sets"]), 4), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(res["sets"]), figsize=(5.5 * len(res["sets"]), 4), squeeze=False
+    )
     for ax, s in zip(axes[0], res["sets"]):
         for family, style in zip(FAMILIES, ("o-", "s-", "^--", "D-")):
             rows = [r for r in s["rows"] if r["family"] == family]
-            label = {"uniform": "uniform rk4 budget", "fitted": "fitted rk4 budget"}.get(family, f"library {family}")
-            ax.loglog([r["nfe"] for r in rows], [max(r["mae"], 1e-12) for r in rows], style, label=label)
+            label = {"uniform": "uniform rk4 budget", "fitted": "fitted rk4 budget"}.get(
+                family, f"library {family}"
+            )
+            ax.loglog(
+                [r["nfe"] for r in rows], [max(r["mae"], 1e-12) for r in rows], style, label=label
+            )
         ax.axhline(TARGET, color="grey", lw=0.8, ls=":", label=f"{TARGET} nats")
         ax.set(title=s["data"], xlabel="NFE per sample", ylabel="mean |log p - reference| (nats)")
         ax.legend()
@@ -291,14 +403,18 @@ def figure(res: dict[str, Any], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", choices=("2d", "digits", "both"), default="both")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    p.add_argument("--img", type=Path, default=ROOT / "docs" / "img", help="folder of the figure")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--figures", type=Path, default=FIGURES, help="where the figure goes")
     p.add_argument("--name", default="fm_likelihood")
-    p.add_argument("--iters", type=int, default=None, help="flow-matching iterations (default per data set)")
-    p.add_argument("--budgets", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6, 8, 12, 16], help="rk4 steps")
+    p.add_argument(
+        "--iters", type=int, default=None, help="flow-matching iterations (default per data set)"
+    )
+    p.add_argument(
+        "--budgets", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6, 8, 12, 16], help="rk4 steps"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny sizes, for the tests")
     args = p.parse_args(argv)
@@ -308,13 +424,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cfg = {**SETS[name], **(QUICK if args.quick else {})}
         cfg["iters"] = args.iters or cfg["iters"]
         sets.append(run_set(name, cfg, budgets, args.seed))
-    res = dict(command=shlex.join(["python", "benchmarks/fm_likelihood.py", *argv]), target_nats=TARGET,
-               machine=f"{platform.machine()}, {platform.platform()}, Python {platform.python_version()}",
-               torch=torch.__version__, sets=sets)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}.json").write_text(json.dumps(res, indent=1))
-    (args.out / f"{args.name}.md").write_text(markdown(res))
-    figure(res, args.img / f"{args.name}.png")
+    res = dict(target_nats=TARGET, sets=sets)
+    res = write(args.out, args.name, res, markdown(res), command("fm_likelihood", argv))
+    figure(res, args.figures / f"{args.name}.png")
     return res
 
 

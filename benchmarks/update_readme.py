@@ -1,26 +1,33 @@
-"""Regenerates the README's results tables from ``benchmarks/results/*.md`` (written by the benchmarks).
+"""Refills the results tables of README.md and the docs pages from ``benchmarks/results/*.md``.
 
-Each table sits between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->`` markers in
-README.md (and in ``docs/snippets/benchmark_summary.md`` if present), where ``NAME`` is the stem
-of a file in ``benchmarks/results/``. Run from anywhere::
+Each table sits between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->`` markers, where
+``NAME`` is the stem of a file in ``benchmarks/results/`` written by a benchmark::
 
-    python benchmarks/update_readme.py
+    python -m benchmarks.update_readme           # rewrites the pages
+    python -m benchmarks.update_readme --check   # exits 1 if a page's table differs from its file
 """
 
 from __future__ import annotations
 
+import argparse
 import re
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
-TARGETS = [ROOT / "README.md", ROOT / "docs" / "snippets" / "benchmark_summary.md"]
+from benchmarks.writer import RESULTS, ROOT
+
+__all__ = ["fill", "main", "pages"]
+
 MARKER = re.compile(r"(<!-- results:([\w.+-]+) -->\n)(.*?)(<!-- /results:\2 -->)", re.S)
 
 
+def pages() -> list[Path]:
+    """README.md and every markdown page under docs/."""
+    return [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+
+
 def fill(text: str) -> tuple[str, list[str]]:
-    """Replaces every marked block with the current results file; returns the text and the names."""
+    """Replaces every marked block with its results file; returns the text and the names."""
     names: list[str] = []
 
     def sub(m: re.Match[str]) -> str:
@@ -33,14 +40,28 @@ def fill(text: str) -> tuple[str, list[str]]:
     return MARKER.sub(sub, text), names
 
 
-def main() -> int:
-    for target in TARGETS:
-        if not target.exists():
-            continue
-        new, names = fill(target.read_text())
-        target.write_text(new)
-        print(f"{target.relative_to(ROOT)}: {', '.join(names) or 'no markers'}")
-    return 0
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="change nothing; exit 1 if a table is stale"
+    )
+    args = parser.parse_args(argv)
+    stale = []
+    for page in pages():
+        text = page.read_text()
+        new, names = fill(text)
+        if new != text:
+            stale.append(str(page.relative_to(ROOT)))
+        if names and not args.check:
+            page.write_text(new)
+            print(f"{page.relative_to(ROOT)}: {', '.join(names)}")
+    if args.check and stale:
+        print(
+            f"stale results tables in {', '.join(stale)}: run python -m benchmarks.update_readme"
+        )
+    return int(args.check and bool(stale))
 
 
 if __name__ == "__main__":

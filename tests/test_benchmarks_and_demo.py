@@ -1,10 +1,13 @@
-"""Smoke tests: every benchmark script, the demo and the quickstart run for a few iterations and write their outputs."""
+"""Smoke tests: the benchmark commands, the demo and the quickstart, a few iterations each."""
 
 from __future__ import annotations
 
-import importlib.util
+import argparse
+import importlib
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -12,10 +15,26 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks import (
+    ablation,
+    budget_eval,
+    code_lines,
+    compare,
+    defaults,
+    headline,
+    overhead,
+    rescaling,
+    soak,
+    update_readme,
+    windows,
+)
 from benchmarks.harness.train import run
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = "--batch-size 16 --hidden 8,8 --test-size 64 --rtol 1e-3 --atol 1e-3 --eval-rtol 1e-3 --eval-atol 1e-3"
+TINY = (
+    "--batch-size 16 --hidden 8,8 --test-size 64 --rtol 1e-3 --atol 1e-3 --eval-rtol 1e-3 "
+    "--eval-atol 1e-3"
+)
 
 
 @pytest.fixture(autouse=True)
@@ -24,120 +43,247 @@ def _float32(_default_dtype):
     torch.set_default_dtype(torch.float32)
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def _metrics(test_nll: float, curve: list[tuple[int, float, int, float]], **extra) -> dict:
-    """Synthetic metrics.json: the final NLL and (iteration, test NLL, NFE so far, CPU so far) points."""
+    """Synthetic metrics.json: the final NLL and (iteration, test NLL, NFE, CPU so far) points."""
     last = curve[-1]
-    return {"test_nll": test_nll, "unit": "nats", "iters": last[0], "nfe_forward_total": last[2] // 2,
-            "nfe_backward_total": last[2] - last[2] // 2, "nfe_total": last[2], "cpu_seconds": last[3], "T": [0.5],
-            "eval_curve": [{"iteration": i, "test_nll": v, "nfe_total": n, "cpu_seconds": c} for i, v, n, c in curve],
-            **extra}
+    return {
+        "test_nll": test_nll,
+        "unit": "nats",
+        "iters": last[0],
+        "nfe_forward_total": last[2] // 2,
+        "nfe_backward_total": last[2] - last[2] // 2,
+        "nfe_total": last[2],
+        "cpu_seconds": last[3],
+        "T": [0.5],
+        "eval_curve": [
+            {"iteration": i, "test_nll": v, "nfe_total": n, "cpu_seconds": c}
+            for i, v, n, c in curve
+        ],
+        **extra,
+    }
+
+
+# ------------------------------------------------------------------- the commands the docs give
+
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+COMMAND = re.compile(r"python -m (benchmarks[\w.]*)([^`\n#]*)")
+
+
+def documented_commands() -> list[tuple[str, str, str]]:
+    """``(page, module, arguments)`` of every ``python -m benchmarks.NAME ...`` the pages give."""
+    found = []
+    for page in PAGES:
+        for m in COMMAND.finditer(page.read_text()):
+            args = re.split(r"\s(?:&&|\|\||;|\|)\s", m.group(2))[0].strip()
+            if "[" not in args and "..." not in args:  # a synopsis, not a command
+                found.append((page.relative_to(ROOT).as_posix(), m.group(1), args))
+    return found
+
+
+class _Parsed(Exception):
+    pass
+
+
+def test_the_docs_give_benchmark_commands_as_modules() -> None:
+    """``python -m benchmarks.NAME``, never a path (a script cannot import the package)."""
+    paths = {p.name: re.findall(r"python3? benchmarks/\w+\.py", p.read_text()) for p in PAGES}
+    assert not {k: v for k, v in paths.items() if v}
+    assert {module for _, module, _ in documented_commands()} >= {"benchmarks.compare"}
+
+
+@pytest.mark.parametrize(("page", "module", "args"), documented_commands())
+def test_every_documented_benchmark_command_parses(
+    page: str, module: str, args: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each command the docs give names a module whose ``main`` parses its arguments."""
+    if module == "benchmarks.fm_likelihood":
+        pytest.importorskip("flow_matching")
+    parse = argparse.ArgumentParser.parse_args
+
+    def parsed_then_stop(self: argparse.ArgumentParser, *given: object) -> None:
+        raise _Parsed(parse(self, *given))
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parsed_then_stop)
+    with pytest.raises(_Parsed):
+        importlib.import_module(module).main(shlex.split(args))
 
 
 # ----------------------------------------------------------------------------- compare.py
 
 
 def test_compare_benchmark_with_a_budget_and_flow_matching(tmp_path: Path) -> None:
-    res = _load("compare").main([
-        "--data", "8gaussians", "--iters", "3", "--eval-every", "2", "--configs", "ffjord", "ffjord-b2", "fm",
-        "--train-args", TINY, "--runs", str(tmp_path / "runs"), "--out", str(tmp_path), "--name", "smoke",
-        "--margin", "0.001", "--figure",
+    res = compare.main([
+        "--data", "8gaussians", "--iters", "3", "--eval-every", "2",
+        "--configs", "ffjord", "ffjord-b2", "fm", "--train-args", TINY,
+        "--runs", str(tmp_path / "runs"), "--out", str(tmp_path), "--name", "smoke",
+        "--margin", "0.001", "--figure", "--figures", str(tmp_path),
     ])  # fmt: skip
     rows = {r["config"]: r for r in res["rows"]["0"]}
     assert list(rows) == ["ffjord", "ffjord-b2", "fm"]
     base, budget, fm = rows["ffjord"], rows["ffjord-b2"], rows["fm"]
-    assert base["nfe_ratio_to_reach"] == pytest.approx(1.0) and base["reached_at_iteration"] == 3  # its own NLL
+    # its own NLL
+    assert base["nfe_ratio_to_reach"] == pytest.approx(1.0) and base["reached_at_iteration"] == 3
     assert base["target"] == pytest.approx(base["test_nll"] + 0.001)
     assert budget["budget"] == [2] and budget["guard_events"] == 0 and base["budget"] == [None]
-    # Flow matching trains for FFJORD's CPU time (on up to 1000x the iterations), one network evaluation each;
+    # Flow matching trains for FFJORD's CPU time (on up to 1000x the iterations), one network
+    # evaluation each;
     # how many iterations fit in that time depends on the machine.
-    assert 3 < fm["iters"] <= 3000 and (fm["cpu_seconds"] >= round(base["cpu_seconds"], 3) or fm["iters"] == 3000)
+    assert 3 < fm["iters"] <= 3000 and (
+        fm["cpu_seconds"] >= round(base["cpu_seconds"], 3) or fm["iters"] == 3000
+    )
     assert fm["nfe_forward_total"] == fm["iters"] and fm["nfe_backward_total"] == 0
     assert res["configs"]["fm"] == ("fm", ["--max-cpu-seconds", "ffjord"])
     text = (tmp_path / "smoke.md").read_text()
-    assert "NFE ratio to reach" in text and "Command:" in text and "| ffjord-b2 |" in text and "| 2 |" in text
-    assert json.loads((tmp_path / "smoke.json").read_text())["rows"] == json.loads(json.dumps(res["rows"]))
+    assert (
+        "NFE ratio to reach" in text
+        and "Command:" in text
+        and "| ffjord-b2 |" in text
+        and "| 2 |" in text
+    )
+    assert json.loads((tmp_path / "smoke.json").read_text())["rows"] == json.loads(
+        json.dumps(res["rows"])
+    )
     assert (tmp_path / "smoke.png").read_bytes()[:4] == b"\x89PNG"
 
-    windows = _load("windows")
     runs = [tmp_path / "runs" / "8gaussians" / f"{c}-s0" for c in ("ffjord", "ffjord-b2")]
     lines = windows.table(runs, every=1).splitlines()
     assert len(lines) == 2 + 3  # header, rule, one row per iteration
     log = json.loads((runs[1] / "metrics.json").read_text())["log"]
     nfe = log[1]["nfe_forward"] + log[1]["nfe_backward"]
-    assert lines[3].startswith("| 2 |") and f"/ {nfe:.1f} |" in lines[3] and "2 rk4 steps" in lines[0]
+    assert (
+        lines[3].startswith("| 2 |") and f"/ {nfe:.1f} |" in lines[3] and "2 rk4 steps" in lines[0]
+    )
     split = windows.table(runs, every=1, split=True).splitlines()
     assert f"/ {log[1]['nfe_forward']:.1f} + {log[1]['nfe_backward']:.1f} |" in split[3]
     with pytest.raises(ValueError, match="every"):
         windows.table(runs, every=0)
+    assert windows.main(["--every", "3", "--runs", *map(str, runs)]).count("\n") == 3
 
 
-def test_compare_reuse_takes_only_a_finished_run_with_the_same_settings(tmp_path: Path, monkeypatch) -> None:
-    compare = _load("compare")
-    argv = ["--data", "8gaussians", "--iters", "2", "--eval-every", "1", "--configs", "ffjord", "--reuse",
-            "--train-args", TINY.replace("8,8", "4"), "--runs", str(tmp_path / "runs"),
+def test_compare_reuse_takes_only_a_finished_run_with_the_same_settings(
+    tmp_path: Path, monkeypatch
+) -> None:
+    argv = ["--data", "8gaussians", "--iters", "2", "--eval-every", "1", "--configs", "ffjord",
+            "--reuse", "--train-args", TINY.replace("8,8", "4"), "--runs", str(tmp_path / "runs"),
             "--out", str(tmp_path), "--name", "reuse"]  # fmt: skip
     first = compare.main(argv)
     calls = []
-    monkeypatch.setattr(compare, "run", lambda args: calls.append(args) or pytest.fail("ran again"))
+    monkeypatch.setattr(
+        compare, "run", lambda args: calls.append(args) or pytest.fail("ran again")
+    )
     again = compare.main(argv)
     assert calls == [] and again["rows"] == first["rows"]
     monkeypatch.undo()
-    changed = compare.main([a.replace("--hidden 4", "--hidden 5") for a in argv])  # other settings: runs again
+    # other settings: runs again
+    changed = compare.main([a.replace("--hidden 4", "--hidden 5") for a in argv])
     assert changed["rows"]["0"][0]["nfe_forward_total"] > 0
-    config = json.loads((tmp_path / "runs" / "8gaussians" / "ffjord-s0" / "metrics.json").read_text())["config"]
+    config = json.loads(
+        (tmp_path / "runs" / "8gaussians" / "ffjord-s0" / "metrics.json").read_text()
+    )["config"]
     assert config["hidden"] == "5"
 
 
 def test_compare_summary_reach_and_margin() -> None:
-    compare = _load("compare")
     base = _metrics(1.0, [(0, 3.0, 0, 0.0), (2, 1.5, 10, 1.0), (4, 1.0, 20, 2.0)])
-    near = _metrics(1.004, [(0, 3.0, 0, 0.0), (2, 1.004, 6, 0.5), (4, 1.004, 12, 1.0)], budget=[2],
-                    guard_events=[{"step": 0}])
+    near = _metrics(
+        1.004,
+        [(0, 3.0, 0, 0.0), (2, 1.004, 6, 0.5), (4, 1.004, 12, 1.0)],
+        budget=[2],
+        guard_events=[{"step": 0}],
+    )
     worse = _metrics(1.5, [(0, 3.0, 0, 0.0), (4, 1.5, 8, 1.0)])
-    rows = {r["config"]: r for r in compare.summarise({"ffjord": base, "near": near, "worse": worse}, margin=0.005)}
-    assert rows["ffjord"]["target"] == pytest.approx(1.005) and rows["ffjord"]["reached_at_iteration"] == 4
-    # Within the margin at its first point below the target: iteration 2, 6 of FFJORD's 20 NFE, 0.5 of its 2 s.
+    rows = {
+        r["config"]: r
+        for r in compare.summarise({"ffjord": base, "near": near, "worse": worse}, margin=0.005)
+    }
+    assert (
+        rows["ffjord"]["target"] == pytest.approx(1.005)
+        and rows["ffjord"]["reached_at_iteration"] == 4
+    )
+    # Within the margin at its first point below the target: iteration 2, 6 of FFJORD's 20 NFE, 0.5
+    # of its 2 s.
     assert rows["near"]["reached_at_iteration"] == 2
     assert rows["near"]["nfe_ratio_to_reach"] == pytest.approx(0.3)
     assert rows["near"]["cpu_ratio_to_reach"] == pytest.approx(0.25)
-    assert rows["near"]["nfe_ratio_total"] == pytest.approx(0.6) and rows["near"]["guard_events"] == 1
-    assert compare.summarise({"ffjord": base, "near": near}, margin=0.001)[1]["reached_at_iteration"] is None
-    assert rows["worse"]["reached_at_iteration"] is None and rows["worse"]["nfe_ratio_to_reach"] is None
+    assert (
+        rows["near"]["nfe_ratio_total"] == pytest.approx(0.6) and rows["near"]["guard_events"] == 1
+    )
+    assert (
+        compare.summarise({"ffjord": base, "near": near}, margin=0.001)[1]["reached_at_iteration"]
+        is None
+    )
+    assert (
+        rows["worse"]["reached_at_iteration"] is None
+        and rows["worse"]["nfe_ratio_to_reach"] is None
+    )
     text = compare.markdown(list(rows.values()), "t")
-    assert "| worse | 1.5000 |" in text and "not reached | - | -" in text and "iter 2 | 0.30 | 0.25" in text
-    assert "| 2 (1 grown) |" in text and "target: FFJORD's final NLL + margin = 1.0050 nats" in text
-    assert compare.reach(base["eval_curve"], 1.5)["iteration"] == 2 and compare.reach(base["eval_curve"], 0.5) is None
+    assert (
+        "| worse | 1.5000 |" in text
+        and "not reached | - | -" in text
+        and "iter 2 | 0.30 | 0.25" in text
+    )
+    assert (
+        "| 2 (1 grown) |" in text and "target: FFJORD's final NLL + margin = 1.0050 nats" in text
+    )
+    assert (
+        compare.reach(base["eval_curve"], 1.5)["iteration"] == 2
+        and compare.reach(base["eval_curve"], 0.5) is None
+    )
 
 
-# ----------------------------------------------------------------------------- budget_eval.py, code_lines.py
+# ------------------------------------------------------------------- budget_eval.py, code_lines.py
 
 
-@pytest.mark.parametrize("method", ["ffjord", "rnode"])  # RNODE's state carries its regulariser integrals
+# RNODE's state carries its regulariser integrals
+@pytest.mark.parametrize("method", ["ffjord", "rnode"])
 def test_budget_eval_on_a_finished_run(tmp_path: Path, method: str) -> None:
     out = tmp_path / "run"
-    run(["--data", "8gaussians", "--method", method, "--iters", "1", "--out", str(out), "--no-progress", *TINY.split()])
-    rows = _load("budget_eval").main(["--runs", str(out), "--budgets", "2", "3", "--fit-steps", "2", "--fit-size", "16",
-                                      "--samples", "16", "--out", str(tmp_path), "--name", "be"])
+    run(
+        [
+            "--data",
+            "8gaussians",
+            "--method",
+            method,
+            "--iters",
+            "1",
+            "--out",
+            str(out),
+            "--no-progress",
+            *TINY.split(),
+        ]
+    )
+    rows = budget_eval.main(
+        [
+            "--runs",
+            str(out),
+            "--budgets",
+            "2",
+            "3",
+            "--fit-steps",
+            "2",
+            "--fit-size",
+            "16",
+            "--samples",
+            "16",
+            "--out",
+            str(tmp_path),
+            "--name",
+            "be",
+        ]
+    )
     assert [r["N"] for r in rows] == [2, 3] and [r["nfe_per_solve"] for r in rows] == [8, 12]
     for r in rows:
         assert r["nfe_ratio"] == pytest.approx(r["nfe_per_solve"] / r["nfe_dopri5_per_solve"])
         assert r["nll_error_uniform"] == pytest.approx(r["nll_uniform"] - r["nll_dopri5"])
         assert r["sample_error_uniform"] >= 0 and len(r["fit_error"]) == 1
     text = (tmp_path / "be.md").read_text()
-    assert text.count(f"| {tmp_path.name}/run (dopri5") == 2 and "nats" in text and "Command:" in text
+    assert (
+        text.count(f"| {tmp_path.name}/run (dopri5") == 2 and "nats" in text and "Command:" in text
+    )
     assert json.loads((tmp_path / "be.json").read_text())["rows"][0]["N"] == 2
 
 
 def test_code_lines_counts_code_only(tmp_path: Path) -> None:
-    code_lines = _load("code_lines")
     source = '''"""A module docstring
 over two lines."""
 # a comment
@@ -164,27 +310,94 @@ class A:
     (tmp_path / "pkg" / "skip").mkdir()
     (tmp_path / "pkg" / "skip" / "n.py").write_text("x = 1\n")
     measured = code_lines.measure([str(tmp_path / "pkg")], [str(tmp_path / "pkg" / "skip")])
-    assert measured["code_lines"] == 7 and measured["longest_functions"][0] == (f"{tmp_path / 'pkg' / 'm.py'}:f", 3)
+    assert measured["code_lines"] == 7 and measured["longest_functions"][0] == (
+        f"{tmp_path / 'pkg' / 'm.py'}:f",
+        3,
+    )
 
 
-# ----------------------------------------------------------------------------- ablation, soak, overhead
+def test_code_lines_command_measures_the_benchmarks(capsys: pytest.CaptureFixture[str]) -> None:
+    folder = ROOT / "benchmarks"
+    assert code_lines.main([str(folder), "--exclude", str(folder / "harness")]) == 0
+    measured = json.loads(capsys.readouterr().out)
+    assert measured["top_level_files"] == len(measured["files"]) > 10
+    longest = measured["longest_functions"][0][1]
+    assert measured["median_function"] <= measured["p90_function"] <= longest
+
+
+# ------------------------------------------------------------------------ rescaling, headline
+
+
+def test_rescaling_command_reproduces_its_committed_counts(tmp_path: Path) -> None:
+    rows = rescaling.main(["--out", str(tmp_path)])
+    assert all(r["nfe_over_T"] == r["nfe_rescaled"] for r in rows if r["first_step"] is not None)
+    committed = json.loads((ROOT / "benchmarks" / "results" / "rescaling.json").read_text())
+    committed = committed["rows"] if isinstance(committed, dict) else committed
+    keys = ("T", "first_step", "nfe_over_T", "nfe_rescaled")
+    assert [[r[k] for k in keys] for r in rows] == [[r[k] for k in keys] for r in committed]
+    text = (tmp_path / "rescaling.md").read_text()
+    assert "Command: `python -m benchmarks.rescaling --out" in text
+
+
+def _table(path: Path) -> list[str]:
+    return [line for line in path.read_text().splitlines() if line.startswith("|")]
+
+
+def test_headline_command_rewrites_the_committed_tables(tmp_path: Path) -> None:
+    """The tables derived from the committed compare results are the committed ones."""
+    results = ROOT / "benchmarks" / "results"
+    assert headline.main(["--out", str(tmp_path), "--figures", str(tmp_path)]) == 0
+    for name in ("headline", "budget_ablation", "budget_ablation_seeds"):
+        assert _table(tmp_path / f"{name}.md") == _table(results / f"{name}.md"), name
+
+
+def test_defaults_command_on_its_own_codebase_and_render(tmp_path: Path) -> None:
+    argv = ["--codebases", "torchdiffeq", "--T0", "0.5", "--iters", "2", "--out", str(tmp_path)]
+    assert defaults.main(argv) == 0
+    saved = json.loads((tmp_path / "defaults.json").read_text())
+    assert [r["config"] for r in saved["rows"]] == list(defaults.CONFIGS) and saved["iters"] == 2
+    assert saved["rows"][-1]["T"] == 0.5 and saved["rows"][1]["T"] != 0.5  # budget2: T fixed
+    committed = ROOT / "benchmarks" / "results" / "defaults.json"  # --render: the table from JSON
+    (tmp_path / "old.json").write_text(committed.read_text())
+    assert defaults.main(["--render", "--out", str(tmp_path), "--name", "old"]) == 0
+    assert _table(tmp_path / "old.md") == _table(committed.with_suffix(".md"))
+
+
+# ------------------------------------------------------------------------ ablation, soak, overhead
 
 
 def test_ablation_benchmark(tmp_path: Path) -> None:
-    res = _load("ablation").main([
-        "--iters", "2", "--alphas", "0", "1", "--epss", "0.2", "--eval-every", "1", "--train-args", TINY,
-        "--runs", str(tmp_path / "runs"), "--out", str(tmp_path), "--name", "abl",
+    res = ablation.main([
+        "--iters", "2", "--alphas", "0", "1", "--epss", "0.2", "--eval-every", "1",
+        "--train-args", TINY, "--runs", str(tmp_path / "runs"), "--out", str(tmp_path),
+        "--figures", str(tmp_path), "--name", "abl",
     ])  # fmt: skip
     settings = [(r["ablation"], r["alpha"], r["eps"]) for r in res["results"]]
     assert settings == [("alpha", 0.0, 0.1), ("alpha", 1.0, 0.1), ("eps", 0.1, 0.2)]
     assert all(len(r["abs_dLdT"]) == 2 and r["T"] != [0.5] for r in res["results"])
-    assert (tmp_path / "abl.png").read_bytes()[:4] == b"\x89PNG" and "mean abs dL/dT" in (tmp_path / "abl.md").read_text()
+    assert (tmp_path / "abl.png").read_bytes()[:4] == b"\x89PNG" and "mean abs dL/dT" in (
+        tmp_path / "abl.md"
+    ).read_text()
 
 
 def test_soak_benchmark(tmp_path: Path) -> None:
-    soak = _load("soak")
-    argv = ["--iters", "6", "--sample-every", "3", "--hidden", "8", "--batch", "16", "--budget", "2",
-            "--guard-every", "2", "--no-progress", "--out", str(tmp_path)]
+    argv = [
+        "--iters",
+        "6",
+        "--sample-every",
+        "3",
+        "--hidden",
+        "8",
+        "--batch",
+        "16",
+        "--budget",
+        "2",
+        "--guard-every",
+        "2",
+        "--no-progress",
+        "--out",
+        str(tmp_path),
+    ]
     assert soak.main(argv) == 0
     result = json.loads((tmp_path / "soak.json").read_text())
     assert result["passed"] and result["budget"] == [2] and result["checks"]["bad_grid"] == 0
@@ -196,21 +409,32 @@ def test_soak_benchmark(tmp_path: Path) -> None:
 
 
 def test_overhead_benchmark(tmp_path: Path) -> None:
-    res = _load("overhead").main(["--pairs", "2", "--warmup", "0", "--batch", "32", "--out", str(tmp_path)])
+    res = overhead.main(["--pairs", "2", "--warmup", "0", "--batch", "32", "--out", str(tmp_path)])
     assert res["outputs_equal"] and res["extra_evaluations"] == 1
-    assert res["nfe_horizon"]["forward"] == res["nfe_bare"]["forward"] and res["nfe_horizon"]["backward"] == 1
+    assert (
+        res["nfe_horizon"]["forward"] == res["nfe_bare"]["forward"]
+        and res["nfe_horizon"]["backward"] == 1
+    )
     assert json.loads((tmp_path / "overhead.json").read_text())["median_ratio"] > 0
     assert "`LearnableHorizon(T0=T)(func, y0)`" in (tmp_path / "overhead.md").read_text()
 
 
 def test_update_readme_fills_marked_blocks(tmp_path: Path, monkeypatch) -> None:
-    upd = _load("update_readme")
     (tmp_path / "x.md").write_text("| a |\n")
-    monkeypatch.setattr(upd, "RESULTS", tmp_path)
-    text, names = upd.fill("intro\n<!-- results:x -->\nold\n<!-- /results:x -->\nend\n")
+    monkeypatch.setattr(update_readme, "RESULTS", tmp_path)
+    text, names = update_readme.fill("intro\n<!-- results:x -->\nold\n<!-- /results:x -->\nend\n")
     assert names == ["x"] and "| a |" in text and "old" not in text
     with pytest.raises(SystemExit, match="does not exist"):
-        upd.fill("<!-- results:missing -->\n<!-- /results:missing -->")
+        update_readme.fill("<!-- results:missing -->\n<!-- /results:missing -->")
+    assert {ROOT / "README.md", ROOT / "docs" / "energy.md"} <= set(update_readme.pages())
+    page = tmp_path / "page.md"
+    page.write_text("<!-- results:x -->\nold\n<!-- /results:x -->\n")
+    monkeypatch.setattr(update_readme, "pages", lambda: [page])
+    monkeypatch.setattr(update_readme, "ROOT", tmp_path)
+    # stale, left as it is
+    assert update_readme.main(["--check"]) == 1 and "old" in page.read_text()
+    assert update_readme.main([]) == 0 and update_readme.main(["--check"]) == 0
+    assert page.read_text() == "<!-- results:x -->\n| a |\n<!-- /results:x -->\n"
 
 
 # ----------------------------------------------------------------------------- demo and quickstart
@@ -221,8 +445,14 @@ def test_demo(tmp_path: Path) -> None:
 
     res = main(["--iters", "2", "--hidden", "8,8", "--test-size", "64", "--out", str(tmp_path)])
     assert list(res) == ["ffjord", "ffjord-b4", "toflow-b4"]
-    assert res["ffjord"]["T"] == [0.5] and res["ffjord-b4"]["T"] == [0.5] and res["toflow-b4"]["T"] != [0.5]
-    assert res["ffjord"]["budget"] == [None] and res["ffjord-b4"]["budget"] == res["toflow-b4"]["budget"] == [4]
+    assert (
+        res["ffjord"]["T"] == [0.5]
+        and res["ffjord-b4"]["T"] == [0.5]
+        and res["toflow-b4"]["T"] != [0.5]
+    )
+    assert res["ffjord"]["budget"] == [None] and res["ffjord-b4"]["budget"] == res["toflow-b4"][
+        "budget"
+    ] == [4]
     table = (tmp_path / "comparison.md").read_text()
     assert [line.split("|")[1].strip() for line in table.splitlines()[2:5]] == list(res)
     for name in ("densities.png", "curves.png"):
@@ -233,18 +463,33 @@ def test_quickstart_runs_as_a_script_and_stays_short(tmp_path: Path) -> None:
     script = ROOT / "examples" / "quickstart.py"
     assert len(script.read_text().splitlines()) <= 150
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "MPLBACKEND": "Agg"}
-    done = subprocess.run([sys.executable, str(script), "--iters", "3", "--plot", str(tmp_path / "q.png")], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(script), "--iters", "3", "--plot", str(tmp_path / "q.png")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert [line.split()[:2] for line in lines[:3]] == [["iter", "1"], ["iter", "2"], ["iter", "3"]]
+    assert [line.split()[:2] for line in lines[:3]] == [
+        ["iter", "1"],
+        ["iter", "2"],
+        ["iter", "3"],
+    ]
     T = [float(line.split(" T ")[1].split()[0]) for line in lines[:3]]
     assert T == [0.5, 0.5, 0.5]  # on a budget T is fixed by default: the steps carry the cost
     nfe = [tuple(map(int, line.split(" NFE ")[1].split()[0].split("+"))) for line in lines[:3]]
     guard = [int(line.split("(guard ")[1].split()[0]) for line in lines[:3]]
-    # Cumulative: 4 rk4 steps x 4 stages forward, backpropagated through (no evaluation in backward, though the
-    # model names odeint_adjoint); the guard's check at the first step (its reference and its fit) is counted too.
-    assert [(b[0] - a[0], b[1] - a[1]) for a, b in zip(nfe, nfe[1:])] == [(16, 0), (16, 0)] and nfe[0][1] == 0
+    # Cumulative: 4 rk4 steps x 4 stages forward, backpropagated through (no evaluation in
+    # backward, though the
+    # model names odeint_adjoint); the guard's check at the first step (its reference and its fit)
+    # is counted too.
+    assert [(b[0] - a[0], b[1] - a[1]) for a, b in zip(nfe, nfe[1:])] == [
+        (16, 0),
+        (16, 0),
+    ] and nfe[0][1] == 0
     assert nfe[0][0] == 16 + guard[0] and guard[0] > 0 and guard[1] == guard[2] == guard[0]
     assert lines[3].startswith("test NLL ") and "nats (dopri5 1e-5)" in lines[3]
     assert f"training NFE {sum(nfe[-1])} " in lines[3] and f"T {T[-1]:.4f}" in lines[3]
@@ -259,15 +504,28 @@ def test_quickstart_adaptive(capsys: pytest.CaptureFixture[str]) -> None:
     assert "density:" not in capsys.readouterr().out
 
 
-def test_headline_figure_reads_each_results_runs_and_says_when_they_are_missing(tmp_path: Path, capsys) -> None:
-    head = _load("headline")
+def test_headline_figure_reads_each_results_runs_and_says_when_they_are_missing(
+    tmp_path: Path, capsys
+) -> None:
+    head = headline
     runs = tmp_path / "r"
     for config in ("ffjord", "fm"):
         (runs / "toy" / f"{config}-s3").mkdir(parents=True)
-        curve = [{"iteration": i, "cpu_seconds": 2.0 * i, "test_nll": 3.0 - 0.1 * i} for i in range(4)]
-        (runs / "toy" / f"{config}-s3" / "metrics.json").write_text(json.dumps({"test_nll": 2.7, "eval_curve": curve}))
-    res = {"seeds": [3], "configs": {"ffjord": ["ffjord", []], "fm": ["fm", []]}, "runs": str(runs)}
+        curve = [
+            {"iteration": i, "cpu_seconds": 2.0 * i, "test_nll": 3.0 - 0.1 * i} for i in range(4)
+        ]
+        (runs / "toy" / f"{config}-s3" / "metrics.json").write_text(
+            json.dumps({"test_nll": 2.7, "eval_curve": curve})
+        )
+    res = {
+        "seeds": [3],
+        "configs": {"ffjord": ["ffjord", []], "fm": ["fm", []]},
+        "runs": str(runs),
+    }
     head.figure({"toy": res}, tmp_path / "a.png")
     assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
     head.figure({"toy": {**res, "runs": str(tmp_path / "nowhere")}}, tmp_path / "b.png")
-    assert not (tmp_path / "b.png").exists() and "b.png not redrawn: its runs are not here" in capsys.readouterr().out
+    assert (
+        not (tmp_path / "b.png").exists()
+        and "b.png not redrawn: its runs are not here" in capsys.readouterr().out
+    )

@@ -1,4 +1,4 @@
-"""The energy targets, their reference samples, the estimators and the reverse-KL benchmark (benchmarks/energy.py)."""
+"""The energy targets, their reference samples, the estimators and the reverse-KL benchmark."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 import torch
 from scipy import integrate
 
+from benchmarks import energy
 from benchmarks.harness.cnf import ConcatSquashLinear, build_toy_model, standard_normal_logprob
 from benchmarks.harness.energies import (
     DW4,
@@ -22,15 +23,9 @@ from benchmarks.harness.energies import (
     metropolis,
     split_rhat,
 )
+from benchmarks.scoring import energy_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _energy_module():
-    spec = importlib.util.spec_from_file_location("energy_benchmark", ROOT / "benchmarks" / "energy.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # ----------------------------------------------------------------------------- Many-Well
@@ -38,10 +33,15 @@ def _energy_module():
 
 def test_many_well_log_z_is_the_quadrature_and_fabs_value() -> None:
     target = ManyWell(dim=32)
-    z1, _ = integrate.quad(lambda x: math.exp(0.5 * x + 6 * x**2 - x**4), -np.inf, np.inf, epsabs=0, epsrel=1e-12)
+    z1, _ = integrate.quad(
+        lambda x: math.exp(0.5 * x + 6 * x**2 - x**4), -np.inf, np.inf, epsabs=0, epsrel=1e-12
+    )
     assert target.log_z1 == pytest.approx(math.log(z1), abs=1e-9)
-    assert target.log_Z == pytest.approx(16 * (math.log(z1) + 0.5 * math.log(2 * math.pi)), abs=1e-8)
-    assert target.log_Z == pytest.approx(164.69568, abs=1e-4)  # the value FAB reports for its 32-D Many-Well
+    assert target.log_Z == pytest.approx(
+        16 * (math.log(z1) + 0.5 * math.log(2 * math.pi)), abs=1e-8
+    )
+    # the value FAB reports for its 32-D Many-Well
+    assert target.log_Z == pytest.approx(164.69568, abs=1e-4)
 
 
 def test_many_well_energy_is_fabs_double_well_per_pair() -> None:
@@ -58,8 +58,13 @@ def test_many_well_samples_are_exact() -> None:
     target = ManyWell(dim=4)
     x = target.reference(200_000, seed=3)
     z1 = integrate.quad(lambda d: math.exp(0.5 * d + 6 * d**2 - d**4), -6, 6, epsrel=1e-12)[0]
-    mean = integrate.quad(lambda d: d * math.exp(0.5 * d + 6 * d**2 - d**4), -6, 6, epsrel=1e-12)[0] / z1
-    right = integrate.quad(lambda d: math.exp(0.5 * d + 6 * d**2 - d**4), 0, 6, epsrel=1e-12)[0] / z1
+    mean = (
+        integrate.quad(lambda d: d * math.exp(0.5 * d + 6 * d**2 - d**4), -6, 6, epsrel=1e-12)[0]
+        / z1
+    )
+    right = (
+        integrate.quad(lambda d: math.exp(0.5 * d + 6 * d**2 - d**4), 0, 6, epsrel=1e-12)[0] / z1
+    )
     se = 1.0 / math.sqrt(x.shape[0] * 2)  # both well coordinates, std below 2
     assert x[:, 0::2].mean().item() == pytest.approx(mean, abs=4 * 2 * se)
     assert (x[:, 0::2] > 0).double().mean().item() == pytest.approx(right, abs=4 * 0.5 * se)
@@ -78,8 +83,13 @@ def test_gmm40_is_a_normalized_mixture_of_fabs_recipe() -> None:
     x = torch.cartesian_prod(grid, grid)
     mass = torch.exp(-target.energy(x)).sum() * (grid[1] - grid[0]) ** 2
     assert mass.item() == pytest.approx(1.0, abs=1e-6)  # so log Z = 0
-    one = target.means[7:8] + torch.tensor([[0.3, -1.1]], dtype=torch.float64)  # near one mode, far from the rest
-    direct = -math.log(1 / 40) + 0.5 * (0.3**2 + 1.1**2) / target.std**2 + math.log(2 * math.pi * target.std**2)
+    # near one mode, far from the rest
+    one = target.means[7:8] + torch.tensor([[0.3, -1.1]], dtype=torch.float64)
+    direct = (
+        -math.log(1 / 40)
+        + 0.5 * (0.3**2 + 1.1**2) / target.std**2
+        + math.log(2 * math.pi * target.std**2)
+    )
     assert target.energy(one).item() <= direct + 1e-9  # the other modes only add mass
 
 
@@ -99,7 +109,8 @@ def test_gmm40_samples_are_exact() -> None:
 
 def test_dw4_energy_is_the_pair_double_well_plus_the_centre_of_mass_term() -> None:
     target = DW4()
-    x = torch.tensor([[0.0, 0.0, 3.0, 0.0, 0.0, 4.0, 3.0, 4.0]], dtype=torch.float64)  # a 3 x 4 rectangle
+    # a 3 x 4 rectangle
+    x = torch.tensor([[0.0, 0.0, 3.0, 0.0, 0.0, 4.0, 3.0, 4.0]], dtype=torch.float64)
     d = torch.tensor([3.0, 4.0, 5.0, 5.0, 4.0, 3.0]) - 4.0
     com = torch.tensor([1.5, 2.0])
     expected = (0.9 * d**4 - 4 * d**2).sum() + 0.5 * 4 * com.pow(2).sum()
@@ -118,12 +129,21 @@ def test_metropolis_samples_a_gaussian_and_tempering_balances_two_wells() -> Non
     x, info = metropolis(lambda x: 0.5 * x.pow(2).sum(1), 2, chains=200, steps=2000, seed=0)
     assert x.mean().abs().item() < 0.05 and x.var().item() == pytest.approx(1.0, abs=0.05)
     assert info["rhat_energy"] < 1.02 and 0.2 < info["acceptance"] < 0.4
-    # A 1-D double well with a barrier of 8 (kT): plain chains stay where they start, tempering mixes them.
+    # A 1-D double well with a barrier of 8 (kT): plain chains stay where they start, tempering
+    # mixes them.
     well = lambda x: 2 * (x[:, 0].pow(2) - 4).pow(2) / 4  # noqa: E731
     side = {"side": lambda x: (x[:, 0] > 0).double()}
     _, stuck = metropolis(well, 1, chains=100, steps=2000, seed=0, init_scale=3.0, statistics=side)
-    x, mixed = metropolis(well, 1, chains=100, steps=2000, seed=0, init_scale=3.0, statistics=side,
-                          betas=(1.0, 0.5, 0.25, 0.1))
+    x, mixed = metropolis(
+        well,
+        1,
+        chains=100,
+        steps=2000,
+        seed=0,
+        init_scale=3.0,
+        statistics=side,
+        betas=(1.0, 0.5, 0.25, 0.1),
+    )
     assert stuck["rhat_side"] > 1.5 and mixed["rhat_side"] < 1.05
     assert (x[:, 0] > 0).double().mean().item() == pytest.approx(0.5, abs=0.05)
     with pytest.raises(ValueError, match="betas must start at 1.0"):
@@ -137,10 +157,14 @@ def test_effective_sample_size_closed_forms() -> None:
     assert effective_sample_size(torch.zeros(10)) == pytest.approx(1.0)
     w = torch.tensor([1.0, 2.0, 3.0])
     assert effective_sample_size(w.log()) == pytest.approx(36 / (3 * 14))
-    assert effective_sample_size(torch.tensor([0.0, -math.inf, -math.inf, -math.inf])) == pytest.approx(0.25)
-    assert effective_sample_size(torch.tensor([0.0, math.nan])) == pytest.approx(0.5)  # NaN: no weight
+    assert effective_sample_size(
+        torch.tensor([0.0, -math.inf, -math.inf, -math.inf])
+    ) == pytest.approx(0.25)
+    # NaN: no weight
+    assert effective_sample_size(torch.tensor([0.0, math.nan])) == pytest.approx(0.5)
     assert effective_sample_size(torch.full((3,), math.nan)) == 0.0
-    assert effective_sample_size(torch.tensor([1000.0, 1000.0])) == pytest.approx(1.0)  # no overflow
+    # no overflow
+    assert effective_sample_size(torch.tensor([1000.0, 1000.0])) == pytest.approx(1.0)
 
 
 def test_energy_w1_and_split_rhat() -> None:
@@ -165,11 +189,15 @@ class _Gaussian:
         return 0.5 * x.pow(2).sum(1)
 
     def reference(self, n: int, seed: int = 0) -> torch.Tensor:
-        return torch.randn(n, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        return torch.randn(
+            n, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64
+        )
 
 
 def _identity_cnf(budget: int | None = None) -> torch.nn.Module:
-    model = build_toy_model(hidden=(8,), dim=2, T0=1.0, time_mode="fixed", budget=budget, count=True).double()
+    model = build_toy_model(
+        hidden=(8,), dim=2, T0=1.0, time_mode="fixed", budget=budget, count=True
+    ).double()
     last = [m for m in model.modules() if isinstance(m, ConcatSquashLinear)][-1]
     for name in ("linear", "hyper_bias"):
         for p in getattr(last, name).parameters():
@@ -177,69 +205,93 @@ def _identity_cnf(budget: int | None = None) -> torch.nn.Module:
     return model
 
 
-def test_reverse_kl_is_zero_when_the_flow_is_the_target_and_log_q_matches_the_forward_density() -> None:
-    energy = _energy_module()
+def test_reverse_kl_is_zero_on_the_target_and_log_q_matches_the_forward_density() -> None:
     model, target = _identity_cnf(), _Gaussian()
     z = torch.randn(500, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     kl, reg = energy.reverse_kl(model, target, z)
     assert kl.item() + target.log_Z == pytest.approx(0.0, abs=1e-10) and reg.item() == 0.0
-    # A trained-looking field: log q from the sampling solve equals the density of the sample, solved forward.
+    # A trained-looking field: log q from the sampling solve equals the density of the sample,
+    # solved forward.
     torch.manual_seed(0)
     tight = {"method": "dopri5", "rtol": 1e-10, "atol": 1e-10}
-    model = build_toy_model(hidden=(16, 16), dim=2, T0=1.0, time_mode="fixed", solver_kwargs=tight).double()
+    model = build_toy_model(
+        hidden=(16, 16), dim=2, T0=1.0, time_mode="fixed", solver_kwargs=tight
+    ).double()
     x, logq, _ = model(z[:20], standard_normal_logprob(z[:20]), reverse=True)
     back, delta, _ = model(x.detach(), x.new_zeros(20))
     assert (x.detach() - z[:20]).abs().max() > 0.05  # the map is not the identity
     torch.testing.assert_close(back, z[:20], atol=1e-7, rtol=0)
-    torch.testing.assert_close(standard_normal_logprob(back) - delta, logq.detach(), atol=1e-7, rtol=0)
+    torch.testing.assert_close(
+        standard_normal_logprob(back) - delta, logq.detach(), atol=1e-7, rtol=0
+    )
 
 
 def test_score_on_the_exact_flow_gives_full_ess_and_log_z() -> None:
-    energy = _energy_module()
     target = _Gaussian()
-    out = energy.score(_identity_cnf(budget=2), target, target.reference(400), seed=0)
+    out = energy_metrics(_identity_cnf(budget=2), target, target.reference(400), seed=0)
     assert out["ess"] == pytest.approx(100.0) and out["ess_on_budget"] == pytest.approx(100.0)
-    assert out["log_Z_error"] == pytest.approx(0.0, abs=1e-9) and out["reverse_kl"] == pytest.approx(0.0, abs=1e-9)
+    assert out["log_Z_error"] == pytest.approx(0.0, abs=1e-9) and out[
+        "reverse_kl"
+    ] == pytest.approx(0.0, abs=1e-9)
     assert out["nonfinite"] == 0 and out["score_nfe"] > 0
-    assert out["nll_reference"] == pytest.approx(-standard_normal_logprob(target.reference(400)).mean().item())
+    assert out["nll_reference"] == pytest.approx(
+        -standard_normal_logprob(target.reference(400)).mean().item()
+    )
 
 
 def test_benchmark_trains_scores_and_reports(tmp_path: Path) -> None:
-    energy = _energy_module()
     runs = tmp_path / "runs"
-    energy.main(["train", "--target", "manywell", "--cpu", "1", "--checkpoints", "2", "--batch", "16",
-                 "--configs", "dopri5", "b2", "--runs", str(runs)])
-    res = energy.main(["report", "--runs", str(runs), "--n", "64", "--out", str(tmp_path), "--figures", str(tmp_path),
-                       "--name", "t"])
+    energy.main([
+        "train", "--target", "manywell", "--cpu-seconds", "1", "--checkpoints", "2",
+        "--batch", "16", "--configs", "dopri5", "b2", "--runs", str(runs),
+    ])  # fmt: skip
+    res = energy.main([
+        "report", "--runs", str(runs), "--n", "64", "--out", str(tmp_path),
+        "--figures", str(tmp_path), "--name", "t",
+    ])  # fmt: skip
     rows = {r["config"]: r for r in res["rows"]}
     assert list(rows) == ["dopri5", "b2"]
     b2, base = rows["b2"], rows["dopri5"]
     assert b2["budget"] == 2 and base["budget"] is None and b2["guard"]["checks"] >= 1
-    assert len(b2["curve"]) == 2 and b2["curve"][0]["cpu"] >= 0.5 and b2["nfe"] >= b2["curve"][0]["nfe"]
+    assert (
+        len(b2["curve"]) == 2
+        and b2["curve"][0]["cpu"] >= 0.5
+        and b2["nfe"] >= b2["curve"][0]["nfe"]
+    )
     assert 0 <= b2["ess"] <= 100 and "ess_on_budget" in b2 and "ess_on_budget" not in base
     assert base["log_Z_error"] == pytest.approx(base["log_Z_estimate"] - ManyWell().log_Z)
     assert base["reach_cpu_ratio"] is not None  # the dopri5 run reaches its own final ESS
     text = (tmp_path / "t.md").read_text()
-    assert "Reference: exact samples." in text and "| 2 rk4 steps, guard |" in text and "Command:" in text
+    assert (
+        "Reference: exact samples." in text
+        and "| 2 rk4 steps, guard |" in text
+        and "Command:" in text
+    )
     assert json.loads((tmp_path / "t.json").read_text())["rows"][0]["config"] == "dopri5"
     assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
     assert not list(tmp_path.glob("t_*.png"))  # sample pictures only for 2-D targets
 
 
 def test_benchmark_draws_a_two_dimensional_target(tmp_path: Path) -> None:
-    energy = _energy_module()
     runs = tmp_path / "runs"
-    energy.main(["train", "--target", "gmm40", "--cpu", "0.5", "--checkpoints", "1", "--batch", "16",
-                 "--configs", "b2", "--runs", str(runs)])
-    res = energy.main(["report", "--runs", str(runs), "--n", "64", "--out", str(tmp_path), "--figures", str(tmp_path),
-                       "--name", "t"])
+    energy.main([
+        "train", "--target", "gmm40", "--cpu-seconds", "0.5", "--checkpoints", "1",
+        "--batch", "16", "--configs", "b2", "--runs", str(runs),
+    ])  # fmt: skip
+    res = energy.main([
+        "report", "--runs", str(runs), "--n", "64", "--out", str(tmp_path),
+        "--figures", str(tmp_path), "--name", "t",
+    ])  # fmt: skip
     (row,) = res["rows"]
-    assert row["run"] == "gmm40-s0" and row["log_Z_error"] == pytest.approx(row["log_Z_estimate"])  # log Z = 0
+    # log Z = 0
+    assert row["run"] == "gmm40-s0" and row["log_Z_error"] == pytest.approx(row["log_Z_estimate"])
     assert (tmp_path / "t_gmm40-s0.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_reverse_kl_example_runs_on_a_budget_and_adaptive() -> None:
-    spec = importlib.util.spec_from_file_location("reverse_kl", ROOT / "examples" / "reverse_kl.py")
+    spec = importlib.util.spec_from_file_location(
+        "reverse_kl", ROOT / "examples" / "reverse_kl.py"
+    )
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
     budget = example.main(["--iters", "6"])

@@ -1,4 +1,4 @@
-"""Tests of benchmarks.harness.cnf: divergence estimators, RNODE integrands, layers, and CNF blocks through the horizon."""
+"""benchmarks.harness.cnf: divergence estimators, RNODE integrands, layers, CNF blocks."""
 
 from __future__ import annotations
 
@@ -72,7 +72,9 @@ def test_layers_take_a_scalar_time_or_one_per_sample(kind: str) -> None:
     t = torch.linspace(0.1, 0.9, 5)[:, None]
     per_sample = layer(t, x)
     for i in range(5):  # row i sees its own time, as a batch of one at that scalar time would
-        torch.testing.assert_close(per_sample[i : i + 1], layer(float(t[i]), x[i : i + 1]), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(
+            per_sample[i : i + 1], layer(float(t[i]), x[i : i + 1]), rtol=1e-12, atol=1e-12
+        )
     assert not torch.allclose(per_sample, scalar)
 
 
@@ -94,7 +96,9 @@ def test_flat_mlp_on_images_is_the_mlp_on_the_flattened_vector() -> None:
 
 @pytest.mark.parametrize("layer_type", ["concatsquash", "concat"])
 @pytest.mark.parametrize("nonlinearity", ["tanh", "softplus"])
-def test_exact_divergence_and_integrands_equal_brute_force(layer_type: str, nonlinearity: str) -> None:
+def test_exact_divergence_and_integrands_equal_brute_force(
+    layer_type: str, nonlinearity: str
+) -> None:
     net = ODEnet(3, (16, 16), layer_type, nonlinearity)
     func = ODEfunc(net, "exact", kinetic=2.0, jacobian=3.0)
     assert func.reg_names == ("kinetic", "jacobian")
@@ -104,7 +108,8 @@ def test_exact_divergence_and_integrands_equal_brute_force(layer_type: str, nonl
     f = net(0.3, z)
     torch.testing.assert_close(dz, f)
     torch.testing.assert_close(-neg_div, jac.diagonal(dim1=1, dim2=2).sum(1))
-    # RNODE's integrands (cfinlay/ffjord-rnode): 0.5 mean_i f_i^2 and |J|_F^2 / d; raw (coefficients weigh them in CNF)
+    # RNODE's integrands (cfinlay/ffjord-rnode): 0.5 mean_i f_i^2 and |J|_F^2 / d; raw
+    # (coefficients weigh them in CNF)
     torch.testing.assert_close(kinetic, 0.5 * f.pow(2).sum(1) / 3)
     torch.testing.assert_close(frobenius, jac.pow(2).sum((1, 2)) / 3)
 
@@ -148,7 +153,11 @@ def test_hutchinson_agrees_with_exact_in_expectation(noise: str) -> None:
         assert set(hutch._probe.unique().tolist()) == {-1.0, 1.0}
     for estimate, target in ((neg_est, neg_div), (frob_est, frobenius)):
         stderr = estimate.std() / math.sqrt(copies)
-        assert abs(estimate.mean() - target[0]) < 5 * stderr + 1e-12, (estimate.mean(), target[0], stderr)
+        assert abs(estimate.mean() - target[0]) < 5 * stderr + 1e-12, (
+            estimate.mean(),
+            target[0],
+            stderr,
+        )
 
 
 def test_probe_is_held_between_before_odeint_calls() -> None:
@@ -170,9 +179,17 @@ def test_probe_is_held_between_before_odeint_calls() -> None:
 def test_probe_drawn_once_per_solve(monkeypatch: pytest.MonkeyPatch) -> None:
     draws = []
     original = torch.randint_like
-    monkeypatch.setattr(torch, "randint_like", lambda *a, **k: draws.append(1) or original(*a, **k))
-    model = build_toy_model((8, 8), divergence="hutchinson", jacobian=0.1, solver_kwargs=TIGHT, adjoint=True,
-                            count=True)
+    monkeypatch.setattr(
+        torch, "randint_like", lambda *a, **k: draws.append(1) or original(*a, **k)
+    )
+    model = build_toy_model(
+        (8, 8),
+        divergence="hutchinson",
+        jacobian=0.1,
+        solver_kwargs=TIGHT,
+        adjoint=True,
+        count=True,
+    )
     x = torch.randn(16, 2)
     nll, regs = nll_and_reg(model, x)
     (nll + regs["jacobian"]).backward()
@@ -194,9 +211,12 @@ def test_divergence_graph_only_when_grad_enabled() -> None:
         assert not any(o.requires_grad for o in out)
         out = func(0.0, state)
         assert all(o.requires_grad for o in out)
-        # create_graph: the divergence is differentiable w.r.t. the weights (FFJORD's loss needs it).
+        # create_graph: the divergence is differentiable w.r.t. the weights (FFJORD's loss needs
+        # it).
         for integrand in (out[1], out[3]):
-            (grad,) = torch.autograd.grad(integrand.sum(), net.layers[0].linear.weight, retain_graph=True)
+            (grad,) = torch.autograd.grad(
+                integrand.sum(), net.layers[0].linear.weight, retain_graph=True
+            )
             assert grad.abs().sum() > 0
 
 
@@ -207,8 +227,11 @@ def test_regularisers_are_a_configuration() -> None:
     assert ODEfunc(ODEnet(2, (8,)), jacobian=0.5).reg_names == ("jacobian",)
     with pytest.raises(ValueError, match="regs"):
         func(0.0, (torch.randn(3, 2), torch.zeros(3), torch.zeros(3)))
-    for kwargs, word in (({"divergence": "approx"}, "divergence"), ({"noise": "uniform"}, "noise"),
-                         ({"kinetic": -1.0}, "kinetic")):
+    for kwargs, word in (
+        ({"divergence": "approx"}, "divergence"),
+        ({"noise": "uniform"}, "noise"),
+        ({"kinetic": -1.0}, "kinetic"),
+    ):
         with pytest.raises(ValueError, match=word):
             ODEfunc(ODEnet(2, (8,)), **kwargs)
     with pytest.raises(ValueError, match="layer_type"):
@@ -217,11 +240,14 @@ def test_regularisers_are_a_configuration() -> None:
         ODEnet(2, (8,), nonlinearity="relu")
 
 
-# ----------------------------------------------------------------------------- CNF on a linear field
+# --------------------------------------------------------------------------- CNF on a linear field
 
 
 class _Spiral(nn.Module):
-    """f(z) = A z with A = [[a, -b], [b, a]]: z(t) = e^{at} R(bt) z, tr A = 2a, |f|^2 = (a^2 + b^2) |z|^2."""
+    """f(z) = A z with A = [[a, -b], [b, a]]: closed forms.
+
+    z(t) = e^{at} R(bt) z, tr A = 2a, |f|^2 = (a^2 + b^2) |z|^2.
+    """
 
     def __init__(self, a: float, b: float) -> None:
         super().__init__()
@@ -229,7 +255,9 @@ class _Spiral(nn.Module):
         self.b = nn.Parameter(torch.tensor(b))
 
     def forward(self, t: Tensor, z: Tensor) -> Tensor:
-        return torch.stack([self.a * z[:, 0] - self.b * z[:, 1], self.b * z[:, 0] + self.a * z[:, 1]], dim=1)
+        return torch.stack(
+            [self.a * z[:, 0] - self.b * z[:, 1], self.b * z[:, 0] + self.a * z[:, 1]], dim=1
+        )
 
 
 def test_cnf_closed_form_on_a_linear_field() -> None:
@@ -238,13 +266,17 @@ def test_cnf_closed_form_on_a_linear_field() -> None:
     z = torch.randn(7, 2)
     out = block(z)
     c, s = math.cos(b * T), math.sin(b * T)
-    expected = math.exp(a * T) * torch.stack([c * z[:, 0] - s * z[:, 1], s * z[:, 0] + c * z[:, 1]], dim=1)
+    expected = math.exp(a * T) * torch.stack(
+        [c * z[:, 0] - s * z[:, 1], s * z[:, 0] + c * z[:, 1]], dim=1
+    )
     torch.testing.assert_close(out.z, expected, rtol=1e-7, atol=1e-8)
     torch.testing.assert_close(out.logp, torch.full((7,), -2 * a * T), rtol=1e-7, atol=1e-8)
-    kinetic = (a * a + b * b) / (2 * a) * math.expm1(2 * a * T) * z.pow(2).sum(1)  # integral of |f|^2 dt
+    # integral of |f|^2 dt
+    kinetic = (a * a + b * b) / (2 * a) * math.expm1(2 * a * T) * z.pow(2).sum(1)
     # coefficient 0.5 times RNODE's integrand 0.5 |f|^2 / d with d = 2
     torch.testing.assert_close(out.regs["kinetic"], 0.5 * kinetic / 4, rtol=1e-7, atol=1e-8)
-    # A (B, 1) logp works too; reverse integration returns to z with a positive penalty of the same size.
+    # A (B, 1) logp works too; reverse integration returns to z with a positive penalty of the same
+    # size.
     torch.testing.assert_close(block(z, torch.zeros(7, 1)).logp.reshape(-1), out.logp)
     back = block(out.z, out.logp, reverse=True)
     torch.testing.assert_close(back.z, z, rtol=1e-7, atol=1e-8)
@@ -275,7 +307,9 @@ def test_toflow_time_gradient_matches_finite_differences() -> None:
         for T in (0.5 + h, 0.5 - h):
             block.horizon.T.fill_(T)
             values.append(nll_and_reg(block, x)[0])
-    torch.testing.assert_close(block.horizon.T.grad, (values[0] - values[1]) / (2 * h), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(
+        block.horizon.T.grad, (values[0] - values[1]) / (2 * h), rtol=1e-5, atol=1e-7
+    )
 
 
 # ----------------------------------------------------------------------------- the time modes
@@ -283,7 +317,9 @@ def test_toflow_time_gradient_matches_finite_differences() -> None:
 
 @pytest.mark.parametrize("adjoint", [False, True])
 def test_ffjord_frozen_T_is_a_plain_odeint_solve(adjoint: bool) -> None:
-    model = build_toy_model((8,), time_mode="fixed", kinetic=0.1, solver_kwargs=TIGHT, adjoint=adjoint)
+    model = build_toy_model(
+        (8,), time_mode="fixed", kinetic=0.1, solver_kwargs=TIGHT, adjoint=adjoint
+    )
     block, x = model.chain[0], torch.randn(5, 2)
     assert not block.horizon.T.requires_grad and block.horizon.budget is None
     out = block(x)
@@ -292,7 +328,9 @@ def test_ffjord_frozen_T_is_a_plain_odeint_solve(adjoint: bool) -> None:
     grads = [p.grad.clone() for p in network_parameters(model)]
     model.zero_grad()
     solver = torchdiffeq.odeint_adjoint if adjoint else torchdiffeq.odeint
-    z, logp, kinetic = solver(block.odefunc, _state(block.odefunc, x), torch.tensor([0.0, 0.5]), **TIGHT)
+    z, logp, kinetic = solver(
+        block.odefunc, _state(block.odefunc, x), torch.tensor([0.0, 0.5]), **TIGHT
+    )
     assert torch.equal(out.z, z[-1]) and torch.equal(out.logp, logp[-1])
     torch.testing.assert_close(out.regs["kinetic"], 0.1 * kinetic[-1], rtol=0, atol=0)
     (z[-1].sum() + logp[-1].sum() + 0.1 * kinetic[-1].sum()).backward()
@@ -337,7 +375,9 @@ class _Failing(nn.Module):
 
 @pytest.mark.parametrize("time_mode", ["learn", "fixed", "steer"])
 def test_every_parameter_gets_a_gradient(time_mode: str) -> None:
-    model = build_toy_model((8,), num_blocks=2, kinetic=0.1, time_mode=time_mode, solver_kwargs=TIGHT)
+    model = build_toy_model(
+        (8,), num_blocks=2, kinetic=0.1, time_mode=time_mode, solver_kwargs=TIGHT
+    )
     nll, regs = nll_and_reg(model, torch.randn(8, 2))
     (nll + sum(regs.values())).backward()
     for name, p in model.named_parameters():
@@ -345,10 +385,15 @@ def test_every_parameter_gets_a_gradient(time_mode: str) -> None:
             assert p.grad is not None, name
     learned = time_mode == "learn"
     for block in model.chain:
-        assert block.horizon.T.requires_grad is learned and (block.horizon.T.grad is not None) is learned
+        assert (
+            block.horizon.T.requires_grad is learned
+            and (block.horizon.T.grad is not None) is learned
+        )
     horizon_ids = {id(block.horizon.T) for block in model.chain}
     assert all(id(p) not in horizon_ids for p in network_parameters(model))
-    assert len(network_parameters(model)) + 2 * learned == sum(p.requires_grad for p in model.parameters())
+    assert len(network_parameters(model)) + 2 * learned == sum(
+        p.requires_grad for p in model.parameters()
+    )
 
 
 def test_coordinate_descent_step_moves_T_only_in_learn_mode() -> None:
@@ -369,12 +414,24 @@ def test_coordinate_descent_step_moves_T_only_in_learn_mode() -> None:
 @pytest.mark.parametrize("time_mode", ["fixed", "learn"])
 @pytest.mark.parametrize("adjoint", [False, True])
 def test_budget_blocks_take_4N_evaluations(time_mode: str, adjoint: bool) -> None:
-    model = build_toy_model((8,), num_blocks=2, time_mode=time_mode, solver_kwargs=TIGHT, adjoint=adjoint,
-                            budget=3, count=True)
+    model = build_toy_model(
+        (8,),
+        num_blocks=2,
+        time_mode=time_mode,
+        solver_kwargs=TIGHT,
+        adjoint=adjoint,
+        budget=3,
+        count=True,
+    )
     nll, _ = nll_and_reg(model, torch.randn(5, 2))
-    assert nfe(model, reset=True) == {"forward": 2 * 4 * 3, "backward": 0}  # whatever solver_kwargs say
+    # whatever solver_kwargs say
+    assert nfe(model, reset=True) == {
+        "forward": 2 * 4 * 3,
+        "backward": 0,
+    }
     nll.backward()
-    # odeint or odeint_adjoint: a budget backpropagates through its steps (0.4), no evaluation in backward.
+    # odeint or odeint_adjoint: a budget backpropagates through its steps (0.4), no evaluation in
+    # backward.
     assert nfe(model) == {"forward": 0, "backward": 0}
     assert all((b.horizon.T.grad is not None) == (time_mode == "learn") for b in model.chain)
 
@@ -387,16 +444,21 @@ def test_budget_block_matches_an_rk4_solve_and_scores_adaptively() -> None:
     rk4 = torchdiffeq.odeint(block.odefunc, state, grid, method="rk4")
     torch.testing.assert_close(block(x).z, rk4[0][-1], rtol=1e-12, atol=1e-12)
     exact = block.eval()(x)  # eval(): the horizon's reference, the block's own solver settings
-    torch.testing.assert_close(exact.z, torchdiffeq.odeint(block.odefunc, state, grid[[0, -1]], **TIGHT)[0][-1])
+    torch.testing.assert_close(
+        exact.z, torchdiffeq.odeint(block.odefunc, state, grid[[0, -1]], **TIGHT)[0][-1]
+    )
     assert not torch.equal(exact.z, rk4[0][-1])
 
 
 def test_the_loss_never_moves_the_placement() -> None:
     model = build_toy_model((8,), solver_kwargs=TIGHT, budget=2)
     horizon = model.chain[0].horizon
-    assert horizon.budget.reference is None and horizon.T.requires_grad  # the reference: the call's TIGHT
-    assert horizon.budget.reference_for(model.chain[0].solver_kwargs) == TIGHT  # TO-FLOW learns T on a budget too
-    assert all(p is not horizon.budget.placement for p in model.parameters())  # a buffer: no optimizer holds it
+    # the reference: the call's TIGHT
+    assert horizon.budget.reference is None and horizon.T.requires_grad
+    # TO-FLOW learns T on a budget too
+    assert horizon.budget.reference_for(model.chain[0].solver_kwargs) == TIGHT
+    # a buffer: no optimizer holds it
+    assert all(p is not horizon.budget.placement for p in model.parameters())
     before = horizon.budget.placement.clone()
     nll, _ = nll_and_reg(model, torch.randn(5, 2))
     nll.backward()
@@ -437,7 +499,9 @@ def test_flow_matching_loss_by_hand() -> None:
 @pytest.mark.parametrize("image", [False, True])
 def test_flow_matching_loss_trains_the_field_and_not_T(image: bool) -> None:
     if image:
-        model = build_image_model(hidden=(4,), num_blocks=1, net="mlp", image_shape=(1, 3, 3), solver_kwargs=TIGHT)
+        model = build_image_model(
+            hidden=(4,), num_blocks=1, net="mlp", image_shape=(1, 3, 3), solver_kwargs=TIGHT
+        )
         x = torch.randn(8, 1, 3, 3)
     else:
         model = build_toy_model((16,), time_mode="learn", solver_kwargs=TIGHT)
@@ -497,7 +561,10 @@ def test_state_dict_round_trip_and_repr() -> None:
     model.chain[1].horizon.budget.steps = 3
     clone = build_toy_model((8,), num_blocks=2, solver_kwargs=TIGHT, budget=2)
     clone.load_state_dict(model.state_dict())
-    assert end_times(clone) == [0.5, 0.6] and [b.horizon.budget.steps for b in clone.chain] == [2, 3]
+    assert end_times(clone) == [0.5, 0.6] and [b.horizon.budget.steps for b in clone.chain] == [
+        2,
+        3,
+    ]
     x = torch.randn(4, 2)
     torch.testing.assert_close(clone(x).z, model(x).z)
     text = repr(model)

@@ -1,4 +1,4 @@
-"""Tests of benchmarks.harness.data: toy generators, the digits split and the image pipeline (no torch_tempopt)."""
+"""benchmarks.harness.data: toy sets, the digits split, the image pipeline (no torch_tempopt)."""
 
 from __future__ import annotations
 
@@ -58,7 +58,8 @@ def test_toy_seeded(name: str) -> None:
     np.testing.assert_array_equal(second, toy_sample(name, 64, rng))
     # A legacy RandomState (FFJORD's convention) is also deterministic.
     np.testing.assert_array_equal(
-        toy_sample(name, 32, np.random.RandomState(9)), toy_sample(name, 32, np.random.RandomState(9))
+        toy_sample(name, 32, np.random.RandomState(9)),
+        toy_sample(name, 32, np.random.RandomState(9)),
     )
 
 
@@ -72,7 +73,8 @@ def test_toy_scale_like_ffjord(name: str) -> None:
 
 
 def test_toy_structure_spot_checks() -> None:
-    # 8gaussians: modes at radius 4 / 1.414; checkerboard: uniform on half the squares of [-4, 4]^2.
+    # 8gaussians: modes at radius 4 / 1.414; checkerboard: uniform on half the squares of [-4,
+    # 4]^2.
     g = toy_sample("8gaussians", 4000, 0)
     assert abs(np.median(np.linalg.norm(g, axis=1)) - 4.0 / 1.414) < 0.1
     c = toy_sample("checkerboard", 4000, 0)
@@ -146,7 +148,9 @@ def test_dequantize_range_seed_and_dtype() -> None:
     assert dequantize(levels, dtype=torch.float32).dtype == torch.float32
     assert dequantize(levels.float()).dtype == torch.float32
     # The noise is uniform on [0, 1): mean 1/2 in level units.
-    noise = dequantize(torch.zeros(20000, dtype=torch.uint8), torch.Generator().manual_seed(0)) * 256
+    noise = (
+        dequantize(torch.zeros(20000, dtype=torch.uint8), torch.Generator().manual_seed(0)) * 256
+    )
     assert abs(noise.mean().item() - 0.5) < 0.01
 
 
@@ -163,7 +167,9 @@ def test_logit_logdet_matches_autograd_jacobian() -> None:
         y, logdet = logit_transform(x, alpha)
         assert y.shape == x.shape and logdet.shape == (3,)
         for i in range(3):
-            jac = torch.autograd.functional.jacobian(lambda xi, a=alpha: logit_transform(xi[None], a)[0][0], x[i])
+            jac = torch.autograd.functional.jacobian(
+                lambda xi, a=alpha: logit_transform(xi[None], a)[0][0], x[i]
+            )
             sign, logabs = torch.linalg.slogdet(jac.reshape(4, 4))
             assert sign.item() == 1.0
             torch.testing.assert_close(logdet[i], logabs, rtol=1e-12, atol=1e-12)
@@ -177,7 +183,9 @@ def test_logit_by_hand() -> None:
     torch.testing.assert_close(logdet, torch.full((2,), 5 * math.log(4.0), dtype=torch.float64))
     # alpha squeezes 0 to logit(alpha), finite.
     y0, _ = logit_transform(torch.zeros(1, 1, dtype=torch.float64), alpha=1e-6)
-    torch.testing.assert_close(y0, torch.tensor([[math.log(1e-6 / (1 - 1e-6))]], dtype=torch.float64))
+    torch.testing.assert_close(
+        y0, torch.tensor([[math.log(1e-6 / (1 - 1e-6))]], dtype=torch.float64)
+    )
     with pytest.raises(ValueError, match="alpha"):
         logit_transform(torch.zeros(1, 1), alpha=0.5)
 
@@ -189,7 +197,9 @@ def test_bits_per_dim_known_densities() -> None:
     assert bits_per_dim(64 * math.log(2.0), 64) == pytest.approx(7.0, abs=1e-12)
     # Per-sample values, by hand: bpd = -(log p / d - log 256) / log 2.
     log_px = torch.tensor([-100.0, -50.0], dtype=torch.float64)
-    expected = torch.tensor([(100 / 784 + math.log(256)) / math.log(2), (50 / 784 + math.log(256)) / math.log(2)])
+    expected = torch.tensor(
+        [(100 / 784 + math.log(256)) / math.log(2), (50 / 784 + math.log(256)) / math.log(2)]
+    )
     torch.testing.assert_close(bits_per_dim(log_px, 784), expected)
     with pytest.raises(ValueError, match="dim"):
         bits_per_dim(0.0, 0)
@@ -198,7 +208,9 @@ def test_bits_per_dim_known_densities() -> None:
 def test_pipeline_uniform_model_gives_eight_bits() -> None:
     # The logistic density on logit space (alpha = 0) pushes forward to the uniform density on
     # [0, 1): log p_Y(y) + logdet = 0, so bits per dimension is 8 whatever the data.
-    levels = torch.randint(0, 256, (6, 1, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    levels = torch.randint(
+        0, 256, (6, 1, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8
+    )
     x = dequantize(levels, torch.Generator().manual_seed(1), dtype=torch.float64)
     y, logdet = logit_transform(x, alpha=0.0)
     log_logistic = (-y - 2 * torch.nn.functional.softplus(-y)).reshape(6, -1).sum(1)

@@ -1,4 +1,4 @@
-"""Smoke and behaviour tests of the training runner (benchmarks.harness.train) and the figures (benchmarks.harness.plots), on tiny models."""
+"""The training runner (benchmarks.harness.train) and its figures (.plots), on tiny models."""
 
 from __future__ import annotations
 
@@ -26,20 +26,41 @@ from benchmarks.harness.train import (
 
 ROOT = Path(__file__).resolve().parents[1]
 # The summary of 0.1, and what 0.2 adds.
-KEYS_01 = {"method", "data", "seed", "iters", "test_nll", "unit", "nfe_forward_total", "nfe_backward_total",
-           "nfe_total", "cpu_seconds", "wall_seconds", "cpu_seconds_per_iteration", "wall_seconds_per_iteration",
-           "nfe_forward_per_iteration", "nfe_backward_per_iteration", "T", "clip_counts", "config", "eval_curve",
-           "log", "torch_version"}
+KEYS_01 = {
+    "method",
+    "data",
+    "seed",
+    "iters",
+    "test_nll",
+    "unit",
+    "nfe_forward_total",
+    "nfe_backward_total",
+    "nfe_total",
+    "cpu_seconds",
+    "wall_seconds",
+    "cpu_seconds_per_iteration",
+    "wall_seconds_per_iteration",
+    "nfe_forward_per_iteration",
+    "nfe_backward_per_iteration",
+    "T",
+    "clip_counts",
+    "config",
+    "eval_curve",
+    "log",
+    "torch_version",
+}
 KEYS_02 = {"budget", "fractions", "guard_events"}
 LOOSE = ["--rtol", "1e-3", "--atol", "1e-3", "--eval-rtol", "1e-3", "--eval-atol", "1e-3"]
 TIMELESS = ("wall_seconds", "cpu_seconds", "test_nll")
 
 
-def tiny(out: Path, method: str = "toflow", iters: int = 3, data: str = "8gaussians", *extra: str) -> list[str]:
+def tiny(
+    out: Path, method: str = "toflow", iters: int = 3, data: str = "8gaussians", *extra: str
+) -> list[str]:
     return [
-        "--data", data, "--method", method, "--iters", str(iters), "--seed", "1", "--out", str(out),
-        "--hidden", "8", "--batch-size", "32", "--test-size", "64", "--eval-every", "2",
-        "--no-progress", *LOOSE, *extra,
+        "--data", data, "--method", method, "--iters", str(iters), "--seed", "1",
+        "--out", str(out), "--hidden", "8", "--batch-size", "32", "--test-size", "64",
+        "--eval-every", "2", "--no-progress", *LOOSE, *extra,
     ]  # fmt: skip
 
 
@@ -61,7 +82,20 @@ def timeless(log: list[dict]) -> list[dict]:
 def budget_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """TO-FLOW on 2 rk4 steps (placement learned), guarded every 2 steps, with snapshots."""
     out = tmp_path_factory.mktemp("budget") / "run"
-    run(tiny(out, "toflow", 3, "8gaussians", "--budget", "2", "--guard-every", "2", "--snapshot-iters", "0,2"))
+    run(
+        tiny(
+            out,
+            "toflow",
+            3,
+            "8gaussians",
+            "--budget",
+            "2",
+            "--guard-every",
+            "2",
+            "--snapshot-iters",
+            "0,2",
+        )
+    )
     return out
 
 
@@ -75,13 +109,27 @@ def test_every_method_runs_and_writes_its_outputs(tmp_path: Path, method: str) -
     saved = json.loads((out / "metrics.json").read_text())
     assert KEYS_01 | KEYS_02 <= set(saved) and saved["test_nll"] == metrics["test_nll"]
     assert json.loads((out / "config.json").read_text()) == saved["config"]
-    assert saved["method"] == method and saved["data"] == "checkerboard" and saved["unit"] == "nats"
+    assert (
+        saved["method"] == method and saved["data"] == "checkerboard" and saved["unit"] == "nats"
+    )
     assert saved["iters"] == 3 and np.isfinite(saved["test_nll"])
     assert [e["iteration"] for e in saved["eval_curve"]] == [0, 2, 3]
     spec, rnode = METHODS[method], ["kinetic", "jacobian"] if METHODS[method]["rnode"] else []
-    assert columns(out / "log.csv") == ["iteration", "loss", "nll", *rnode, "T_0", "dLdT_0", "budget_0",
-                                        "guard_error_0", "nfe_forward", "nfe_backward", "wall_seconds",
-                                        "cpu_seconds", "test_nll"]
+    assert columns(out / "log.csv") == [
+        "iteration",
+        "loss",
+        "nll",
+        *rnode,
+        "T_0",
+        "dLdT_0",
+        "budget_0",
+        "guard_error_0",
+        "nfe_forward",
+        "nfe_backward",
+        "wall_seconds",
+        "cpu_seconds",
+        "test_nll",
+    ]
     rows = read_log(out / "log.csv")
     assert [int(r["iteration"]) for r in rows] == [1, 2, 3]
     assert [bool(r["test_nll"]) for r in rows] == [False, True, True]
@@ -96,48 +144,108 @@ def test_every_method_runs_and_writes_its_outputs(tmp_path: Path, method: str) -
     assert sum(int(r["nfe_forward"]) for r in rows) == saved["nfe_forward_total"]
     assert sum(int(r["nfe_backward"]) for r in rows) == saved["nfe_backward_total"]
     if method == "fm":  # one evaluation of the network per iteration, no solve, no NLL
-        assert saved["nfe_forward_total"] == 3 and saved["nfe_backward_total"] == 0 and rows[0]["nll"] == ""
+        assert (
+            saved["nfe_forward_total"] == 3
+            and saved["nfe_backward_total"] == 0
+            and rows[0]["nll"] == ""
+        )
     else:
         assert saved["nfe_forward_total"] > 3 * 6 and saved["nfe_backward_total"] > 0
-    assert float(rows[-1]["cpu_seconds"]) == pytest.approx(saved["cpu_seconds"]) and saved["cpu_seconds"] > 0
+    assert (
+        float(rows[-1]["cpu_seconds"]) == pytest.approx(saved["cpu_seconds"])
+        and saved["cpu_seconds"] > 0
+    )
     assert (out / "checkpoint.pt").exists()
 
 
 def test_budget_runs_log_budget_and_guard_columns(budget_run: Path) -> None:
     saved = json.loads((budget_run / "metrics.json").read_text())
-    assert saved["config"]["placement"] == "learned" and saved["budget"] == [2] and saved["guard_events"] == []
+    assert (
+        saved["config"]["placement"] == "learned"
+        and saved["budget"] == [2]
+        and saved["guard_events"] == []
+    )
     rows = read_log(budget_run / "log.csv")
     assert [r["budget_0"] for r in rows] == ["2", "2", "2"]
-    # The guard checks at steps 0 and 2 (iterations 1 and 3), against dopri5: an error, and its NFE.
+    # The guard checks at steps 0 and 2 (iterations 1 and 3), against dopri5: an error, and its
+    # NFE.
     assert [bool(r["guard_error_0"]) for r in rows] == [True, False, True]
     assert 0 < float(rows[0]["guard_error_0"]) < 0.05
-    assert [int(r["nfe_forward"]) for r in rows][1] == 4 * 2 and int(rows[0]["nfe_forward"]) > 4 * 2 * 2
-    assert [int(r["nfe_backward"]) for r in rows][1] == 0  # through the steps (0.4), though the run names the adjoint
+    assert [int(r["nfe_forward"]) for r in rows][1] == 4 * 2 and int(
+        rows[0]["nfe_forward"]
+    ) > 4 * 2 * 2
+    # through the steps (0.4), though the run names the adjoint
+    assert [int(r["nfe_backward"]) for r in rows][1] == 0
     (fractions,) = saved["fractions"]
-    assert fractions[0] == 0 and fractions[-1] == 1 and fractions[1] != 0.5  # the placement was learned
+    # the placement was learned
+    assert fractions[0] == 0 and fractions[-1] == 1 and fractions[1] != 0.5
     assert saved["T"] != [0.5]
 
 
 def test_uniform_budget_keeps_its_grid(tmp_path: Path) -> None:
-    metrics = run(tiny(tmp_path / "b", "ffjord", 2, "moons", "--budget", "3", "--guard-every", "1", "--no-adjoint"))
+    metrics = run(
+        tiny(
+            tmp_path / "b",
+            "ffjord",
+            2,
+            "moons",
+            "--budget",
+            "3",
+            "--guard-every",
+            "1",
+            "--no-adjoint",
+        )
+    )
     assert metrics["config"]["placement"] == "uniform" and metrics["T"] == [0.5]
     assert metrics["fractions"] == [[0.0, pytest.approx(1 / 3), pytest.approx(2 / 3), 1.0]]
-    assert [r["nfe_backward"] for r in metrics["log"]] == [0, 0]  # autograd through the 3 rk4 steps
+    # autograd through the 3 rk4 steps
+    assert [r["nfe_backward"] for r in metrics["log"]] == [
+        0,
+        0,
+    ]
     assert all(r["guard_error_0"] is not None for r in metrics["log"])
 
 
-@pytest.mark.parametrize("method, extra", [*((m, ()) for m in METHODS), ("toflow", ("--budget", "2"))],
-                         ids=[*METHODS, "toflow-budget"])
+@pytest.mark.parametrize(
+    "method, extra",
+    [*((m, ()) for m in METHODS), ("toflow", ("--budget", "2"))],
+    ids=[*METHODS, "toflow-budget"],
+)
 def test_digits_with_a_tiny_mlp(tmp_path: Path, method: str, extra: tuple[str, ...]) -> None:
     out = tmp_path / method.replace("+", "_")
-    metrics = run(tiny(out, method, 2, "digits", "--num-blocks", "1", "--hidden", "8", "--batch-size", "16",
-                       "--net", "mlp", "--test-size", "32", *extra))
-    assert metrics["unit"] == "bits/dim" and metrics["config"]["T0"] == 1.0 and metrics["config"]["net"] == "mlp"
+    metrics = run(
+        tiny(
+            out,
+            method,
+            2,
+            "digits",
+            "--num-blocks",
+            "1",
+            "--hidden",
+            "8",
+            "--batch-size",
+            "16",
+            "--net",
+            "mlp",
+            "--test-size",
+            "32",
+            *extra,
+        )
+    )
+    assert (
+        metrics["unit"] == "bits/dim"
+        and metrics["config"]["T0"] == 1.0
+        and metrics["config"]["net"] == "mlp"
+    )
     assert 0 < metrics["test_nll"] < 100 and len(metrics["log"]) == 2
-    assert (metrics["T"] != [1.0]) is METHODS[method]["learn"] and metrics["budget"] == [2 if extra else None]
+    assert (metrics["T"] != [1.0]) is METHODS[method]["learn"] and metrics["budget"] == [
+        2 if extra else None
+    ]
     assert (metrics["log"][0]["nll"] is None) is (method == "fm")
     model, config, _ = load_model(out)
-    assert [type(m).__name__ for m in model.modules()].count("FlatODEnet") == 1 and config["net"] == "mlp"
+    assert [type(m).__name__ for m in model.modules()].count("FlatODEnet") == 1 and config[
+        "net"
+    ] == "mlp"
 
 
 def test_max_cpu_seconds_stops_early(tmp_path: Path) -> None:
@@ -175,13 +283,28 @@ def test_bad_configurations_name_the_option(tmp_path: Path, flags: list[str], ma
 
 def test_configuration_defaults(tmp_path: Path) -> None:
     toy = resolve_config({"out": tmp_path, "data": "8gaussians"})
-    assert (toy["batch_size"], toy["T0"], toy["divergence"], toy["num_blocks"]) == (100, 0.5, "exact", 1)
+    assert (toy["batch_size"], toy["T0"], toy["divergence"], toy["num_blocks"]) == (
+        100,
+        0.5,
+        "exact",
+        1,
+    )
     assert toy["placement"] is None and toy["budget"] is None and toy["kinetic"] == 0.0
     image = resolve_config(["--out", str(tmp_path), "--data", "digits"])
-    assert (image["batch_size"], image["T0"], image["divergence"], image["num_blocks"]) == (200, 1.0, "hutchinson", 2)
+    assert (image["batch_size"], image["T0"], image["divergence"], image["num_blocks"]) == (
+        200,
+        1.0,
+        "hutchinson",
+        2,
+    )
     assert image["net"] == "conv"
     for method, placement in (("toflow", "learned"), ("ffjord", "uniform"), ("rnode", "uniform")):
-        assert resolve_config(["--out", str(tmp_path), "--method", method, "--budget", "2"])["placement"] == placement
+        assert (
+            resolve_config(["--out", str(tmp_path), "--method", method, "--budget", "2"])[
+                "placement"
+            ]
+            == placement
+        )
     assert resolve_config(["--out", str(tmp_path), "--method", "rnode"])["kinetic"] == 0.01
     with pytest.raises(ValueError, match="unknown or missing configuration keys"):
         resolve_config({"out": tmp_path, "budgets": 2})
@@ -192,13 +315,19 @@ def test_configuration_defaults(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "method, extra",
-    [("steer", ("--divergence", "hutchinson")), ("toflow", ("--budget", "2", "--guard-every", "1"))],
+    [
+        ("steer", ("--divergence", "hutchinson")),
+        ("toflow", ("--budget", "2", "--guard-every", "1")),
+    ],
     ids=["steer-hutchinson", "toflow-budget"],
 )
-def test_evaluation_does_not_change_the_training_trajectory(tmp_path: Path, method: str, extra: tuple[str, ...]) -> None:
+def test_evaluation_does_not_change_the_training_trajectory(
+    tmp_path: Path, method: str, extra: tuple[str, ...]
+) -> None:
     every = run([*tiny(tmp_path / "every", method, 3, "8gaussians", *extra), "--eval-every", "1"])
     never = run([*tiny(tmp_path / "never", method, 3, "8gaussians", *extra), "--eval-every", "0"])
-    assert len(every["eval_curve"]) == 4 and len(never["eval_curve"]) == 2  # iterations 0..3, and 0 and 3
+    # iterations 0..3, and 0 and 3
+    assert len(every["eval_curve"]) == 4 and len(never["eval_curve"]) == 2
     assert timeless(every["log"]) == timeless(never["log"])
     assert every["T"] == never["T"] and every["fractions"] == never["fractions"]
     assert every["test_nll"] == never["test_nll"]
@@ -207,20 +336,34 @@ def test_evaluation_does_not_change_the_training_trajectory(tmp_path: Path, meth
 def test_evaluate_leaves_random_states_mode_and_budget_alone(budget_run: Path) -> None:
     model, config, iteration = load_model(budget_run)
     assert not model.training and iteration == 3
-    test = torch.from_numpy(toy_sample(config["data"], int(config["test_size"]), int(config["test_seed"])))
-    kwargs = {"image": False, "seed": int(config["test_seed"]),
-              "solver_kwargs": {"method": "dopri5", "rtol": config["eval_rtol"], "atol": config["eval_atol"]}}
+    test = torch.from_numpy(
+        toy_sample(config["data"], int(config["test_size"]), int(config["test_seed"]))
+    )
+    kwargs = {
+        "image": False,
+        "seed": int(config["test_seed"]),
+        "solver_kwargs": {
+            "method": "dopri5",
+            "rtol": config["eval_rtol"],
+            "atol": config["eval_atol"],
+        },
+    }
     model.train()
     torch.manual_seed(7)
     np.random.seed(7)
     random.seed(7)
     before = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
     value = evaluate(model, test, **kwargs)
-    assert torch.equal(torch.get_rng_state(), before[0]) and np.array_equal(np.random.get_state()[1], before[1])
+    assert torch.equal(torch.get_rng_state(), before[0]) and np.array_equal(
+        np.random.get_state()[1], before[1]
+    )
     assert random.getstate() == before[2] and model.training
-    assert [b.horizon.budget.steps for b in model.chain] == [2] and model.chain[0].solver_kwargs["method"] == "dopri5"
+    assert [b.horizon.budget.steps for b in model.chain] == [2] and model.chain[0].solver_kwargs[
+        "method"
+    ] == "dopri5"
     assert model.chain[0].adjoint  # scoring() restored the training solver
-    # The checkpoint's model scores what the run reported; a smaller evaluation batch changes nothing.
+    # The checkpoint's model scores what the run reported; a smaller evaluation batch changes
+    # nothing.
     assert value == json.loads((budget_run / "metrics.json").read_text())["test_nll"]
     assert evaluate(model, test, batch_size=20, **kwargs) == pytest.approx(value, rel=1e-6)
 
@@ -230,13 +373,22 @@ def test_load_model_round_trip(budget_run: Path) -> None:
     model, config, iteration = load_model(budget_run / "checkpoint.pt")
     assert config == saved["config"] and iteration == saved["iters"] == 3
     horizon = model.chain[0].horizon
-    assert [horizon.T.item()] == saved["T"] and horizon.budget.fractions().tolist() == saved["fractions"][0]
-    assert not horizon.budget.placement.requires_grad and not model.training and horizon.budget.steps == 2
+    assert [horizon.T.item()] == saved["T"] and horizon.budget.fractions().tolist() == saved[
+        "fractions"
+    ][0]
+    assert (
+        not horizon.budget.placement.requires_grad
+        and not model.training
+        and horizon.budget.steps == 2
+    )
     fresh = build_model(config)
     assert set(fresh.state_dict()) == set(model.state_dict())
     first, _, zero = load_model(budget_run / "snapshots" / "iter_000000.pt")
     assert zero == 0 and first.chain[0].horizon.T.item() == 0.5
-    assert sorted(p.name for p in (budget_run / "snapshots").iterdir()) == ["iter_000000.pt", "iter_000002.pt"]
+    assert sorted(p.name for p in (budget_run / "snapshots").iterdir()) == [
+        "iter_000000.pt",
+        "iter_000002.pt",
+    ]
 
 
 def test_run_leaves_the_callers_torch_state_alone(tmp_path: Path) -> None:
@@ -248,7 +400,16 @@ def test_run_leaves_the_callers_torch_state_alone(tmp_path: Path) -> None:
 
 def test_fixed_grid_solver_and_the_command_line(tmp_path: Path) -> None:
     out = tmp_path / "cli"
-    cmd = [sys.executable, "-m", "benchmarks.harness.train", *tiny(out, "ffjord", 2), "--solver", "rk4", "--step-size", "0.25"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.harness.train",
+        *tiny(out, "ffjord", 2),
+        "--solver",
+        "rk4",
+        "--step-size",
+        "0.25",
+    ]
     env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
@@ -282,7 +443,20 @@ def test_plots_write_pngs(tmp_path: Path, budget_run: Path) -> None:
     ]
     for path in paths:
         assert Path(path).stat().st_size > 1000 and Path(path).read_bytes()[:4] == b"\x89PNG"
-    assert plots.main(["curves", "--runs", *map(str, runs), "--out", str(tmp_path / "cli.png"), "--nll-from", "1"]) == 0
+    assert (
+        plots.main(
+            [
+                "curves",
+                "--runs",
+                *map(str, runs),
+                "--out",
+                str(tmp_path / "cli.png"),
+                "--nll-from",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "cli.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="nll_from"):
         plots.figure_curves(runs, tmp_path / "bad.png", nll_from=-1)

@@ -68,6 +68,47 @@ def test_the_import_check_sees_imports_in_code_and_in_strings(tmp_path: Path) ->
     assert imported(source) >= {"os", "benchmarks", "examples"}
 
 
+FILES = sorted(
+    p.relative_to(ROOT).as_posix()
+    for p in (ROOT / "benchmarks").rglob("*.py")
+    if "__pycache__" not in p.parts
+)
+MODULES = [f[: -len(".py")].replace("/", ".") for f in FILES if not f.endswith("__init__.py")]
+
+
+def _names_all(tree: ast.Module) -> bool:
+    """Whether a module assigns ``__all__`` at its top level."""
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+        if any(isinstance(t, ast.Name) and t.id == "__all__" for t in targets):
+            return True
+    return False
+
+
+@pytest.mark.parametrize("path", FILES)
+def test_benchmarks_are_modules_of_a_package(path: str) -> None:
+    """A docstring and ``__all__``; no sys.path edits; children run modules, not code strings."""
+    text = (ROOT / path).read_text()
+    tree = ast.parse(text)
+    assert ast.get_docstring(tree) and _names_all(tree), path
+    assert "sys.path" not in text and "E402" not in text and '"-c"' not in text, path
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_every_benchmark_command_answers_help(
+    module: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``python -m benchmarks.NAME --help`` for every module with a ``main``."""
+    if module == "benchmarks.fm_likelihood":
+        pytest.importorskip("flow_matching")
+    loaded = importlib.import_module(module)
+    if not hasattr(loaded, "main"):
+        pytest.skip(f"{module} is imported by the commands, not run")
+    with pytest.raises(SystemExit) as stop:
+        loaded.main(["--help"])
+    assert stop.value.code == 0 and "usage:" in capsys.readouterr().out
+
+
 def patch_modules() -> dict[str, object]:
     found = {}
     for path in sorted((ROOT / "torch_tempopt" / "patches").glob("*.py")):

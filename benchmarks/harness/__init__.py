@@ -1,4 +1,4 @@
-r"""The benchmarks' harness: data sets, an FFJORD-style reference CNF, the training runner and figures.
+r"""The benchmarks' harness: data sets, an FFJORD-style CNF, the training runner, figures.
 
 It depends on scikit-learn and matplotlib and is not part of the library's import path; what a user
 copies lives in ``examples/``.

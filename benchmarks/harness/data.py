@@ -11,7 +11,8 @@ unconstrained reals in three steps, each with its log-density bookkeeping:
 1. :func:`dequantize`: :math:`x = (k + u) / 256` with :math:`u \sim U[0, 1)^d`, so
    :math:`x \in [0, 1)^d`;
 2. :func:`logit_transform`: :math:`y = \operatorname{logit}(\alpha + (1 - 2\alpha) x)`
-   and its log-determinant, so :math:`\log p(x) = \log p_Y(y) + \log |\det \partial y / \partial x|`;
+   and its log-determinant, so :math:`\log p(x) = \log p_Y(y) + \log |\det \partial y / \partial
+   x|`;
 3. :func:`bits_per_dim`: the paper's eq. (18) on :math:`\log p(x)`.
 
 References:
@@ -58,7 +59,9 @@ TOY_DATASETS: tuple[str, ...] = (
 # --------------------------------------------------------------------------- toy data
 
 
-def _as_generator(rng_or_seed: int | np.random.Generator | np.random.RandomState | None) -> np.random.Generator:
+def _as_generator(
+    rng_or_seed: int | np.random.Generator | np.random.RandomState | None,
+) -> np.random.Generator:
     """Turns a seed or a random state into a :class:`numpy.random.Generator`."""
     if isinstance(rng_or_seed, np.random.Generator):
         return rng_or_seed
@@ -70,8 +73,8 @@ def _as_generator(rng_or_seed: int | np.random.Generator | np.random.RandomState
         return np.random.default_rng()
     if isinstance(rng_or_seed, bool) or not isinstance(rng_or_seed, (int, np.integer)):
         raise TypeError(
-            "rng_or_seed must be an int seed, a numpy.random.Generator, a numpy.random.RandomState "
-            f"or None, got {type(rng_or_seed).__name__}."
+            "rng_or_seed must be an int seed, a numpy.random.Generator, a "
+            f"numpy.random.RandomState or None, got {type(rng_or_seed).__name__}."
         )
     if rng_or_seed < 0:
         raise ValueError(f"rng_or_seed must be a non-negative seed, got {rng_or_seed}.")

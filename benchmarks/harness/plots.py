@@ -6,7 +6,8 @@ global backend switch), so the functions are safe to call from tests and scripts
 - :func:`density_grid` / :func:`plot_density`: a toy model's density :math:`p(x)` on a
   2-D grid, computed in the forward (density) direction,
   :math:`\log p(x) = \log \mathcal{N}(z(T)) - \Delta`.
-- :func:`model_samples`: samples through the reverse direction (:func:`benchmarks.harness.cnf.sample`).
+- :func:`model_samples`: samples through the reverse direction
+  (:func:`benchmarks.harness.cnf.sample`).
 - :func:`figure_densities`: Figure 1 style, rows = data sets, columns = data and one
   column per method (FFJORD, TO-FLOW, ...), from the runs' final checkpoints.
 - :func:`figure_snapshots`: Figure 2 style, densities at several iterations from the
@@ -17,8 +18,8 @@ global backend switch), so the functions are safe to call from tests and scripts
 Command line (from the repository root)::
 
     python -m benchmarks.harness.plots curves --runs runs/cb-ffjord runs/cb-toflow --out curves.png
-    python -m benchmarks.harness.plots densities --runs runs/*-ffjord runs/*-toflow --out figure1.png
-    python -m benchmarks.harness.plots snapshots --runs runs/cb-ffjord runs/cb-toflow --iterations 100,500,1000 --out figure2.png
+    python -m benchmarks.harness.plots densities --runs runs/*-ffjord runs/*-toflow --out f1.png
+    python -m benchmarks.harness.plots snapshots --runs runs/cb-* --iterations 100,500 --out f2.png
 """
 
 from __future__ import annotations
@@ -50,9 +51,11 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from torch import nn
 
+from benchmarks.scoring import adaptive
+
 from .cnf import end_times, sample, standard_normal_logprob
 from .data import TOY_DATASETS, toy_sample
-from .train import METHODS, load_model, scoring
+from .train import METHODS, load_model
 
 PathLike = Union[str, Path]
 
@@ -72,7 +75,11 @@ DEFAULT_BOUNDS = (-4.0, 4.0)
 
 
 def _eval_solver(config: dict[str, Any]) -> dict[str, Any]:
-    return {"method": config["eval_solver"], "rtol": config["eval_rtol"], "atol": config["eval_atol"]}
+    return {
+        "method": config["eval_solver"],
+        "rtol": config["eval_rtol"],
+        "atol": config["eval_atol"],
+    }
 
 
 # --------------------------------------------------------------------------- computations
@@ -91,7 +98,8 @@ def density_grid(
     r"""The log-density of a 2-D flow on a square grid, through the forward direction.
 
     Arguments:
-        model: A toy flow (e.g. from :func:`benchmarks.harness.train.load_model`), evaluated in eval
+        model: A toy flow (e.g. from :func:`benchmarks.harness.train.load_model`), evaluated in
+        eval
             mode (STEER at :math:`T_0`) at its current :math:`T`.
         bounds: The grid's range on both axes.
         resolution: Points per axis.
@@ -156,7 +164,7 @@ def model_samples(
 
 
 def _maybe_override(model: nn.Module, solver_kwargs: dict[str, Any] | None) -> Any:
-    return contextlib.nullcontext() if solver_kwargs is None else scoring(model, solver_kwargs)
+    return contextlib.nullcontext() if solver_kwargs is None else adaptive(model, solver_kwargs)
 
 
 def _read_csv(path: Path) -> dict[str, np.ndarray]:
@@ -164,7 +172,10 @@ def _read_csv(path: Path) -> dict[str, np.ndarray]:
         rows = list(csv.DictReader(f))
     if not rows:
         return {}
-    return {key: np.array([float(r[key]) if r[key] != "" else math.nan for r in rows]) for key in rows[0]}
+    return {
+        key: np.array([float(r[key]) if r[key] != "" else math.nan for r in rows])
+        for key in rows[0]
+    }
 
 
 def read_run(run_dir: PathLike) -> dict[str, Any]:
@@ -203,12 +214,23 @@ def read_run(run_dir: PathLike) -> dict[str, Any]:
     if config.get("solver", "dopri5") != "dopri5":
         extras.append(f"{config['solver']} h={config.get('step_size')}")
     if config.get("budget"):
-        extras.append(f"{config['budget']} rk4 steps" + (", learned placement" if config.get("placement") == "learned" else ""))
+        extras.append(
+            f"{config['budget']} rk4 steps"
+            + (", learned placement" if config.get("placement") == "learned" else "")
+        )
     if config.get("mode") and config.get("alpha") is not None and config["alpha"] != 0.1:
         extras.append(f"alpha={config['alpha']:g}")
     extra = f", {', '.join(extras)}" if extras else ""
-    label = f"{_LABELS.get(config['method'], config['method'])}{extra} ({config['data']}, seed {config['seed']})"
-    return {"dir": run_dir, "config": config, "metrics": metrics, "log": log, "evals": evals, "label": label}
+    method = _LABELS.get(config["method"], config["method"])
+    label = f"{method}{extra} ({config['data']}, seed {config['seed']})"
+    return {
+        "dir": run_dir,
+        "config": config,
+        "metrics": metrics,
+        "log": log,
+        "evals": evals,
+        "label": label,
+    }
 
 
 # --------------------------------------------------------------------------- drawing
@@ -224,7 +246,13 @@ def plot_density(
 ) -> None:
     """Draws :math:`p = \\exp(\\log p)` of :func:`density_grid` on ``ax``, without ticks."""
     density = np.exp(np.nan_to_num(logp, nan=-np.inf))
-    ax.imshow(density, origin="lower", extent=(xs[0], xs[-1], ys[0], ys[-1]), cmap=cmap, interpolation="nearest")
+    ax.imshow(
+        density,
+        origin="lower",
+        extent=(xs[0], xs[-1], ys[0], ys[-1]),
+        cmap=cmap,
+        interpolation="nearest",
+    )
     _decorate(ax, title)
 
 
@@ -310,7 +338,12 @@ def figure_densities(
     fig, axes = _grid(len(datasets), 1 + len(methods))
     for r, data in enumerate(datasets):
         test_seed = next(i["config"]["test_seed"] for i in infos if i["config"]["data"] == data)
-        plot_points(axes[r, 0], toy_sample(data, n_samples, test_seed), bounds, title="data" if r == 0 else None)
+        plot_points(
+            axes[r, 0],
+            toy_sample(data, n_samples, test_seed),
+            bounds,
+            title="data" if r == 0 else None,
+        )
         axes[r, 0].set_ylabel(data)
         for c, method in enumerate(methods, start=1):
             ax = axes[r, c]
@@ -322,9 +355,13 @@ def figure_densities(
             model, config, _ = load_model(info["dir"] / "checkpoint.pt")
             kwargs = _eval_solver(config) if solver_kwargs is None else solver_kwargs
             if kind == "density":
-                plot_density(ax, *density_grid(model, bounds, resolution, solver_kwargs=kwargs), title=title)
+                plot_density(
+                    ax, *density_grid(model, bounds, resolution, solver_kwargs=kwargs), title=title
+                )
             else:
-                plot_points(ax, model_samples(model, n_samples, solver_kwargs=kwargs), bounds, title=title)
+                plot_points(
+                    ax, model_samples(model, n_samples, solver_kwargs=kwargs), bounds, title=title
+                )
     return _save(fig, out)
 
 
@@ -386,7 +423,9 @@ def figure_snapshots(
             kwargs = _eval_solver(config) if solver_kwargs is None else solver_kwargs
             T = ", ".join(f"{h:.3f}" for h in end_times(model))
             plot_density(
-                ax, *density_grid(model, bounds, resolution, solver_kwargs=kwargs), title=f"iter {iteration}, T={T}"
+                ax,
+                *density_grid(model, bounds, resolution, solver_kwargs=kwargs),
+                title=f"iter {iteration}, T={T}",
             )
     return _save(fig, out)
 
@@ -398,7 +437,9 @@ def _smooth(values: np.ndarray, window: int) -> np.ndarray:
     return np.convolve(values, kernel, mode="valid")
 
 
-def figure_curves(runs: Sequence[PathLike], out: PathLike, *, smooth: int = 1, nll_from: int = 0) -> Path:
+def figure_curves(
+    runs: Sequence[PathLike], out: PathLike, *, smooth: int = 1, nll_from: int = 0
+) -> Path:
     """Learning curves of several runs: test NLL against CPU seconds and iterations, NFE and T.
 
     Arguments:
@@ -430,18 +471,40 @@ def figure_curves(runs: Sequence[PathLike], out: PathLike, *, smooth: int = 1, n
         nll_iter.plot(evals["iteration"], evals["test_nll"], "o-", ms=3, color=color, label=label)
         if log:
             window = max(1, int(smooth))
-            it = log["iteration"][window - 1 :] if log["iteration"].size >= window else log["iteration"]
-            nfe_ax.plot(it, _smooth(log["nfe_forward"], window), "-", color=color, label=f"{label} fwd")
+            it = (
+                log["iteration"][window - 1 :]
+                if log["iteration"].size >= window
+                else log["iteration"]
+            )
+            nfe_ax.plot(
+                it, _smooth(log["nfe_forward"], window), "-", color=color, label=f"{label} fwd"
+            )
             if np.any(log["nfe_backward"] > 0):
-                nfe_ax.plot(it, _smooth(log["nfe_backward"], window), "--", color=color, label=f"{label} bwd")
+                nfe_ax.plot(
+                    it,
+                    _smooth(log["nfe_backward"], window),
+                    "--",
+                    color=color,
+                    label=f"{label} bwd",
+                )
             horizons = sorted(k for k in log if k.startswith("T_"))
             for k, key in enumerate(horizons):
                 t_ax.plot(
-                    log["iteration"], log[key], ["-", "--", ":", "-."][k % 4], color=color, label=f"{label} {key}"
+                    log["iteration"],
+                    log[key],
+                    ["-", "--", ":", "-."][k % 4],
+                    color=color,
+                    label=f"{label} {key}",
                 )
-    nll_cpu.set(xlabel="CPU seconds (training)", ylabel=f"test NLL ({unit})", title="test NLL vs CPU time")
+    nll_cpu.set(
+        xlabel="CPU seconds (training)", ylabel=f"test NLL ({unit})", title="test NLL vs CPU time"
+    )
     nll_iter.set(xlabel="iteration", ylabel=f"test NLL ({unit})", title="test NLL vs iterations")
-    nfe_ax.set(xlabel="iteration", ylabel="NFE per iteration", title="NFE (solid forward, dashed backward)")
+    nfe_ax.set(
+        xlabel="iteration",
+        ylabel="NFE per iteration",
+        title="NFE (solid forward, dashed backward)",
+    )
     t_ax.set(xlabel="iteration", ylabel="T", title="end time per horizon")
     for ax in (nll_cpu, nll_iter, nfe_ax, t_ax):
         ax.grid(alpha=0.3)
@@ -457,19 +520,33 @@ def _iterations(text: str) -> list[int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m benchmarks.harness.plots {curves,densities,snapshots} --runs DIR ... --out FILE.png``."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.harness.plots", description=__doc__.splitlines()[0])
+    """``python -m benchmarks.harness.plots {curves,densities,snapshots} --runs DIR --out PNG``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.harness.plots", description=__doc__.splitlines()[0]
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     curves = commands.add_parser("curves", help="test NLL vs CPU seconds / iterations, NFE, T")
-    curves.add_argument("--smooth", type=int, default=1, help="moving-average window of the NFE curves")
-    curves.add_argument("--nll-from", type=int, default=0, help="plot the test NLL from this iteration on")
-    densities = commands.add_parser("densities", help="Figure 1: rows data sets, columns data / methods")
+    curves.add_argument(
+        "--smooth", type=int, default=1, help="moving-average window of the NFE curves"
+    )
+    curves.add_argument(
+        "--nll-from", type=int, default=0, help="plot the test NLL from this iteration on"
+    )
+    densities = commands.add_parser(
+        "densities", help="Figure 1: rows data sets, columns data / methods"
+    )
     densities.add_argument("--kind", choices=("density", "samples"), default="density")
     densities.add_argument("--samples", type=int, default=20000, help="points of the histograms")
-    snapshots = commands.add_parser("snapshots", help="Figure 2: densities at the snapshot iterations")
-    snapshots.add_argument("--iterations", type=_iterations, default=None, help="e.g. 100,500,1000")
+    snapshots = commands.add_parser(
+        "snapshots", help="Figure 2: densities at the snapshot iterations"
+    )
+    snapshots.add_argument(
+        "--iterations", type=_iterations, default=None, help="e.g. 100,500,1000"
+    )
     for sub in (curves, densities, snapshots):
-        sub.add_argument("--runs", nargs="+", required=True, help="run directories of benchmarks.harness.train")
+        sub.add_argument(
+            "--runs", nargs="+", required=True, help="run directories of benchmarks.harness.train"
+        )
         sub.add_argument("--out", required=True, help="the PNG to write")
     for sub in (densities, snapshots):
         sub.add_argument("--resolution", type=int, default=100, help="grid points per axis")
@@ -477,9 +554,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "curves":
         path = figure_curves(args.runs, args.out, smooth=args.smooth, nll_from=args.nll_from)
     elif args.command == "densities":
-        path = figure_densities(args.runs, args.out, kind=args.kind, resolution=args.resolution, n_samples=args.samples)
+        path = figure_densities(
+            args.runs, args.out, kind=args.kind, resolution=args.resolution, n_samples=args.samples
+        )
     else:
-        path = figure_snapshots(args.runs, args.out, iterations=args.iterations, resolution=args.resolution)
+        path = figure_snapshots(
+            args.runs, args.out, iterations=args.iterations, resolution=args.resolution
+        )
     print(path)
     return 0
 

