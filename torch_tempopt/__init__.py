@@ -1,4 +1,6 @@
-"""torch_tempopt: learnable integration horizons and step budgets for continuous normalizing flows."""
+"""torch_tempopt: learnable integration horizons and step budgets for continuous
+normalizing flows.
+"""
 
 from .budget import Budget
 from .guard import BudgetGuard

@@ -1,4 +1,6 @@
-"""Argument checks shared by the public classes: one sentence naming the argument, the value and the fix."""
+"""Argument checks shared by the public classes: one sentence naming the argument, the value and
+the fix.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +18,9 @@ __all__ = ["check_state", "flag", "keep_float32", "real", "stacklevel", "whole"]
 
 
 def stacklevel() -> int:
-    """The ``stacklevel`` that points the caller's warning at the first frame outside this package and torch."""
+    """The ``stacklevel`` that points the caller's warning at the first frame outside this package
+    and torch.
+    """
     frame, level = sys._getframe(1), 1
     while frame is not None and frame.f_globals.get("__name__", "").startswith(_OURS):
         frame, level = frame.f_back, level + 1
@@ -27,7 +31,9 @@ _OURS = ("torch_tempopt.", "torch.")
 
 
 def keep_float32(module: Any, names: tuple[str, ...], apply: Any) -> Any:
-    """Runs ``apply()`` (a module's ``_apply``) but keeps ``names`` in float32 if it halves them."""
+    """Runs ``apply()`` (a module's ``_apply``) but keeps ``names`` in float32 if it
+    halves them.
+    """
     before = {n: getattr(module, n).detach() for n in names}
     apply()
     for n, old in before.items():

@@ -1,4 +1,6 @@
-"""The solves behind a horizon: adaptive ones with the time gradient added, and solves on a grid of steps."""
+"""The solves behind a horizon: adaptive ones with the time gradient added, and solves on a grid of
+steps.
+"""
 
 from __future__ import annotations
 
@@ -47,7 +49,9 @@ class Call:
         return c
 
     def time_dtype(self) -> torch.dtype:
-        """The state's dtype, at least float32, so that T is not rounded to a half-precision grid."""
+        """The state's dtype, at least float32, so that T is not rounded to a
+        half-precision grid.
+        """
         dtype = self.parts[0].dtype
         return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
@@ -58,7 +62,9 @@ class Call:
         return tuple(y) if self.is_tuple and isinstance(y, (tuple, list)) else (y,)
 
     def evaluate(self, t: Tensor, ys: Sequence[Tensor]) -> tuple[Any, ...]:
-        """``func(t, y)`` on detached inputs, in grad mode (CNF fields take their trace by autograd)."""
+        """``func(t, y)`` on detached inputs, in grad mode (CNF fields take their trace by
+        autograd).
+        """
         with torch.enable_grad():
             f = self.func(t.detach(), self.pack([p.detach() for p in ys]))
         f = tuple(f) if isinstance(f, (tuple, list)) else (f,)
@@ -146,7 +152,8 @@ def _with_time_grad(call: Call, sign: float, t: Tensor, y: Parts) -> Parts:
 
 
 def place(s: Tensor, start: Tensor, end: Tensor) -> list[Tensor]:
-    """Times ``start + s (end - start)``, exactly ``start`` where ``s == 0`` and ``end`` where ``s == 1``.
+    """Times ``start + s (end - start)``, exactly ``start`` where ``s == 0`` and ``end``
+    where ``s == 1``.
 
     A list of 0-dim tensors, so that an end that does not require grad gets no time gradient (nor
     an evaluation).
@@ -177,7 +184,9 @@ def _assemble(c: Call, sol: Parts, grid: Sequence[Tensor]) -> Parts:
 
 
 def adaptive(c: Call, s: Tensor, ends: Ends, solver: Solver, kw: dict) -> Parts:
-    """``solver`` at the fractions ``s`` of ``ends`` on a detached grid, dL/dt added by the horizon."""
+    """``solver`` at the fractions ``s`` of ``ends`` on a detached grid, dL/dt added by the
+    horizon.
+    """
     start, end = ends[::-1] if c.reverse else ends
     grid = place(s, start, end)
     y = _with_time_grad(c, -1.0, start, c.parts)
@@ -185,8 +194,8 @@ def adaptive(c: Call, s: Tensor, ends: Ends, solver: Solver, kw: dict) -> Parts:
 
 
 class _Step(torch.autograd.Function):
-    """One fixed-grid step from ``y`` at ``a`` to ``b``, recomputed in the backward pass (``*phi``: the
-    field's parameters), so that only the states between steps are kept.
+    """One fixed-grid step from ``y`` at ``a`` to ``b``, recomputed in the backward pass (``*phi``:
+    the field's parameters), so that only the states between steps are kept.
     """
 
     @staticmethod

@@ -1,4 +1,6 @@
-r"""A budget of fixed steps for the training solve, with the adaptive reference it is checked against."""
+r"""A budget of fixed steps for the training solve, with the adaptive reference it is checked
+against.
+"""
 
 from __future__ import annotations
 
@@ -46,7 +48,9 @@ def _per_dimension(out: Sequence[Tensor], ref: Sequence[Tensor]) -> Tensor:
 
 
 class Batch(NamedTuple):
-    """A budgeted training call, as :meth:`Budget.fit` takes it: ``fit(func, y0, t, **settings)``."""
+    """A budgeted training call, as :meth:`Budget.fit` takes it:
+    ``fit(func, y0, t, **settings)``.
+    """
 
     func: Callable[..., Any]
     y0: State
@@ -129,7 +133,9 @@ class Budget(nn.Module):
 
     @property
     def gradient(self) -> str:
-        """How a training solve is differentiated: ``"backprop"``, ``"checkpoint"`` or ``"adjoint"``."""
+        """How a training solve is differentiated: ``"backprop"``, ``"checkpoint"`` or
+        ``"adjoint"``.
+        """
         return self._gradient
 
     @gradient.setter
@@ -197,7 +203,9 @@ class Budget(nn.Module):
 
     # ------------------------------------------------------------------ solving
     def solve(self, c: Call, s: Tensor, ends: Ends, settings: dict[str, Any]) -> Parts:
-        """A training solve (the horizon's): at fractions ``s`` of ``ends``, recorded for the guard."""
+        """A training solve (the horizon's): at fractions ``s`` of ``ends``, recorded for the
+        guard.
+        """
         if torch.is_grad_enabled():
             t = torch.stack(ends[::-1] if c.reverse else ends).detach()
             self.last_input = Batch(c.func, c.pack([p.detach() for p in c.parts]), t, settings)

@@ -1,4 +1,6 @@
-"""A guard for step budgets: checks each budgeted solve against its adaptive reference, grows or raises."""
+"""A guard for step budgets: checks each budgeted solve against its adaptive reference, grows or
+raises.
+"""
 
 from __future__ import annotations
 
@@ -22,7 +24,9 @@ Horizons = Union[nn.Module, Iterable[LearnableHorizon]]
 
 
 def find_horizons(horizons: Any) -> list[tuple[str, LearnableHorizon]]:
-    """The named :class:`LearnableHorizon` submodules of a module, or a list of horizons, each once."""
+    """The named :class:`LearnableHorizon` submodules of a module, or a list of horizons, each
+    once.
+    """
     if isinstance(horizons, nn.Module):
         found = [(n, m) for n, m in horizons.named_modules() if isinstance(m, LearnableHorizon)]
     elif isinstance(horizons, Iterable) and not isinstance(horizons, (str, bytes, Tensor)):
@@ -48,7 +52,8 @@ def find_horizons(horizons: Any) -> list[tuple[str, LearnableHorizon]]:
 
 
 class BudgetGuard:
-    r"""Checks budgeted horizons against their adaptive reference; grows a budget that is too coarse.
+    r"""Checks budgeted horizons against their adaptive reference; grows a budget that is too
+    coarse.
 
     Every ``every`` calls of :meth:`step` (the first included), each horizon's
     :class:`~torch_tempopt.Budget` is checked on the batch of its last training call
@@ -161,8 +166,8 @@ class BudgetGuard:
         )
         new = max(n + 1, new)
         message = (
-            f"horizon {name!r}: the {n}-step {b.method} solve is {worst:.3g} per dimension from its "
-            f"reference (tol={self.tol}) at step {self.stats['steps'] - 1}"
+            f"horizon {name!r}: the {n}-step {b.method} solve is {worst:.3g} per dimension from "
+            f"its reference (tol={self.tol}) at step {self.stats['steps'] - 1}"
         )
         if self.action == "raise" or new > b.max_steps:
             raise RuntimeError(

@@ -1,4 +1,6 @@
-r"""A learnable integration interval [t0, T] that replaces an ``odeint`` call, optionally on a budget of steps."""
+r"""A learnable integration interval [t0, T] that replaces an ``odeint`` call, optionally on a
+budget of steps.
+"""
 
 from __future__ import annotations
 
@@ -15,12 +17,14 @@ from .budget import SOLVE_KEYS, Budget
 
 __all__ = ["LearnableHorizon"]
 
-# 0.3 kept the budget's buffers on the horizon; their keys in a 0.3 state dict, loaded into 0.4's Budget.
+# 0.3 kept the budget's buffers on the horizon; their keys in a 0.3 state dict, loaded into 0.4's
+# Budget.
 _V03_KEYS = ("placement", "n_steps")
 
 
 class LearnableHorizon(nn.Module):
-    r"""Integrates an ODE over [t0, T] with T (and optionally t0) learnable: a drop-in for ``odeint``.
+    r"""Integrates an ODE over [t0, T] with T (and optionally t0) learnable: a drop-in for
+    ``odeint``.
 
     ``horizon(func, y0, **kwargs)`` returns what ``solver(func, y0,
     torch.tensor([t0, T]), **kwargs)`` returns: every part of the state with a
@@ -139,7 +143,8 @@ class LearnableHorizon(nn.Module):
 
     @contextlib.contextmanager
     def budgeted(self, enabled: bool = True) -> Iterator[None]:
-        """Within the block, solves on the budget (``enabled``) or with the reference, whatever the mode.
+        """Within the block, solves on the budget (``enabled``) or with the reference, whatever the
+        mode.
 
         Example:
             >>> import torch
@@ -226,7 +231,8 @@ class LearnableHorizon(nn.Module):
             torchdiffeq.odeint_adjoint,
         ):
             raise TypeError(
-                f"solver must be torchdiffeq's odeint or odeint_adjoint on a budget, got {solver!r}."
+                "solver must be torchdiffeq's odeint or odeint_adjoint on a budget, "
+                f"got {solver!r}."
             )
         if "t" in kwargs:
             raise TypeError(

@@ -17,8 +17,8 @@ def in_backward() -> bool:
     gradient evaluate the field from within ``backward``; everything else is
     the forward pass.
     """
-    # No public torch API tells a backward pass apart: _current_autograd_node is the engine's own record
-    # of the node it runs, checked on the torch versions tests/test_gradients.py pins.
+    # No public torch API tells a backward pass apart: _current_autograd_node is the engine's own
+    # record of the node it runs, checked on the torch versions tests/test_gradients.py pins.
     return torch._C._current_autograd_node() is not None
 
 

@@ -272,7 +272,9 @@ class CoordinateDescentStepper(Optimizer):
         )
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        """The state of P, Q, the guard and :attr:`stats` (T, budgets and placements: the model's)."""
+        """The state of P, Q, the guard and :attr:`stats` (T, budgets and placements:
+        the model's).
+        """
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         state = {k: None if v is None else v.state_dict() for k, v in self._parts().items()}
@@ -282,7 +284,9 @@ class CoordinateDescentStepper(Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
-        """Loads what :meth:`state_dict` returned, or a state dict of P alone (load the model first)."""
+        """Loads what :meth:`state_dict` returned, or a state dict of P alone (load the model
+        first).
+        """
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             state_dict = pre_hook(self, state_dict) or state_dict
         if not isinstance(state_dict, dict) or not ({"optimizer", "stats"} <= set(state_dict)):

@@ -1,4 +1,5 @@
-r"""Optional adapters that give other ODE solvers odeint's signature, for ``horizon(func, y0, solver=...)``.
+r"""Optional adapters that give other ODE solvers odeint's signature, for ``horizon(func, y0,
+solver=...)``.
 
 :class:`~torch_tempopt.LearnableHorizon` accepts any ``solver(func, y0, t,
 **kwargs)`` that returns the solution at every time of ``t`` stacked on a

@@ -1,4 +1,6 @@
-"""Plumbing shared by the adapters: argument checks, optional imports, one solve per interval of the grid."""
+"""Plumbing shared by the adapters: argument checks, optional imports, one solve per interval of
+the grid.
+"""
 
 from __future__ import annotations
 
@@ -17,12 +19,15 @@ State = Union[Tensor, "tuple[Tensor, ...]"]
 
 
 def require(backend: str, user: str) -> ModuleType:
-    """Imports the optional ``backend``, or raises an ImportError naming the extra that installs it."""
+    """Imports the optional ``backend``, or raises an ImportError naming the extra that installs
+    it.
+    """
     try:
         return importlib.import_module(backend)
     except ImportError as error:
         raise ImportError(
-            f"{user} needs {backend}, which is not installed; pip install 'torch-tempopt[{backend}]'."
+            f"{user} needs {backend}, which is not installed; "
+            f"pip install 'torch-tempopt[{backend}]'."
         ) from error
 
 
@@ -46,7 +51,8 @@ def check_call(func: Any, y0: Any, t: Any) -> tuple[bool, tuple[Tensor, ...]]:
         raise ValueError(f"t must be 1-D with at least two times, got shape {tuple(t.shape)}.")
     if t.requires_grad:
         raise ValueError(
-            "t must not require grad: integrate through LearnableHorizon, which supplies dL/dt, or pass t.detach()."
+            "t must not require grad: integrate through LearnableHorizon, which supplies dL/dt, "
+            "or pass t.detach()."
         )
     return is_tuple, parts
 
@@ -57,7 +63,9 @@ def chain(
     parts: tuple[Tensor, ...],
     t: Tensor,
 ) -> State:
-    """Solves interval by interval with ``step(y, t_a, t_b) -> y_b``; stacks the states at every time of ``t``."""
+    """Solves interval by interval with ``step(y, t_a, t_b) -> y_b``; stacks the states at every
+    time of ``t``.
+    """
     rows = [parts]
     for a, b in zip(t[:-1], t[1:]):
         rows.append(step(rows[-1], a, b))

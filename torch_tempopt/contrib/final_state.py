@@ -1,4 +1,6 @@
-r"""Integrators that return only the final state, with their own argument orders, as odeint-like solvers."""
+r"""Integrators that return only the final state, with their own argument orders, as odeint-like
+solvers.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ def _signature(signature: Any) -> tuple[str, ...]:
     """The names of ``integrate``'s positional arguments, checked."""
     if not isinstance(signature, str):
         raise TypeError(
-            f"signature must be a string such as 'y0, func, tspan', got {type(signature).__name__}."
+            "signature must be a string such as 'y0, func, tspan', "
+            f"got {type(signature).__name__}."
         )
     names = tuple(s.strip() for s in signature.split(","))
     given = set(names)
@@ -30,8 +33,8 @@ def _signature(signature: Any) -> tuple[str, ...]:
         and ("tspan" in given or {"t0", "t1"} <= given)
     ):
         raise ValueError(
-            f"signature must name y0 and the times (tspan, or t0 and t1), optionally func, each once, "
-            f"from {_SLOTS}; got {signature!r}."
+            "signature must name y0 and the times (tspan, or t0 and t1), optionally func, "
+            f"each once, from {_SLOTS}; got {signature!r}."
         )
     return names
 
@@ -44,7 +47,8 @@ def _final(out: Any, like: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     ):
         got = [tuple(p.shape) if isinstance(p, Tensor) else type(p).__name__ for p in parts]
         raise ValueError(
-            f"integrate must return the final state with y0's shapes {[tuple(q.shape) for q in like]}, "
+            "integrate must return the final state with y0's shapes "
+            f"{[tuple(q.shape) for q in like]}, "
             f"got {got}; wrap it to drop a trajectory or extra outputs."
         )
     return parts
@@ -57,7 +61,8 @@ def final_state_solver(
     field: str = "t, y",
     **kwargs: Any,
 ) -> Callable[..., State]:
-    r"""Makes a solver with odeint's signature from an integrator that returns only the final state.
+    r"""Makes a solver with odeint's signature from an integrator that returns only the final
+    state.
 
     ``integrate`` is called once per interval of the grid with its positional
     arguments in the order of ``signature`` and ``kwargs`` as keywords; the
@@ -93,7 +98,9 @@ def final_state_solver(
         ...     for _ in range(nt):
         ...         x, t = x + h * odefun(x, t), t + h
         ...     return x
-        >>> solver = final_state_solver(integrate, signature="y0, func, tspan", field="y, t", nt=1000)
+        >>> solver = final_state_solver(
+        ...     integrate, signature="y0, func, tspan", field="y, t", nt=1000
+        ... )
         >>> horizon = LearnableHorizon(T0=0.5)
         >>> y = horizon(lambda t, y: -y, torch.ones(3), solver=solver)
         >>> y[-1].sum().backward()

@@ -1,4 +1,6 @@
-r"""torchode's solvers with odeint's signature (``pip install 'torch-tempopt[torchode]'``; tested with torchode 1.0.1)."""
+r"""torchode's solvers with odeint's signature (``pip install 'torch-tempopt[torchode]'``; tested
+with torchode 1.0.1).
+"""
 
 from __future__ import annotations
 
@@ -16,7 +18,9 @@ _ADJOINTS = ("autodiff", "backsolve")
 
 
 class _Flat(nn.Module):
-    """``func(t, y)`` on the whole state flattened into one row, as torchode integrates it (a batch of one problem)."""
+    """``func(t, y)`` on the whole state flattened into one row, as torchode integrates it (a batch
+    of one problem).
+    """
 
     def __init__(
         self, func: Callable[..., Any], is_tuple: bool, parts: tuple[Tensor, ...]
@@ -50,7 +54,8 @@ def torchode_solver(
     rtol: float = 1e-7,
     adjoint: str = "autodiff",
 ) -> State:
-    r"""Solves :math:`dy/dt = f(t, y)` with torchode and returns the solution at every time of ``t``.
+    r"""Solves :math:`dy/dt = f(t, y)` with torchode and returns the solution at every time of
+    ``t``.
 
     The whole state is one torchode problem, so ``func`` is called as by
     odeint. ``adjoint="backsolve"`` (``BacksolveAdjoint``) returns no time
@@ -69,12 +74,15 @@ def torchode_solver(
             steps) or ``"backsolve"`` (``BacksolveAdjoint``: solve the adjoint equation backwards).
 
     Returns:
-        The solution with the structure of ``y0``, each part stacked on a leading dimension of ``len(t)``.
+        The solution with the structure of ``y0``, each part stacked on a leading dimension of
+        ``len(t)``.
 
     Raises:
         ImportError: If torchode is not installed.
-        TypeError: For a non-callable ``func`` (a non-module one with ``"backsolve"``), a non-floating ``y0`` or ``t``.
-        ValueError: For an unknown ``method`` or ``adjoint``, or a ``t`` that is not 1-D or requires grad.
+        TypeError: For a non-callable ``func`` (a non-module one with ``"backsolve"``), a
+            non-floating ``y0`` or ``t``.
+        ValueError: For an unknown ``method`` or ``adjoint``, or a ``t`` that is not 1-D or
+            requires grad.
         RuntimeError: If torchode stops before the end of ``t``.
 
     Example:
@@ -122,6 +130,7 @@ def torchode_solver(
     sol = engine.solve(to.InitialValueProblem(y0=flat, t_eval=t[None]))
     if int(sol.status[0]) != 0:
         raise RuntimeError(
-            f"torchode stopped before the end of t with status {to.Status(int(sol.status[0])).name}."
+            "torchode stopped before the end of t with status "
+            f"{to.Status(int(sol.status[0])).name}."
         )
     return field.unpack(sol.ys[0])

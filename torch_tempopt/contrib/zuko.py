@@ -1,4 +1,6 @@
-r"""``zuko.utils.odeint`` with odeint's signature (``pip install 'torch-tempopt[zuko]'``; tested with zuko 1.6.0)."""
+r"""``zuko.utils.odeint`` with odeint's signature (``pip install 'torch-tempopt[zuko]'``; tested
+with zuko 1.6.0).
+"""
 
 from __future__ import annotations
 
@@ -12,12 +14,15 @@ __all__ = ["zuko_solver"]
 
 
 def _phi(func: Any, phi: Iterable[Tensor] | None) -> tuple[Tensor, ...]:
-    """The parameters zuko differentiates: ``phi``, or those of a module ``func``; only those that require grad."""
+    """The parameters zuko differentiates: ``phi``, or those of a module ``func``; only those that
+    require grad.
+    """
     if phi is None:
         if not isinstance(func, nn.Module):
             raise ValueError(
-                f"phi must be given when func is not an nn.Module (got {type(func).__name__}): zuko "
-                "differentiates only the parameters it is handed; pass phi=tuple(net.parameters()) or ()."
+                "phi must be given when func is not an nn.Module "
+                f"(got {type(func).__name__}): zuko differentiates only the parameters it is "
+                "handed; pass phi=tuple(net.parameters()) or ()."
             )
         phi = func.parameters()
     params = tuple(phi)
@@ -37,7 +42,8 @@ def zuko_solver(
     atol: float = 1e-6,
     rtol: float = 1e-5,
 ) -> State:
-    r"""Solves :math:`dy/dt = f(t, y)` with ``zuko.utils.odeint`` and returns the solution at every time of ``t``.
+    r"""Solves :math:`dy/dt = f(t, y)` with ``zuko.utils.odeint`` and returns the solution at every
+    time of ``t``.
 
     One adaptive Dormand-Prince solve per interval of ``t``, chained; zuko's
     adaptive checkpoint adjoint differentiates the state and ``phi``. zuko 1.6
@@ -55,19 +61,24 @@ def zuko_solver(
         rtol: The relative tolerance.
 
     Returns:
-        The solution with the structure of ``y0``, each part stacked on a leading dimension of ``len(t)``.
+        The solution with the structure of ``y0``, each part stacked on a leading dimension of
+        ``len(t)``.
 
     Raises:
         ImportError: If zuko is not installed.
-        TypeError: For a non-callable ``func``, a non-floating ``y0`` or ``t``, or ``phi`` of non-tensors.
-        ValueError: For a ``t`` that is not 1-D, or requires grad, or a closure ``func`` without ``phi``.
+        TypeError: For a non-callable ``func``, a non-floating ``y0`` or ``t``, or ``phi`` of
+            non-tensors.
+        ValueError: For a ``t`` that is not 1-D, or requires grad, or a closure ``func`` without
+            ``phi``.
 
     Example:
         >>> import pytest; _ = pytest.importorskip("zuko")
         >>> import torch
         >>> from torch_tempopt import LearnableHorizon
         >>> horizon = LearnableHorizon(T0=0.5)
-        >>> y = horizon(lambda t, y: -y, torch.ones(3), solver=zuko_solver, phi=(), atol=1e-8, rtol=1e-8)
+        >>> y = horizon(
+        ...     lambda t, y: -y, torch.ones(3), solver=zuko_solver, phi=(), atol=1e-8, rtol=1e-8
+        ... )
         >>> y[-1].sum().backward()
         >>> round(horizon.T.grad.item(), 4)  # <dL/dy(T), F> = 3 * (-exp(-0.5))
         -1.8196

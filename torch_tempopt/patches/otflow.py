@@ -148,7 +148,8 @@ def _problem(patch: Patch, ot: Any) -> Callable[..., Any]:
             )
             z = horizon(field, z0, solver=solver)[-1]
         else:
-            # N rk4 steps in training; in eval() and the guard's checks the reference, dopri5 at 1e-5
+            # N rk4 steps in training; in eval() and the guard's checks the reference, dopri5
+            # at 1e-5
             z = horizon(field, z0, **DEFAULT_REFERENCE)[-1]
         costs = [z[:, -2].mean(), ot.C(z).mean(), z[:, -1].mean()]
         return sum(c * a for c, a in zip(costs, alph)), costs

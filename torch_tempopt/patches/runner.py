@@ -545,7 +545,8 @@ def _parser(upstream: Upstream, prog: str) -> argparse.ArgumentParser:
         choices=GRADIENTS,
         default="backprop",
         help="on a budget: backprop through the steps (default), checkpoint (each step "
-        "recomputed in backward: less memory), or adjoint (upstream's odeint_adjoint on the steps)",
+        "recomputed in backward: less memory), or adjoint (upstream's odeint_adjoint on the "
+        "steps)",
     )
     parser.add_argument(
         "--tempopt-off",
