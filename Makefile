@@ -65,7 +65,7 @@ demo: install-examples
 	OMP_NUM_THREADS=1 $(PY) -m benchmarks.demo --out $(DEMO_OUT)
 
 bench: install
-	$(PY) benchmarks/overhead.py
+	$(PY) -m benchmarks.overhead
 
 clean:
 	rm -rf build dist site *.egg-info .pytest_cache .ruff_cache runs

@@ -8,7 +8,7 @@ the run **only when torchvision cannot be imported** (upstream's log then says s
 torchvision imports, it is used.
 
 * :class:`MNIST` reads MNIST's own IDX files from ``root/MNIST/raw`` (write them offline with
-  ``python benchmarks/mnist_idx.py ROOT``); it never downloads.
+  ``python -m benchmarks.mnist_idx ROOT``); it never downloads.
 * :class:`Resize` is area resampling: each output pixel is the mean of the input pixels it covers
   (``torch.nn.functional.interpolate(mode="area")``), rounded back to 0..255. torchvision's default
   on images is bilinear with antialiasing (PIL's triangle filter: at 28 -> 14 four taps of 1/8,
@@ -65,7 +65,7 @@ class MNIST(torch.utils.data.Dataset):
         if not images.is_file() or not labels.is_file():
             raise RuntimeError(
                 f"MNIST's IDX files are not in {raw} and this stand-in cannot download them; "
-                f"write them with `python benchmarks/mnist_idx.py {root}`."
+                f"write them with `python -m benchmarks.mnist_idx {root}`."
             )
         self.data = torch.from_numpy(_read_idx(images).copy())
         self.targets = torch.from_numpy(_read_idx(labels).astype(np.int64))
