@@ -118,7 +118,7 @@ def test_mnist_dataset_reads_idx_and_applies_transforms(tmp_path: Path):
         ),
     )
     with pytest.raises(
-        RuntimeError, match="cannot download them; write them with `python benchmarks/mnist_idx.py"
+        RuntimeError, match="cannot download them; write them with `python -m benchmarks.mnist_idx"
     ):
         tv.MNIST(str(tmp_path / "empty"), download=True)
 
