@@ -79,7 +79,10 @@ def _circles(n: int, rng: np.random.Generator) -> np.ndarray:
     outer = np.linspace(0.0, 2.0 * np.pi, n // 2, endpoint=False)
     inner = np.linspace(0.0, 2.0 * np.pi, n - n // 2, endpoint=False)
     points = np.concatenate(
-        [np.stack([np.cos(outer), np.sin(outer)], axis=1), 0.5 * np.stack([np.cos(inner), np.sin(inner)], axis=1)]
+        [
+            np.stack([np.cos(outer), np.sin(outer)], axis=1),
+            0.5 * np.stack([np.cos(inner), np.sin(inner)], axis=1),
+        ]
     )
     return 3.0 * (points + 0.08 * rng.standard_normal((n, 2)))[rng.permutation(n)]
 
@@ -87,7 +90,10 @@ def _circles(n: int, rng: np.random.Generator) -> np.ndarray:
 def _moons(n: int, rng: np.random.Generator) -> np.ndarray:
     upper, lower = np.linspace(0.0, np.pi, n // 2), np.linspace(0.0, np.pi, n - n // 2)
     points = np.concatenate(
-        [np.stack([np.cos(upper), np.sin(upper)], axis=1), np.stack([1.0 - np.cos(lower), 0.5 - np.sin(lower)], axis=1)]
+        [
+            np.stack([np.cos(upper), np.sin(upper)], axis=1),
+            np.stack([1.0 - np.cos(lower), 0.5 - np.sin(lower)], axis=1),
+        ]
     )
     points = points + 0.1 * rng.standard_normal((n, 2))
     return 2.0 * points[rng.permutation(n)] + np.array([-1.0, -0.2])
@@ -95,7 +101,9 @@ def _moons(n: int, rng: np.random.Generator) -> np.ndarray:
 
 def _two_spirals(n: int, rng: np.random.Generator) -> np.ndarray:
     angle = np.sqrt(rng.random(n)) * 3.0 * np.pi
-    arm = np.stack([-np.cos(angle) * angle, np.sin(angle) * angle], axis=1) + 0.5 * rng.random((n, 2))
+    arm = np.stack([-np.cos(angle) * angle, np.sin(angle) * angle], axis=1) + 0.5 * rng.random(
+        (n, 2)
+    )
     sign = np.where(np.arange(n) < n // 2, 1.0, -1.0)[:, None]
     return (sign * arm / 3.0 + 0.1 * rng.standard_normal((n, 2)))[rng.permutation(n)]
 
@@ -116,8 +124,9 @@ def _rings(n: int, rng: np.random.Generator) -> np.ndarray:
 
 
 _TOY: dict[str, Callable[[int, np.random.Generator], np.ndarray]] = {
-    "swissroll": _swissroll, "8gaussians": _eight_gaussians, "pinwheel": _pinwheel, "circles": _circles,
-    "moons": _moons, "2spirals": _two_spirals, "checkerboard": _checkerboard, "rings": _rings,
+    "swissroll": _swissroll, "8gaussians": _eight_gaussians, "pinwheel": _pinwheel,
+    "circles": _circles, "moons": _moons, "2spirals": _two_spirals,
+    "checkerboard": _checkerboard, "rings": _rings,
 }  # fmt: skip
 TOY_DATASETS = tuple(_TOY)
 
@@ -145,14 +154,20 @@ class ConcatSquashLinear(nn.Module):
 
 
 class Field(nn.Module):
-    """The dynamics of ``(z, logp)``: a concat-squash MLP ``f`` and ``-tr(df/dz)``, exact or Hutchinson."""
+    """The dynamics of ``(z, logp)``: a concat-squash MLP ``f`` and ``-tr(df/dz)``, exact or
+    Hutchinson.
+    """
 
     def __init__(self, hidden: Sequence[int], divergence: str) -> None:
         super().__init__()
         widths = [2, *hidden, 2]
-        self.layers = nn.ModuleList(ConcatSquashLinear(a, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.layers = nn.ModuleList(
+            ConcatSquashLinear(a, b) for a, b in zip(widths[:-1], widths[1:])
+        )
         self.divergence = divergence
-        self.probe: Tensor | None = None  # Hutchinson's: drawn at a solve's first evaluation, then held
+        self.probe: Tensor | None = (
+            None  # Hutchinson's: drawn at a solve's first evaluation, then held
+        )
 
     def forward(self, t: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         z, logp = state
@@ -176,12 +191,16 @@ class Field(nn.Module):
 
 
 def _vjp(y: Tensor, z: Tensor, v: Tensor, create_graph: bool) -> Tensor:
-    (grad,) = torch.autograd.grad(y, z, v, create_graph=create_graph, retain_graph=True, allow_unused=True)
+    (grad,) = torch.autograd.grad(
+        y, z, v, create_graph=create_graph, retain_graph=True, allow_unused=True
+    )
     return torch.zeros_like(z) if grad is None else grad
 
 
 class CNF(nn.Module):
-    """One CNF block whose solve runs through a :class:`~torch_tempopt.LearnableHorizon` (T learned)."""
+    """One CNF block whose solve runs through a :class:`~torch_tempopt.LearnableHorizon` (T
+    learned).
+    """
 
     def __init__(
         self,
@@ -203,7 +222,9 @@ class CNF(nn.Module):
         """The mean negative log-likelihood of ``x`` under N(0, I) transported from t0 to T."""
         self.field.probe = None
         solver = torchdiffeq.odeint_adjoint if self.adjoint else torchdiffeq.odeint
-        state = self.horizon(self.field, (x, x.new_zeros(x.shape[0])), solver=solver, **self.solver_kwargs)
+        state = self.horizon(
+            self.field, (x, x.new_zeros(x.shape[0])), solver=solver, **self.solver_kwargs
+        )
         z, delta_logp = (s[-1] for s in state)
         logpz = -0.5 * (z.pow(2) + math.log(2.0 * math.pi)).sum(dim=1)
         return -(logpz - delta_logp).mean()
@@ -221,7 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data", choices=TOY_DATASETS, default="8gaussians")
     p.add_argument("--iters", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=100, help="global batch, split evenly over the ranks")
+    p.add_argument(
+        "--batch-size", type=int, default=100, help="global batch, split evenly over the ranks"
+    )
     p.add_argument("--hidden", default="64,64,64")
     p.add_argument("--divergence", choices=("exact", "hutchinson"), default="exact")
     p.add_argument("--T0", type=float, default=0.5)
@@ -233,10 +256,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rtol", type=float, default=1e-5)
     p.add_argument("--atol", type=float, default=1e-5)
     p.add_argument("--step-size", type=float, default=None, help="for fixed-grid solvers")
-    p.add_argument("--budget", type=int, default=None, help="N rk4 steps per solve, guarded (placement fitted)")
+    p.add_argument(
+        "--budget",
+        type=int,
+        default=None,
+        help="N rk4 steps per solve, guarded (placement fitted)",
+    )
     p.add_argument("--adjoint", action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument("--find-unused-parameters", action="store_true", help="DDP's option (not needed for T)")
-    p.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto", help="auto: nccl with CUDA")
+    p.add_argument(
+        "--find-unused-parameters", action="store_true", help="DDP's option (not needed for T)"
+    )
+    p.add_argument(
+        "--backend", choices=("auto", "gloo", "nccl"), default="auto", help="auto: nccl with CUDA"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--log-every", type=int, default=100)
@@ -260,13 +292,17 @@ def _digest(tensors: Sequence[torch.Tensor]) -> str:
 
 
 def train(args: argparse.Namespace) -> dict[str, Any] | None:
-    """Trains in the process group set up by torchrun; returns the metrics on rank 0 (``None`` elsewhere)."""
+    """Trains in the process group set up by torchrun; returns the metrics on rank 0 (``None``
+    elsewhere).
+    """
     if args.backend == "auto":
         args.backend = "nccl" if torch.cuda.is_available() else "gloo"
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     if args.batch_size % world:
-        raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {world} processes.")
+        raise ValueError(
+            f"--batch-size {args.batch_size} must be divisible by the {world} processes."
+        )
     if args.backend == "nccl":
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
@@ -275,11 +311,19 @@ def train(args: argparse.Namespace) -> dict[str, Any] | None:
     torch.set_num_threads(args.threads)
     dist.init_process_group(args.backend, timeout=timedelta(minutes=5))
     try:
-        torch.manual_seed(args.seed)  # the same initialisation everywhere (DDP broadcasts rank 0's anyway)
+        torch.manual_seed(
+            args.seed
+        )  # the same initialisation everywhere (DDP broadcasts rank 0's anyway)
         hidden = tuple(int(h) for h in args.hidden.split(",") if h.strip())
-        model = CNF(hidden, args.divergence, args.T0, _solver_kwargs(args), args.adjoint, args.eps, args.budget).to(
-            device
-        )
+        model = CNF(
+            hidden,
+            args.divergence,
+            args.T0,
+            _solver_kwargs(args),
+            args.adjoint,
+            args.eps,
+            args.budget,
+        ).to(device)
         ddp = DistributedDataParallel(
             model,
             device_ids=[local_rank] if device.type == "cuda" else None,
@@ -312,12 +356,18 @@ def train(args: argparse.Namespace) -> dict[str, Any] | None:
             dist.all_reduce(mean)
             losses.append(mean.item() / world)
             if rank == 0 and (it % max(args.log_every, 1) == 0 or it == args.iters):
-                print(f"iter {it:6d}  loss {losses[-1]:.4f}  T {model.horizon.T.item():.4f}", flush=True)
+                print(
+                    f"iter {it:6d}  loss {losses[-1]:.4f}  T {model.horizon.T.item():.4f}",
+                    flush=True,
+                )
         seconds = time.perf_counter() - start
 
         # Every rank must hold the same T and weights, bit for bit.
         T = [float(model.horizon.T.detach())]
-        mine = {"T": [repr(t) for t in T], "weights": _digest([*model.parameters(), *model.buffers()])}
+        mine = {
+            "T": [repr(t) for t in T],
+            "weights": _digest([*model.parameters(), *model.buffers()]),
+        }
         everyone: list[Any] = [None] * world
         dist.all_gather_object(everyone, mine)
         if rank != 0:
@@ -351,7 +401,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parses the command line, trains, and prints the summary on rank 0."""
     if "RANK" not in os.environ:
         raise SystemExit(
-            "examples/ddp_train.py runs under torchrun, e.g.: torchrun --nproc_per_node 2 examples/ddp_train.py --iters 100"
+            "examples/ddp_train.py runs under torchrun, e.g.: "
+            "torchrun --nproc_per_node 2 examples/ddp_train.py --iters 100"
         )
     metrics = train(build_parser().parse_args(argv))
     if metrics is not None:

@@ -8,7 +8,9 @@ import torch
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--device", default="cpu", help="device for tensors in the tests, e.g. cuda")
-    parser.addoption("--dtype", default="float64", choices=["float32", "float64"], help="default dtype")
+    parser.addoption(
+        "--dtype", default="float64", choices=["float32", "float64"], help="default dtype"
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -29,6 +31,8 @@ def device(request: pytest.FixtureRequest) -> torch.device:
 def dtype() -> torch.dtype:
     return torch.get_default_dtype()
 
-# tests/standins/ holds stand-ins for upstream checkouts (their own ``lib`` packages and scripts that parse
-# sys.argv at import); the patches import them on their own, pytest must not collect them.
+
+# tests/standins/ holds stand-ins for upstream checkouts (their own ``lib`` packages and scripts
+# that parse sys.argv at import); the patches import them on their own, pytest must not collect
+# them.
 collect_ignore = ["standins"]

@@ -25,7 +25,9 @@ class TupleField(nn.Module):
         super().__init__()
         self.f = TimeMLP(dim, hidden)
 
-    def forward(self, t: torch.Tensor, state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    def forward(
+        self, t: torch.Tensor, state: tuple[torch.Tensor, ...]
+    ) -> tuple[torch.Tensor, ...]:
         z = state[0]
         dz = self.f(t, z)
         dlogp = -(dz * torch.sin(z)).sum(1, keepdim=True) - t
@@ -45,9 +47,13 @@ class Linear(nn.Module):
 
 
 class Pulse(nn.Module):
-    """dy/dt = y * height * exp(-((t - center) / width)^2) + net(y): dynamics concentrated around ``center``."""
+    """dy/dt = y * height * exp(-((t - center) / width)^2) + net(y): dynamics concentrated around
+    ``center``.
+    """
 
-    def __init__(self, dim: int = 2, center: float = 0.9, width: float = 0.05, height: float = 20.0) -> None:
+    def __init__(
+        self, dim: int = 2, center: float = 0.9, width: float = 0.05, height: float = 20.0
+    ) -> None:
         super().__init__()
         self.center, self.width, self.height = center, width, height
         self.net = nn.Linear(dim, dim)
@@ -61,7 +67,9 @@ class Pulse(nn.Module):
 
 
 class Stiff(nn.Module):
-    """A small learnable field plus a decay of rate ``k``: a few rk4 steps are unstable for a large ``k``."""
+    """A small learnable field plus a decay of rate ``k``: a few rk4 steps are unstable for a large
+    ``k``.
+    """
 
     def __init__(self, dim: int = 2, k: float = 40.0) -> None:
         super().__init__()

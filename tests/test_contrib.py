@@ -1,4 +1,6 @@
-"""contrib adapters: dL/dT and dL/dt0 against finite differences in both directions, solutions against torchdiffeq."""
+"""contrib adapters: dL/dT and dL/dt0 against finite differences in both directions, solutions
+against torchdiffeq.
+"""
 
 from __future__ import annotations
 
@@ -13,12 +15,15 @@ from fields import TimeMLP, TupleField
 from torch_tempopt import LearnableHorizon
 from torch_tempopt.contrib import final_state_solver, torchode_solver, zuko_solver
 
-TOL = 1e-11  # adaptive tolerances: central differences with step 1e-4 then see only their own O(step^2) error
+# adaptive tolerances: central differences with step 1e-4 then see only their own O(step^2) error
+TOL = 1e-11
 NAMES = ["final_state", "zuko", "torchode-autodiff", "torchode-backsolve"]
 
 
 def _rk4_integrate(x, odefun, tspan, nt):
-    """Like OT-Flow's integrate(x, net, tspan, nt): classic RK4, the field called as odefun(x, t), time advanced in place."""
+    """Like OT-Flow's integrate(x, net, tspan, nt): classic RK4, the field called as odefun(x, t),
+    time advanced in place.
+    """
     h = (tspan[1] - tspan[0]) / nt
     tk = tspan[0]
     for _ in range(nt):
@@ -32,7 +37,9 @@ def _rk4_integrate(x, odefun, tspan, nt):
 
 
 def _rk4_tuple(func, y0, t0, t1, nt):
-    """Classic RK4 on a tuple state with odeint's argument order (final_state_solver's default signature)."""
+    """Classic RK4 on a tuple state with odeint's argument order (final_state_solver's default
+    signature).
+    """
     h = (t1 - t0) / nt
 
     def add(y, k, c):
@@ -44,7 +51,9 @@ def _rk4_tuple(func, y0, t0, t1, nt):
         k2 = func(t + h / 2, add(y0, k1, h / 2))
         k3 = func(t + h / 2, add(y0, k2, h / 2))
         k4 = func(t + h, add(y0, k3, h))
-        y0 = tuple(y + h / 6 * (a + 2 * b + 2 * c + d) for y, a, b, c, d in zip(y0, k1, k2, k3, k4))
+        y0 = tuple(
+            y + h / 6 * (a + 2 * b + 2 * c + d) for y, a, b, c, d in zip(y0, k1, k2, k3, k4)
+        )
     return y0
 
 
@@ -53,7 +62,9 @@ def _adapter(name, tuple_state=False):
     if name == "final_state":
         if tuple_state:
             return final_state_solver(_rk4_tuple, nt=60), {}
-        return final_state_solver(_rk4_integrate, signature="y0, func, tspan", field="y, t", nt=60), {}
+        return final_state_solver(
+            _rk4_integrate, signature="y0, func, tspan", field="y, t", nt=60
+        ), {}
     if name == "zuko":
         pytest.importorskip("zuko")
         return zuko_solver, dict(atol=TOL, rtol=TOL)
@@ -63,7 +74,9 @@ def _adapter(name, tuple_state=False):
 
 def _loss(out):
     parts = out if isinstance(out, tuple) else (out,)
-    return sum(w * (p[-1].pow(2).sum() + p[-1].sin().sum()) for w, p in zip([1.0, -0.7, 0.3], parts))
+    return sum(
+        w * (p[-1].pow(2).sum() + p[-1].sin().sum()) for w, p in zip([1.0, -0.7, 0.3], parts)
+    )
 
 
 def _grad_and_fd(h, which, call, step=1e-4):
@@ -103,7 +116,11 @@ def test_tuple_state(name, reverse, device):
     """A CNF-like state (z, logp, kinetic): flattened for torchode, a sequence for zuko."""
     solver, kw = _adapter(name, tuple_state=True)
     func = TupleField().to(device)
-    y0 = (torch.randn(4, 2, device=device), torch.zeros(4, 1, device=device), torch.zeros(4, 1, device=device))
+    y0 = (
+        torch.randn(4, 2, device=device),
+        torch.zeros(4, 1, device=device),
+        torch.zeros(4, 1, device=device),
+    )
     h = LearnableHorizon(T0=0.8, t0=0.1, learn_t0=True).to(device)
     out = h(func, y0, solver=solver, reverse=reverse, **kw)
     assert isinstance(out, tuple) and [p.shape for p in out] == [(2, *p.shape) for p in y0]
@@ -113,14 +130,18 @@ def test_tuple_state(name, reverse, device):
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("name", NAMES)
 def test_matches_torchdiffeq(name, reverse, device):
-    """The trajectory at times= and the weight gradients are odeint's on the same (increasing or decreasing) grid."""
+    """The trajectory at times= and the weight gradients are odeint's on the same (increasing or
+    decreasing) grid.
+    """
     solver, kw = _adapter(name)
     func = TimeMLP().to(device)
     y0 = torch.randn(3, 2, device=device)
     h = LearnableHorizon(T0=0.9, t0=0.2).to(device)
     s = torch.tensor([0.0, 0.25, 0.5, 1.0], device=device)
     ours = h(func, y0, solver=solver, reverse=reverse, times=s, **kw)
-    grid = 0.9 - 0.7 * s if reverse else 0.2 + 0.7 * s  # times are fractions from the start of the integration
+    grid = (
+        0.9 - 0.7 * s if reverse else 0.2 + 0.7 * s
+    )  # times are fractions from the start of the integration
     ref = torchdiffeq.odeint(func, y0, grid, rtol=TOL, atol=TOL)
     torch.testing.assert_close(ours, ref, rtol=1e-8, atol=1e-8)
     grads = [torch.autograd.grad(_loss(y), tuple(func.parameters())) for y in (ours, ref)]
@@ -130,18 +151,25 @@ def test_matches_torchdiffeq(name, reverse, device):
 
 @pytest.mark.parametrize("reverse", [False, True])
 def test_final_state_solver_with_its_own_field(reverse, device):
-    """OT-Flow's case: integrate(x, net, tspan, nt) brings its own field; the horizon's func is the same field."""
+    """OT-Flow's case: integrate(x, net, tspan, nt) brings its own field; the horizon's func is the
+    same field.
+    """
     net = TimeMLP().to(device)
 
     def odefun(x, t, net):
         return net(t, x)
 
-    solver = final_state_solver(lambda x, tspan, nt: _rk4_integrate(x, lambda z, t: odefun(z, t, net), tspan, nt),
-                                signature="y0, tspan", nt=60)
+    solver = final_state_solver(
+        lambda x, tspan, nt: _rk4_integrate(x, lambda z, t: odefun(z, t, net), tspan, nt),
+        signature="y0, tspan",
+        nt=60,
+    )
     y0 = torch.randn(4, 2, device=device)
     h = LearnableHorizon(T0=0.7, t0=0.1, learn_t0=True).to(device)
     for which in ("T", "t0"):
-        g, fd = _grad_and_fd(h, which, lambda: h(lambda t, x: odefun(x, t, net), y0, solver=solver, reverse=reverse))
+        g, fd = _grad_and_fd(
+            h, which, lambda: h(lambda t, x: odefun(x, t, net), y0, solver=solver, reverse=reverse)
+        )
         assert g == pytest.approx(fd, rel=1e-6), which
 
 
@@ -158,10 +186,26 @@ def _common_bad_calls(solver, kw):
     t = torch.tensor([0.0, 1.0])
     cases = [
         ((None, torch.ones(2), t), TypeError, "func must be callable"),
-        ((lambda t, y: -y, torch.ones(2, dtype=torch.long), t), TypeError, "y0 must be a floating-point tensor"),
-        ((lambda t, y: -y, torch.ones(2), torch.tensor([0, 1])), TypeError, "t must be a floating-point tensor"),
-        ((lambda t, y: -y, torch.ones(2), torch.tensor(1.0)), ValueError, "t must be 1-D with at least two times"),
-        ((lambda t, y: -y, torch.ones(2), t.clone().requires_grad_()), ValueError, "t must not require grad"),
+        (
+            (lambda t, y: -y, torch.ones(2, dtype=torch.long), t),
+            TypeError,
+            "y0 must be a floating-point tensor",
+        ),
+        (
+            (lambda t, y: -y, torch.ones(2), torch.tensor([0, 1])),
+            TypeError,
+            "t must be a floating-point tensor",
+        ),
+        (
+            (lambda t, y: -y, torch.ones(2), torch.tensor(1.0)),
+            ValueError,
+            "t must be 1-D with at least two times",
+        ),
+        (
+            (lambda t, y: -y, torch.ones(2), t.clone().requires_grad_()),
+            ValueError,
+            "t must not require grad",
+        ),
     ]
     for args, error, match in cases:
         with pytest.raises(error, match=match):
@@ -185,7 +229,9 @@ def test_final_state_solver_bad_inputs():
     with pytest.raises(ValueError, match="field must be 't, y' or 'y, t'"):
         final_state_solver(_rk4_integrate, signature="y0, func, tspan", field="x, t, net")
     solver = final_state_solver(lambda f, y0, t0, t1: (y0, y0))
-    with pytest.raises(ValueError, match=r"integrate must return the final state with y0's shapes \[\(2,\)\]"):
+    with pytest.raises(
+        ValueError, match=r"integrate must return the final state with y0's shapes \[\(2,\)\]"
+    ):
         solver(lambda t, y: -y, torch.ones(2), torch.tensor([0.0, 1.0]))
 
 
@@ -207,24 +253,36 @@ def test_torchode_bad_inputs():
         torchode_solver(TimeMLP(), torch.ones(3, 2), t, method="rk45")
     with pytest.raises(TypeError, match="func must be an nn.Module with adjoint='backsolve'"):
         torchode_solver(lambda t, y: -y, torch.ones(2), t, adjoint="backsolve")
-    with pytest.raises(RuntimeError, match="torchode stopped before the end of t with status INFINITE_NORM") as info:
+    with pytest.raises(
+        RuntimeError, match="torchode stopped before the end of t with status INFINITE_NORM"
+    ) as info:
         LearnableHorizon()(lambda t, y: y * float("nan"), torch.ones(1), solver=torchode_solver)
     assert "func(t0, y0) is not finite" in str(info.value.__notes__)  # the horizon's diagnosis
 
 
 @pytest.mark.parametrize("name", ["final_state", "zuko", "torchode"])
 def test_an_adapter_is_refused_on_a_budget(name):
-    """A budget solves its steps with torchdiffeq and its reference with torchdiffeq's odeint or odeint_adjoint."""
-    solver = {"final_state": final_state_solver(_rk4_tuple, nt=4), "zuko": zuko_solver, "torchode": torchode_solver}
+    """A budget solves its steps with torchdiffeq and its reference with torchdiffeq's odeint or
+    odeint_adjoint.
+    """
+    solver = {
+        "final_state": final_state_solver(_rk4_tuple, nt=4),
+        "zuko": zuko_solver,
+        "torchode": torchode_solver,
+    }
     horizon = LearnableHorizon(budget=2)
     for mode in (horizon.train, horizon.eval):
         mode()
-        with pytest.raises(TypeError, match="^solver must be torchdiffeq's odeint or odeint_adjoint on a budget"):
+        with pytest.raises(
+            TypeError, match="^solver must be torchdiffeq's odeint or odeint_adjoint on a budget"
+        ):
             horizon(TimeMLP(), torch.ones(3, 2), solver=solver[name])
     assert horizon.budget.last_input is None  # refused before any solve
 
 
-@pytest.mark.parametrize(("backend", "solver"), [("zuko", zuko_solver), ("torchode", torchode_solver)])
+@pytest.mark.parametrize(
+    ("backend", "solver"), [("zuko", zuko_solver), ("torchode", torchode_solver)]
+)
 def test_missing_backend_gives_the_install_hint(backend, solver, monkeypatch):
     monkeypatch.setitem(sys.modules, backend, None)  # `import backend` now raises ImportError
     with pytest.raises(ImportError, match=rf"pip install 'torch-tempopt\[{backend}\]'"):
@@ -232,6 +290,9 @@ def test_missing_backend_gives_the_install_hint(backend, solver, monkeypatch):
 
 
 def test_import_leaves_backends_alone():
-    code = "import sys, torch_tempopt, torch_tempopt.contrib; print(sorted({'zuko', 'torchode'} & set(sys.modules)))"
+    code = (
+        "import sys, torch_tempopt, torch_tempopt.contrib; "
+        "print(sorted({'zuko', 'torchode'} & set(sys.modules)))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

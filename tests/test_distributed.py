@@ -1,4 +1,6 @@
-"""DistributedDataParallel: dL/dT is all-reduced like any gradient, T stays equal across ranks (gloo, 2 CPU processes)."""
+"""DistributedDataParallel: dL/dT is all-reduced like any gradient, T stays equal across ranks
+(gloo, 2 CPU processes).
+"""
 
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ import torch.multiprocessing as mp
 ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.skipif(
-    not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"
+    not dist.is_available() or not dist.is_gloo_available(),
+    reason="needs torch.distributed with gloo",
 )
 
 
@@ -35,7 +38,9 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        mp.start_processes(w.worker, args=(free_port(), str(out)), nprocs=w.WORLD, join=True, start_method="spawn")
+        mp.start_processes(
+            w.worker, args=(free_port(), str(out)), nprocs=w.WORLD, join=True, start_method="spawn"
+        )
     finally:
         for k, v in saved.items():
             if v is None:
@@ -66,34 +71,50 @@ def test_ranks_stay_bitwise_equal_and_match_one_process(ranks: list[dict], scena
     assert a["state"].keys() == b["state"].keys()
     for key in a["state"]:
         assert torch.equal(a["state"][key], b["state"][key]), key
-    assert a["stats"] == b["stats"] and a["stats"]["steps"] == w.STEPS and a["state"]["horizon.T"] != 0.5
+    assert (
+        a["stats"] == b["stats"]
+        and a["stats"]["steps"] == w.STEPS
+        and a["state"]["horizon.T"] != 0.5
+    )
     _, _, budget, guard = (scenario, *w.SCENARIOS[scenario])
-    if scenario == "growth":  # grown in place, the same on every rank; each rank measured its own half
+    if (
+        scenario == "growth"
+    ):  # grown in place, the same on every rank; each rank measured its own half
         grown = [e["budget"] for e in a["guard"]["events"]]
         assert grown[0][0] == 1 and grown[-1][1] == int(a["state"]["horizon.budget.n_steps"]) > 1
         assert grown == [e["budget"] for e in b["guard"]["events"]]
         assert a["guard"]["errors"] != b["guard"]["errors"]
-        return  # the placement was fitted on rank 0's half batch: one process on the whole batch differs
+        # the placement was fitted on rank 0's half batch: one process on the whole batch differs
+        return
     if budget is not None:
         assert a["guard"]["checks"] == w.STEPS and a["guard"]["events"] == []
     ref = reference(guard, budget)
     for key in a["state"]:
-        torch.testing.assert_close(a["state"][key], ref["state"][key], rtol=1e-9, atol=1e-12, msg=key)
+        torch.testing.assert_close(
+            a["state"][key], ref["state"][key], rtol=1e-9, atol=1e-12, msg=key
+        )
     # The mean of the ranks' losses is the loss of the whole batch.
-    torch.testing.assert_close((a["losses"] + b["losses"]) / 2, ref["losses"], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        (a["losses"] + b["losses"]) / 2, ref["losses"], rtol=1e-12, atol=1e-12
+    )
     torch.testing.assert_close(a["t_grads"], ref["t_grads"], rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.slow
 def test_ddp_example_runs_with_torchrun(tmp_path: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}  # this tree's torch_tempopt
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(ROOT),
+    }  # this tree's torch_tempopt
     if sys.platform.startswith("linux"):
         env["GLOO_SOCKET_IFNAME"] = "lo"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
         "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
         str(ROOT / "examples" / "ddp_train.py"),
-        "--iters", "2", "--hidden", "8,8", "--batch-size", "32", "--solver", "rk4", "--step-size", "0.25",
+        "--iters", "2", "--hidden", "8,8", "--batch-size", "32", "--solver", "rk4",
+        "--step-size", "0.25",
         "--out", str(tmp_path),
     ]  # fmt: skip
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)

@@ -1,4 +1,6 @@
-"""Faults: failing solves keep their exception and get a note naming the cause; bad input is refused by name."""
+"""Faults: failing solves keep their exception and get a note naming the cause; bad input is
+refused by name.
+"""
 
 from __future__ import annotations
 
@@ -26,7 +28,9 @@ def _notes(info: pytest.ExceptionInfo) -> str:
 
 # ------------------------------------------------------------------ (a) failing solves
 def test_step_size_underflow_keeps_its_type_and_gets_tolerance_advice() -> None:
-    """dy/dt = y^2 from y0 = 1 blows up at t = 1: an adaptive solve to T = 1.5 collapses its step."""
+    """dy/dt = y^2 from y0 = 1 blows up at t = 1: an adaptive solve to T = 1.5 collapses
+    its step.
+    """
     horizon = LearnableHorizon(T0=1.5)
     with pytest.raises(AssertionError, match="underflow in dt") as info:
         horizon(lambda t, y: y**2, torch.ones(3), rtol=1e-4, atol=1e-4)
@@ -34,9 +38,13 @@ def test_step_size_underflow_keeps_its_type_and_gets_tolerance_advice() -> None:
     assert note.startswith("LearnableHorizon(T=1.5, t0=0, bounds=(0.1, 2.9)): the solve failed; ")
     for remedy in ("loosen rtol/atol", "budget=N"):
         assert remedy in note, remedy
-    with pytest.raises(AssertionError, match=ADVICE):  # backwards from T too (y0 = -1 blows up going back)
+    with pytest.raises(
+        AssertionError, match=ADVICE
+    ):  # backwards from T too (y0 = -1 blows up going back)
         horizon(lambda t, y: y**2, -torch.ones(3), reverse=True, rtol=1e-4, atol=1e-4)
-    with pytest.raises(AssertionError, match="max_num_steps exceeded") as info:  # too many steps: the same advice
+    with pytest.raises(
+        AssertionError, match="max_num_steps exceeded"
+    ) as info:  # too many steps: the same advice
         LearnableHorizon(T0=0.5)(lambda t, y: -y, torch.ones(3), options=dict(max_num_steps=2))
     assert ADVICE in _notes(info)
 
@@ -62,41 +70,74 @@ def _failing_solver(func, y0, t, **kwargs):
 
 
 CAUSES = [  # (field, y0, call kwargs, exception type, the cause named in the note)
-    (lambda t, y: -y, torch.tensor([1.0, float("nan")]), {}, AssertionError, "y0 holds NaN or inf values."),
-    (lambda t, y: tuple(-p for p in y), (torch.ones(2), torch.tensor([float("inf")])), {}, AssertionError,
-     "y0[1] holds NaN or inf values."),
+    (
+        lambda t, y: -y,
+        torch.tensor([1.0, float("nan")]),
+        {},
+        AssertionError,
+        "y0 holds NaN or inf values.",
+    ),
+    (
+        lambda t, y: tuple(-p for p in y),
+        (torch.ones(2), torch.tensor([float("inf")])),
+        {},
+        AssertionError,
+        "y0[1] holds NaN or inf values.",
+    ),
     (_bad_shape, torch.ones(3), {}, RuntimeError, "func returned [(2,)] for a state of [(3,)]"),
     (_bad_shape, torch.ones(3), RK4, RuntimeError, "func returned [(2,)] for a state of [(3,)]"),
-    (_bad_parts, (torch.ones(3), torch.ones(2), torch.ones(1)), {}, RuntimeError,
-     "func returned [(3,), (2,)] for a state of [(3,), (2,), (1,)]"),
-    (lambda t, y: -y, torch.ones(3, dtype=torch.float16), {}, AssertionError,
-     "y0 is torch.float16, too coarse for error control"),
+    (
+        _bad_parts,
+        (torch.ones(3), torch.ones(2), torch.ones(1)),
+        {},
+        RuntimeError,
+        "func returned [(3,), (2,)] for a state of [(3,), (2,), (1,)]",
+    ),
+    (
+        lambda t, y: -y,
+        torch.ones(3, dtype=torch.float16),
+        {},
+        AssertionError,
+        "y0 is torch.float16, too coarse for error control",
+    ),
     (_nan_field, torch.ones(3), {}, AssertionError, "func(t0, y0) is not finite at t=0."),
     (_broken, torch.ones(3), {}, KeyError, "func fails at t=0: KeyError."),
-    (lambda t, y: -y, torch.ones(3), dict(solver=_failing_solver), ValueError,
-     "y0 and func(t0, y0) are finite and well shaped"),
+    (
+        lambda t, y: -y,
+        torch.ones(3),
+        dict(solver=_failing_solver),
+        ValueError,
+        "y0 and func(t0, y0) are finite and well shaped",
+    ),
 ]
 
 
 @pytest.mark.parametrize("field, y0, kwargs, exc, cause", CAUSES)
-def test_a_failing_solve_gets_a_note_naming_its_cause_and_not_the_tolerance_advice(field, y0, kwargs, exc, cause) -> None:
+def test_a_failing_solve_gets_a_note_naming_its_cause_and_not_the_tolerance_advice(
+    field, y0, kwargs, exc, cause
+) -> None:
     horizon = LearnableHorizon(T0=1.5)
     with pytest.raises(exc) as info:
         horizon(field, y0, **kwargs)
     assert cause in _notes(info)
-    # the conditional step-size advice only follows inputs that were checked and found fine (no guess by message)
+    # the conditional step-size advice only follows inputs that were checked and found fine (no
+    # guess by message)
     assert (ADVICE in _notes(info)) == ("finite and well shaped" in cause)
     assert _notes(info).startswith("LearnableHorizon(T=1.5")
 
 
 def test_a_failing_budgeted_solve_gets_a_note() -> None:
     horizon = LearnableHorizon(T0=0.5, budget=Budget(3, method="midpoint"))
-    for mode in (horizon.train, horizon.eval):  # the budget's steps, then the reference's adaptive solve
+    for mode in (
+        horizon.train,
+        horizon.eval,
+    ):  # the budget's steps, then the reference's adaptive solve
         mode()
         with pytest.raises(RuntimeError) as info:
             horizon(_bad_shape, torch.ones(3))
         assert _notes(info).startswith(
-            "LearnableHorizon(T=0.5, t0=0, bounds=(0.1, 0.9), budget=3): the solve failed; func returned [(2,)]"
+            "LearnableHorizon(T=0.5, t0=0, bounds=(0.1, 0.9), budget=3): the solve failed; "
+            "func returned [(2,)]"
         )
 
 
@@ -154,9 +195,13 @@ def test_constructor_rejects_bad_input(kwargs, exc, name):
         LearnableHorizon(**kwargs)
 
 
-@pytest.mark.parametrize("keyword, value", [("method", "midpoint"), ("reference", dict(rtol=1e-9)), ("max_budget", 8)])
+@pytest.mark.parametrize(
+    "keyword, value", [("method", "midpoint"), ("reference", dict(rtol=1e-9)), ("max_budget", 8)]
+)
 def test_constructor_refuses_the_budget_keywords_of_0_3(keyword, value):
-    with pytest.raises(TypeError, match=keyword):  # they are Budget's now: budget=Budget(4, method=...)
+    with pytest.raises(
+        TypeError, match=keyword
+    ):  # they are Budget's now: budget=Budget(4, method=...)
         LearnableHorizon(budget=4, **{keyword: value})
 
 
@@ -190,21 +235,36 @@ def test_budget_rejects_bad_input(args, kwargs, exc, name):
 
 def test_budget_settings_are_checked_on_every_write():
     budget = Budget(4, reference=dict(method="dopri8", rtol=1e-7), max_steps=8)
-    for bad, exc in ((0, ValueError), (9, ValueError), (1.0, TypeError), (None, TypeError), (True, TypeError)):
+    for bad, exc in (
+        (0, ValueError),
+        (9, ValueError),
+        (1.0, TypeError),
+        (None, TypeError),
+        (True, TypeError),
+    ):
         with pytest.raises(exc, match="^steps must"):
             budget.steps = bad
-    for bad, exc in (("x", TypeError), (dict(method="rk4"), ValueError), (dict(solver="odeint"), TypeError),
-                     ([("method", "dopri5")], TypeError)):
+    for bad, exc in (
+        ("x", TypeError),
+        (dict(method="rk4"), ValueError),
+        (dict(solver="odeint"), TypeError),
+        ([("method", "dopri5")], TypeError),
+    ):
         with pytest.raises(exc, match="^reference"):
             budget.reference = bad
-    assert budget.steps == 4 and budget.reference == dict(method="dopri8", rtol=1e-7)  # a refused write changes nothing
+    assert budget.steps == 4 and budget.reference == dict(
+        method="dopri8", rtol=1e-7
+    )  # a refused write changes nothing
     budget.reference = None
     assert budget.reference is None
 
 
 def test_constructor_accepts_tensor_int_and_numpy():
     assert LearnableHorizon(T0=torch.tensor(2), t0=1, eps=0.5).bounds == (1.5, 2.5)
-    assert LearnableHorizon(T0=np.float32(2.0), t0=np.int8(1), eps=np.float64(0.5)).bounds == (1.5, 2.5)
+    assert LearnableHorizon(T0=np.float32(2.0), t0=np.int8(1), eps=np.float64(0.5)).bounds == (
+        1.5,
+        2.5,
+    )
 
 
 @pytest.mark.parametrize(
@@ -266,7 +326,7 @@ def test_budget_methods_reject_bad_input():
     assert budget.steps == 2 and budget.placement.eq(0).all()
 
 
-# ------------------------------------------------------------------ (c) non-finite gradients: all or nothing
+# -------------------------------------------------------- (c) non-finite gradients: all or nothing
 class Model(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -277,8 +337,6 @@ class Model(nn.Module):
         return self.horizon(self.field, x, **RK4)[-1]
 
 
-
-
 CASES = list(itertools.product(("weights", "time"), (True, False)))
 
 
@@ -286,8 +344,9 @@ CASES = list(itertools.product(("weights", "time"), (True, False)))
 def test_a_nonfinite_gradient_never_half_applies_a_step(where: str, skip: bool) -> None:
     torch.manual_seed(0)
     model = Model()
-    stepper = CoordinateDescentStepper(torch.optim.Adam(model.field.parameters(), lr=1e-2), model,
-                                       skip_nonfinite=skip)
+    stepper = CoordinateDescentStepper(
+        torch.optim.Adam(model.field.parameters(), lr=1e-2), model, skip_nonfinite=skip
+    )
     x = torch.randn(8, 2)
     calls: list[int] = []
     armed = []
@@ -305,11 +364,18 @@ def test_a_nonfinite_gradient_never_half_applies_a_step(where: str, skip: bool) 
     stepper.step(closure)  # a warm-up step, so that Adam has state to corrupt
     calls.clear()
     armed.append(True)
-    model_before, stepper_before = copy.deepcopy(model.state_dict()), copy.deepcopy(stepper.state_dict())
+    model_before, stepper_before = (
+        copy.deepcopy(model.state_dict()),
+        copy.deepcopy(stepper.state_dict()),
+    )
     with pytest.warns(RuntimeWarning):
         stepper.step(closure)
     T_after = model.horizon.T.detach().clone()
-    weights_moved = any(not torch.equal(p, model_before[n]) for n, p in model.state_dict().items() if "horizon" not in n)
+    weights_moved = any(
+        not torch.equal(p, model_before[n])
+        for n, p in model.state_dict().items()
+        if "horizon" not in n
+    )
     if skip:  # the whole step is skipped: weights, T and both optimizers as before
         assert_same(model.state_dict(), model_before)
         state = stepper.state_dict()
@@ -319,7 +385,9 @@ def test_a_nonfinite_gradient_never_half_applies_a_step(where: str, skip: bool) 
     else:
         assert torch.isfinite(T_after)  # T is protected whatever happens
         if where == "weights":
-            assert not torch.isfinite(next(model.field.parameters())).all()  # reaches the weights, with a warning
+            assert not torch.isfinite(
+                next(model.field.parameters())
+            ).all()  # reaches the weights, with a warning
         else:  # a non-finite dL/dT: the weight step stands, T's is skipped and counted
             assert torch.equal(T_after, model_before["horizon.T"]) and weights_moved
             assert stepper.stats["horizons"][0]["nonfinite"] == 1
@@ -352,10 +420,14 @@ def test_a_half_precision_state_gets_a_float32_time_grid(dtype: torch.dtype) -> 
 
 
 def _scaled_run(scale: float | None, steps: int = 3) -> tuple[Model, CoordinateDescentStepper]:
-    """The GradScaler recipe of the stepper's docstring: unscale the weights and T before the step."""
+    """The GradScaler recipe of the stepper's docstring: unscale the weights and T before
+    the step.
+    """
     torch.manual_seed(0)
     model = Model().float()
-    stepper = CoordinateDescentStepper(torch.optim.Adam(model.field.parameters(), lr=1e-2), model, lr=1e-2)
+    stepper = CoordinateDescentStepper(
+        torch.optim.Adam(model.field.parameters(), lr=1e-2), model, lr=1e-2
+    )
     scaler = None if scale is None else torch.amp.GradScaler("cpu", init_scale=scale)
     g = torch.Generator().manual_seed(1)
     for _ in range(steps):

@@ -1,5 +1,6 @@
-"""Gradients on a budget: exact through the steps (against finite differences), bitwise like a hand-written
-loop over torchdiffeq's odeint, the same with each step recomputed (and less memory), the adjoint as an opt-in."""
+"""Gradients on a budget: exact through the steps (against finite differences), bitwise like a
+hand-written loop over torchdiffeq's odeint, the same with each step recomputed (and less memory),
+the adjoint as an opt-in."""
 
 from __future__ import annotations
 
@@ -34,7 +35,9 @@ def _problem(tuple_state: bool, steps: int, gradient: str, seed: int = 0):
     budget.warn_unguarded = False
     h = LearnableHorizon(T0=0.9, t0=0.2, learn_T=True, learn_t0=True, budget=budget)
     with torch.no_grad():
-        budget.placement[:steps] = torch.randn(steps, generator=torch.Generator().manual_seed(seed))
+        budget.placement[:steps] = torch.randn(
+            steps, generator=torch.Generator().manual_seed(seed)
+        )
     return func, y0, h
 
 
@@ -48,8 +51,16 @@ def _fd_check(func, y0, h, reverse: bool, step: float = 1e-5) -> list[float]:
     direction = [torch.randn_like(w) for w in weights]
     func.zero_grad(), h.zero_grad()
     loss().backward()
-    exact = [h.T.grad.item(), h.t0.grad.item(), sum((w.grad * d).sum() for w, d in zip(weights, direction)).item()]
-    moves = [[(h.T, torch.ones_like(h.T))], [(h.t0, torch.ones_like(h.t0))], list(zip(weights, direction))]
+    exact = [
+        h.T.grad.item(),
+        h.t0.grad.item(),
+        sum((w.grad * d).sum() for w, d in zip(weights, direction)).item(),
+    ]
+    moves = [
+        [(h.T, torch.ones_like(h.T))],
+        [(h.t0, torch.ones_like(h.t0))],
+        list(zip(weights, direction)),
+    ]
     errors = []
     for g, move in zip(exact, moves):
         values = []
@@ -69,8 +80,11 @@ def _fd_check(func, y0, h, reverse: bool, step: float = 1e-5) -> list[float]:
 @pytest.mark.parametrize("tuple_state", [False, True], ids=["tensor", "tuple"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 @pytest.mark.parametrize("steps", [1, 2, 4])
-def test_budgeted_gradients_equal_finite_differences_of_the_budgeted_loss(steps, reverse, tuple_state, gradient):
-    # odeint_adjoint is named, as FFJORD, RNODE and E-NF name it: the budget still differentiates its own steps
+def test_budgeted_gradients_equal_finite_differences_of_the_budgeted_loss(
+    steps, reverse, tuple_state, gradient
+):
+    # odeint_adjoint is named, as FFJORD, RNODE and E-NF name it: the budget still differentiates
+    # its own steps
     func, y0, h = _problem(tuple_state, steps, gradient)
     errors = _fd_check(func, y0, h, reverse)
     assert max(errors) < 1e-6, errors
@@ -79,7 +93,9 @@ def test_budgeted_gradients_equal_finite_differences_of_the_budgeted_loss(steps,
 def test_the_adjoint_on_the_same_steps_is_an_opt_in_with_an_approximate_gradient():
     func, y0, h = _problem(True, 2, "adjoint")
     errors = _fd_check(func, y0, h, reverse=False)
-    assert max(errors) > 1e-4, errors  # the adjoint of the ODE on 2 steps, not the derivative of the 2-step solve
+    assert max(errors) > 1e-4, (
+        errors
+    )  # the adjoint of the ODE on 2 steps, not the derivative of the 2-step solve
     assert max(errors) < 0.5, errors  # but a gradient of the same problem
 
 
@@ -90,7 +106,9 @@ def test_each_gradient_mode_evaluates_the_field_as_documented(gradient):
     h.t0.requires_grad_(False)
     _loss(h(counter, y0, solver=ADJOINT)).backward()
     n, k = 3, 4
-    backward = {"backprop": 0, "checkpoint": n * k, "adjoint": n * k + 1}[gradient]  # adjoint: + dL/dT
+    backward = {"backprop": 0, "checkpoint": n * k, "adjoint": n * k + 1}[
+        gradient
+    ]  # adjoint: + dL/dT
     assert (counter.nfe_forward, counter.nfe_backward) == (n * k, backward)
 
 
@@ -104,12 +122,15 @@ def _train(h, func, y0, optimizer, iterations: int = 5) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("gradient", ["backprop", "checkpoint"])
 def test_budgeted_training_is_a_hand_written_loop_over_odeint(gradient):
-    # backprop: bitwise; checkpoint: the same gradient summed in another order (recomputed in backward)
+    # backprop: bitwise; checkpoint: the same gradient summed in another order (recomputed in
+    # backward)
     torch.manual_seed(3)
     func, y0 = TimeMLP(), torch.randn(16, 2)
     vanilla = copy.deepcopy(func)
     h = LearnableHorizon(T0=1.3, budget=Budget(2, gradient=gradient))
-    stepper = CoordinateDescentStepper(torch.optim.Adam(func.parameters(), lr=1e-2), h, guard=False)
+    stepper = CoordinateDescentStepper(
+        torch.optim.Adam(func.parameters(), lr=1e-2), h, guard=False
+    )
     ours = _train(h, func, y0, stepper)
     grid = torch.tensor([0.0, 0.65, 1.3])  # the uniform 2-step grid on [0, T]
     adam = torch.optim.Adam(vanilla.parameters(), lr=1e-2)
@@ -160,8 +181,9 @@ def test_checkpoint_keeps_the_states_between_steps_only():
 
 
 def test_in_backward_tells_the_backward_pass_from_the_forward_pass():
-    # nfe.in_backward uses torch._C._current_autograd_node (no public API tells a backward pass apart);
-    # checked on these torch versions: a new one must pass this test before it is added here
+    # nfe.in_backward uses torch._C._current_autograd_node (no public API tells a backward pass
+    # apart); checked on these torch versions: a new one must pass this test before it is added
+    # here
     assert torch.__version__.split("+")[0].rsplit(".", 1)[0] in {"2.13"}
     seen = []
 
@@ -185,14 +207,19 @@ class _TraceField(torch.nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.net = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2)
+        )
 
     def forward(self, t, state):
         z = state[0]
         with torch.enable_grad():
             z = z if z.requires_grad else z.detach().requires_grad_(True)
             dz = self.net(torch.cat([z, t.expand(len(z), 1)], 1))
-            div = sum(torch.autograd.grad(dz[:, i].sum(), z, create_graph=True)[0][:, i] for i in range(2))
+            div = sum(
+                torch.autograd.grad(dz[:, i].sum(), z, create_graph=True)[0][:, i]
+                for i in range(2)
+            )
         return dz, -div[:, None]
 
 
@@ -217,9 +244,13 @@ def test_checkpoint_needs_the_parameters_of_a_plain_function():
     h.budget.warn_unguarded = False
     with pytest.raises(TypeError, match="adjoint_params"):
         h(lambda t, y: net(y), torch.randn(4, 2))
-    h(lambda t, y: net(y), torch.randn(4, 2), adjoint_params=tuple(net.parameters()))[-1].sum().backward()
+    h(lambda t, y: net(y), torch.randn(4, 2), adjoint_params=tuple(net.parameters()))[
+        -1
+    ].sum().backward()
     assert net.weight.grad is not None
-    h.eval()(lambda t, y: net(y), torch.randn(4, 2), adjoint_params=tuple(net.parameters()))  # odeint: dropped
+    h.eval()(
+        lambda t, y: net(y), torch.randn(4, 2), adjoint_params=tuple(net.parameters())
+    )  # odeint: dropped
 
 
 def test_a_budgets_gradient_is_checked_on_every_write():
@@ -235,7 +266,9 @@ def test_fitting_the_placement_of_a_memory_bound_budget_gives_the_backprop_fit()
     placements = []
     for gradient in ("backprop", "checkpoint", "adjoint"):
         func, y0, h = _problem(True, 3, gradient, seed=9)
-        h.budget.fit(func, y0, torch.tensor([0.2, 0.9]), steps=3, method="dopri5", rtol=1e-9, atol=1e-9)
+        h.budget.fit(
+            func, y0, torch.tensor([0.2, 0.9]), steps=3, method="dopri5", rtol=1e-9, atol=1e-9
+        )
         placements.append(h.budget.placement[:3].clone())
     for p in placements[1:]:
         torch.testing.assert_close(p, placements[0], rtol=1e-10, atol=1e-12)

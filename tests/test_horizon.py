@@ -1,4 +1,6 @@
-"""LearnableHorizon: odeint's contract, time gradients against finite differences, closed forms and gradcheck."""
+"""LearnableHorizon: odeint's contract, time gradients against finite differences, closed forms and
+gradcheck.
+"""
 
 from __future__ import annotations
 
@@ -55,7 +57,11 @@ def _grad_and_fd(h, func, y0, which="T", step=1e-4, loss=_loss, **kw):
 
 
 def _tuple_state(n: int = 5, device=None) -> tuple[torch.Tensor, ...]:
-    return torch.randn(n, 2, device=device), torch.zeros(n, 1, device=device), torch.zeros(n, 1, device=device)
+    return (
+        torch.randn(n, 2, device=device),
+        torch.zeros(n, 1, device=device),
+        torch.zeros(n, 1, device=device),
+    )
 
 
 # ----------------------------------------------------------------------------- odeint's contract
@@ -103,8 +109,17 @@ def test_times_are_odeints_t(solver, reverse):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     assert torch.equal(out[0][0], y0[0])  # row 0 is y0 itself
     for which in ("T", "t0"):  # every point of the trajectory moves with T and t0
-        g, fd = _grad_and_fd(h, func, y0, which=which, loss=_trajectory_loss, solver=solver, times=s, reverse=reverse,
-                             **TOL)
+        g, fd = _grad_and_fd(
+            h,
+            func,
+            y0,
+            which=which,
+            loss=_trajectory_loss,
+            solver=solver,
+            times=s,
+            reverse=reverse,
+            **TOL,
+        )
         assert abs(g - fd) < 1e-6 * abs(fd), (which, g, fd)
 
 
@@ -121,7 +136,8 @@ def test_ffjord_indexing_idiom_gives_the_final_state_of_the_whole_batch():
         for got, want, part in zip((z_t, logp_t, kin_t), ref, y0):
             assert got.shape == part.shape  # the whole batch at T, not row 1 of an end state
             assert torch.equal(got, want[-1])
-        # The regression: with an end state only, s[1] was the second sample; the leading dim is 2 (time).
+        # The regression: with an end state only, s[1] was the second sample; the leading dim is 2
+        # (time).
         assert all(s.shape == (2, *p.shape) for s, p in zip(state_t, y0))
 
 
@@ -180,7 +196,9 @@ def test_closed_form_linear_ode(solver, device):
 
 @pytest.mark.parametrize("reverse", [False, True])
 def test_closed_form_time_dependent_field(reverse, device):
-    """dy/dt = t y: y(T) = y0 exp((T^2 - t0^2) / 2); forward L = y(T): dL/dT = T y(T), dL/dt0 = -t0 y(T)."""
+    """dy/dt = t y: y(T) = y0 exp((T^2 - t0^2) / 2); forward L = y(T): dL/dT = T y(T), dL/dt0 = -t0
+    y(T).
+    """
     h = LearnableHorizon(T0=1.1, t0=0.3, learn_t0=True).to(device)
     y0 = torch.tensor([0.7], device=device)
     y = h(lambda t, y: t * y, y0, reverse=reverse, **TOL)[-1]
@@ -192,12 +210,12 @@ def test_closed_form_time_dependent_field(reverse, device):
     assert h.t0.grad.item() == pytest.approx(-sign * 0.3 * end, rel=1e-9)
 
 
-# gradcheck on (T, y0) for every torchdiffeq method: (solver settings, finite-difference step, atol).
-# The finite difference of an adaptive solve is noisy (a perturbation changes the accepted steps, the value
-# jumps by about the tolerance), so the low-order methods take a larger step and a looser atol; on a
-# step_size grid the last, partial step makes the discrete dy(T)/dT differ from F(T, y(T)) by O(h^p), hence
-# euler's finer grid and looser atol. Excluded: scipy_solver (not differentiable) and fixed_adams (an alias
-# of implicit_adams).
+# gradcheck on (T, y0) for every torchdiffeq method: (solver settings, finite-difference step,
+# atol). The finite difference of an adaptive solve is noisy (a perturbation changes the accepted
+# steps, the value jumps by about the tolerance), so the low-order methods take a larger step and a
+# looser atol; on a step_size grid the last, partial step makes the discrete dy(T)/dT differ from
+# F(T, y(T)) by O(h^p), hence euler's finer grid and looser atol. Excluded: scipy_solver (not
+# differentiable) and fixed_adams (an alias of implicit_adams).
 GRADCHECK = {
     "dopri5": (dict(rtol=1e-12, atol=1e-12), 1e-4, 1e-7),
     "dopri8": (dict(rtol=1e-12, atol=1e-12), 1e-2, 2e-6),
@@ -221,7 +239,9 @@ def _gradcheck(method: str, solver=ODEINT, reverse: bool = False) -> bool:
     h = LearnableHorizon(T0=0.35, t0=0.1)
 
     def fn(T, y0):
-        return functional_call(h, {"T": T}, (func, y0), dict(solver=solver, reverse=reverse, method=method, **kw))
+        return functional_call(
+            h, {"T": T}, (func, y0), dict(solver=solver, reverse=reverse, method=method, **kw)
+        )
 
     inputs = (torch.tensor(0.35, requires_grad=True), torch.randn(1, 2, requires_grad=True))
     return torch.autograd.gradcheck(fn, inputs, eps=eps, atol=atol, rtol=1e-5)
@@ -245,9 +265,15 @@ def test_gradcheck_learned_t0_and_tuple_state():
     h = LearnableHorizon(T0=0.6, t0=0.1, learn_t0=True)
 
     def fn(T, t0, z):
-        return functional_call(h, {"T": T, "t0": t0}, (func, (z, torch.zeros(2, 1), torch.zeros(2, 1))), dict(**TOL))
+        return functional_call(
+            h, {"T": T, "t0": t0}, (func, (z, torch.zeros(2, 1), torch.zeros(2, 1))), dict(**TOL)
+        )
 
-    inputs = (torch.tensor(0.6, requires_grad=True), torch.tensor(0.1, requires_grad=True), torch.randn(2, 2, requires_grad=True))
+    inputs = (
+        torch.tensor(0.6, requires_grad=True),
+        torch.tensor(0.1, requires_grad=True),
+        torch.randn(2, 2, requires_grad=True),
+    )
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-4, atol=1e-7, rtol=1e-5)
 
 
@@ -259,7 +285,9 @@ def _time_dropping_solver(func, y0, t, **kw):
 
 @pytest.mark.parametrize("reverse", [False, True])
 def test_no_double_counting(reverse):
-    """dL/dT is torchdiffeq's own time gradient once, not twice: the backend gets a detached grid."""
+    """dL/dT is torchdiffeq's own time gradient once, not twice: the backend gets a
+    detached grid.
+    """
     torch.manual_seed(5)
     func = TimeMLP()
     y0 = torch.randn(4, 2)
@@ -285,7 +313,10 @@ def test_one_extra_evaluation_per_learned_end_point(solver, reverse):
     y0 = torch.randn(4, 2)
     t = torch.tensor([0.5, 0.0] if reverse else [0.0, 0.5])
     _loss(solver(func, y0, t, rtol=1e-6, atol=1e-6)).backward()
-    plain = (func.nfe_forward, func.nfe_backward)  # odeint: no evaluation in backward; the adjoint: its own solve
+    plain = (
+        func.nfe_forward,
+        func.nfe_backward,
+    )  # odeint: no evaluation in backward; the adjoint: its own solve
     assert (plain[1] == 0) == (solver is ODEINT)
     for learn_t0, extra in ((False, 1), (True, 2)):
         func.reset()
@@ -298,12 +329,16 @@ def test_one_extra_evaluation_per_learned_end_point(solver, reverse):
     assert (func.nfe_forward, func.nfe_backward) == (plain[0], 0)
     func.reset()  # a frozen T needs no extra evaluation either
     frozen = LearnableHorizon(T0=0.5).requires_grad_(False)
-    _loss(frozen(func, y0.requires_grad_(), solver=solver, reverse=reverse, rtol=1e-6, atol=1e-6)).backward()
+    _loss(
+        frozen(func, y0.requires_grad_(), solver=solver, reverse=reverse, rtol=1e-6, atol=1e-6)
+    ).backward()
     assert func.nfe_backward == plain[1]
 
 
 def test_fixed_step_taylor_remainder_is_second_order():
-    """|L(T + h) - L(T) - h dL/dT| = O(h^2) on a fixed rk4 grid: the slope of log remainder over log h is 2."""
+    """|L(T + h) - L(T) - h dL/dT| = O(h^2) on a fixed rk4 grid: the slope of log remainder over
+    log h is 2.
+    """
     torch.manual_seed(7)
     func = TimeMLP()
     y0 = torch.randn(5, 2)
@@ -339,15 +374,25 @@ def test_weight_gradients_unchanged_by_learning_T(solver):
 
 def test_every_parameter_gets_a_gradient():
     func = TupleField()
-    for h in (LearnableHorizon(T0=0.5, learn_t0=True), LearnableHorizon(T0=0.5, learn_T=True, learn_t0=True, budget=3)):
+    for h in (
+        LearnableHorizon(T0=0.5, learn_t0=True),
+        LearnableHorizon(T0=0.5, learn_T=True, learn_t0=True, budget=3),
+    ):
         func.zero_grad()
         _loss(h(func, _tuple_state(3))).backward()
         for name, p in [*func.named_parameters(), *h.named_parameters()]:
             assert p.grad is not None, name
             assert torch.isfinite(p.grad).all(), name
-        assert set(dict(h.named_parameters())) == {"T", "t0"}  # a budget's placement and size are buffers
-        assert set(dict(h.named_buffers())) == ({"budget.placement", "budget.n_steps"} if h.budget else set())
-    assert not LearnableHorizon(budget=2).T.requires_grad  # on a budget T is fixed unless learn_T=True
+        assert set(dict(h.named_parameters())) == {
+            "T",
+            "t0",
+        }  # a budget's placement and size are buffers
+        assert set(dict(h.named_buffers())) == (
+            {"budget.placement", "budget.n_steps"} if h.budget else set()
+        )
+    assert not LearnableHorizon(
+        budget=2
+    ).T.requires_grad  # on a budget T is fixed unless learn_T=True
 
 
 def test_repr_bounds_and_parameters():
@@ -357,8 +402,20 @@ def test_repr_bounds_and_parameters():
     assert isinstance(h.T, torch.nn.Parameter) and h.T.dim() == 0
     assert "t0" in dict(h.named_buffers()) and "t0" not in dict(h.named_parameters())
     assert h.budget is None
-    removed = ("placement", "n_steps", "set_budget", "max_budget", "fractions", "error", "fit", "reference",
-               "method", "last_input", "guarded", "T0")  # 0.3's horizon attributes, now the Budget's (T0: T_init)
+    removed = (
+        "placement",
+        "n_steps",
+        "set_budget",
+        "max_budget",
+        "fractions",
+        "error",
+        "fit",
+        "reference",
+        "method",
+        "last_input",
+        "guarded",
+        "T0",
+    )  # 0.3's horizon attributes, now the Budget's (T0: T_init)
     assert [name for name in removed if hasattr(h, name)] == []
     assert (h.T_init, h.t0_init) == (0.5, 0.0)
     h2 = LearnableHorizon(T0=1.0, learn_t0=True, budget=Budget(4, method="midpoint"))
@@ -367,7 +424,9 @@ def test_repr_bounds_and_parameters():
         "LearnableHorizon(\n  T=1, t0=0, bounds=(0.1, 1.9)\n"
         "  (budget): Budget(steps=4, method='midpoint', gradient='backprop')\n)"
     )
-    assert "reference={'rtol': 1e-09}" in repr(LearnableHorizon(budget=Budget(2, reference=dict(rtol=1e-9))))
+    assert "reference={'rtol': 1e-09}" in repr(
+        LearnableHorizon(budget=Budget(2, reference=dict(rtol=1e-9)))
+    )
 
 
 def test_state_dict_round_trip():
@@ -383,7 +442,9 @@ def test_state_dict_round_trip():
         assert torch.equal(other.state_dict()[k], v), k
     plain = LearnableHorizon(T0=0.7, eps=0.2)
     plain.load_state_dict(LearnableHorizon(T0=0.7, eps=0.2).state_dict())
-    assert plain.bounds == pytest.approx((0.2, 1.2))  # bounds come from the constructor, not the checkpoint
+    assert plain.bounds == pytest.approx(
+        (0.2, 1.2)
+    )  # bounds come from the constructor, not the checkpoint
 
 
 def test_half_keeps_time_in_float32():
@@ -392,22 +453,38 @@ def test_half_keeps_time_in_float32():
     assert h.T.item() == pytest.approx(0.5123, rel=1e-7)  # float16 would round it to 0.5122
     h.double()
     assert h.T.dtype == torch.float64
-    y = LearnableHorizon(T0=0.5123).half()(lambda t, y: -y, torch.ones(3, dtype=torch.float16),
-                                           method="rk4", options=dict(step_size=0.125))
+    y = LearnableHorizon(T0=0.5123).half()(
+        lambda t, y: -y,
+        torch.ones(3, dtype=torch.float16),
+        method="rk4",
+        options=dict(step_size=0.125),
+    )
     assert y.dtype == torch.float16
 
 
 def test_numpy_scalars_and_bools_are_accepted():
-    h = LearnableHorizon(T0=np.float32(0.5), t0=np.float64(0.0), eps=np.float32(0.125), learn_t0=np.bool_(True),
-                         budget=np.int64(3))
-    assert h.T.item() == 0.5 and h.learn_t0 is True and h.budget.steps == 3 and h.bounds == (0.125, 0.875)
+    h = LearnableHorizon(
+        T0=np.float32(0.5),
+        t0=np.float64(0.0),
+        eps=np.float32(0.125),
+        learn_t0=np.bool_(True),
+        budget=np.int64(3),
+    )
+    assert (
+        h.T.item() == 0.5
+        and h.learn_t0 is True
+        and h.budget.steps == 3
+        and h.bounds == (0.125, 0.875)
+    )
     h.budget.steps = np.int32(4)
     assert h.budget.steps == 4 and type(h.budget.steps) is int
     b = Budget(np.int64(2), max_steps=np.int32(8))
     assert (b.steps, b.max_steps) == (2, 8)
     y = h(lambda t, y: -y, torch.ones(2), reverse=np.True_, times=np.array([0.0, 0.5, 1.0]))
     assert y.shape == (3, 2)
-    assert y[-1][0].item() == pytest.approx(math.exp(0.5), rel=1e-4)  # dy/dt = -y from T = 0.5 back to t0 = 0
+    assert y[-1][0].item() == pytest.approx(
+        math.exp(0.5), rel=1e-4
+    )  # dy/dt = -y from T = 0.5 back to t0 = 0
     LearnableHorizon(T0=np.int64(2), t0=np.int32(1))
 
 
@@ -465,17 +542,24 @@ def test_field_that_needs_grad_mode_from_outside():
     h = LearnableHorizon(T0=0.3)
     y0 = torch.tensor([[0.8, -0.5]])
     _loss(h(field, y0, **TOL)).backward()
-    vals = [_loss(ODEINT(field, y0, torch.tensor([0.0, T]), **TOL)).item() for T in (0.3 + 1e-4, 0.3 - 1e-4)]
+    vals = [
+        _loss(ODEINT(field, y0, torch.tensor([0.0, T]), **TOL)).item()
+        for T in (0.3 + 1e-4, 0.3 - 1e-4)
+    ]
     assert h.T.grad.item() == pytest.approx((vals[0] - vals[1]) / 2e-4, rel=1e-6)
 
 
 class _GradPatternField(torch.nn.Module):
-    """A CNF field in FFJORD's idiom: it makes its input require grad and differentiates through it."""
+    """A CNF field in FFJORD's idiom: it makes its input require grad and differentiates through
+    it.
+    """
 
     def __init__(self, idiom: str) -> None:
         super().__init__()
         self.idiom = idiom
-        self.net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).double()
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)
+        ).double()
 
     def forward(self, t, state):
         z = state[0]
@@ -485,26 +569,40 @@ class _GradPatternField(torch.nn.Module):
             else:
                 z = z if z.requires_grad else z.detach().requires_grad_(True)
             dz = self.net(torch.cat([z, t.expand(z.shape[0], 1)], dim=1))
-            div = sum(torch.autograd.grad(dz[:, i].sum(), z, create_graph=True)[0][:, i] for i in range(2))
+            div = sum(
+                torch.autograd.grad(dz[:, i].sum(), z, create_graph=True)[0][:, i]
+                for i in range(2)
+            )
         return dz, -div[:, None]
 
 
 @pytest.mark.parametrize("idiom", ["ffjord", "requires-grad-or-detach"])
 @pytest.mark.parametrize("reverse, learn_t0", [(True, False), (False, True)])
-def test_a_learned_start_time_with_the_adjoint_and_a_field_that_needs_grad_of_its_input(idiom, reverse, learn_t0):
-    # The learned start time puts y0 in the graph; the adjoint's forward solve (under no_grad) must still hand the
-    # field a state it can differentiate through, and the gradients equal backprop through the solver.
+def test_a_learned_start_time_with_the_adjoint_and_a_field_that_needs_grad_of_its_input(
+    idiom, reverse, learn_t0
+):
+    # The learned start time puts y0 in the graph; the adjoint's forward solve (under no_grad) must
+    # still hand the field a state it can differentiate through, and the gradients equal backprop
+    # through the solver.
     torch.manual_seed(0)
     field = _GradPatternField(idiom)
     z = torch.randn(6, 2, dtype=torch.float64)
     grads = []
     for solver in (torchdiffeq.odeint, torchdiffeq.odeint_adjoint):
         h = LearnableHorizon(T0=1.0, learn_t0=learn_t0).double()
-        x, logq = h(field, (z, torch.zeros(6, 1, dtype=torch.float64)), reverse=reverse, solver=solver,
-                    rtol=1e-10, atol=1e-10)
+        x, logq = h(
+            field,
+            (z, torch.zeros(6, 1, dtype=torch.float64)),
+            reverse=reverse,
+            solver=solver,
+            rtol=1e-10,
+            atol=1e-10,
+        )
         (x[-1].pow(2).sum() + logq[-1].sum()).backward()
-        grads.append([h.T.grad.clone(), *(p.grad.clone() for p in field.parameters())]
-                     + ([h.t0.grad.clone()] if learn_t0 else []))
+        grads.append(
+            [h.T.grad.clone(), *(p.grad.clone() for p in field.parameters())]
+            + ([h.t0.grad.clone()] if learn_t0 else [])
+        )
         field.zero_grad()
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)

@@ -20,12 +20,27 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_public_surface():
-    assert set(torch_tempopt.__all__) == {"Budget", "BudgetGuard", "CoordinateDescentStepper", "LearnableHorizon",
-                                          "NFECounter", "count_nfe"}
-    assert torch_tempopt.Budget is torch_tempopt.budget.Budget and issubclass(torch_tempopt.Budget, torch.nn.Module)
-    assert set(torch_tempopt.budget.__all__) == {"Budget", "DEFAULT_REFERENCE", "FIXED_GRID_METHODS", "GRADIENTS"}
+    assert set(torch_tempopt.__all__) == {
+        "Budget",
+        "BudgetGuard",
+        "CoordinateDescentStepper",
+        "LearnableHorizon",
+        "NFECounter",
+        "count_nfe",
+    }
+    assert torch_tempopt.Budget is torch_tempopt.budget.Budget and issubclass(
+        torch_tempopt.Budget, torch.nn.Module
+    )
+    assert set(torch_tempopt.budget.__all__) == {
+        "Budget",
+        "DEFAULT_REFERENCE",
+        "FIXED_GRID_METHODS",
+        "GRADIENTS",
+    }
     assert torch_tempopt.budget.GRADIENTS == ("backprop", "checkpoint", "adjoint")
-    assert not hasattr(torch_tempopt.horizon, "FIXED_GRID_METHODS")  # 0.3's place for it: now torch_tempopt.budget
+    assert not hasattr(
+        torch_tempopt.horizon, "FIXED_GRID_METHODS"
+    )  # 0.3's place for it: now torch_tempopt.budget
     assert {n for n in dir(torch_tempopt) if not n.startswith("_")} >= set(torch_tempopt.__all__)
     metadata = (ROOT / "setup.cfg").read_text()
     assert "version = attr: torch_tempopt.__version__" in metadata  # one place for the version
@@ -40,20 +55,28 @@ def test_import_pulls_in_nothing_beyond_torch_torchdiffeq_numpy():
         "import torch_tempopt\n"
         "print(sorted({m.split('.')[0] for m in sys.modules} - before))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    ).stdout
     assert out.strip() == "['torch_tempopt']"
 
 
 def test_core_size():
-    """At most 960 code lines in the core (contrib and patches aside) as ruff formats it at 99 columns, no function
-    over 50. 0.3 was 850; 0.4 adds the Budget object (its checks on every write), the three gradient options and
-    the 0.3 state-dict mapping (958 lines): a cap against growth, not a target met."""
-    spec = importlib.util.spec_from_file_location("code_lines", ROOT / "benchmarks" / "code_lines.py")
+    """At most 960 code lines in the core (contrib and patches aside) as ruff formats it at 99
+    columns, no function over 50. 0.3 was 850; 0.4 adds the Budget object (its checks on every
+    write), the three gradient options and the 0.3 state-dict mapping (958 lines): a cap against
+    growth, not a target met."""
+    spec = importlib.util.spec_from_file_location(
+        "code_lines", ROOT / "benchmarks" / "code_lines.py"
+    )
     code_lines = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(code_lines)
     pkg = ROOT / "torch_tempopt"
     result = code_lines.measure([str(pkg)], [str(pkg / "contrib"), str(pkg / "patches")])
-    assert not {Path(f).relative_to(pkg).parts[0] for f in result["files"]} & {"contrib", "patches"}
+    assert not {Path(f).relative_to(pkg).parts[0] for f in result["files"]} & {
+        "contrib",
+        "patches",
+    }
     assert str(pkg / "horizon.py") in result["files"]
     assert 0 < result["code_lines"] <= 960, result["files"]
     name, longest = result["longest_functions"][0]
@@ -64,7 +87,9 @@ def test_counts_forward_and_adjoint_backward():
     f = count_nfe(TimeMLP())
     assert isinstance(f, torch.nn.Module) and len(list(f.parameters())) == 4
     y0 = torch.randn(3, 2)
-    torchdiffeq.odeint_adjoint(f, y0, torch.tensor([0.0, 1.0]), method="rk4", options=dict(step_size=0.25))[-1].sum().backward()
+    torchdiffeq.odeint_adjoint(
+        f, y0, torch.tensor([0.0, 1.0]), method="rk4", options=dict(step_size=0.25)
+    )[-1].sum().backward()
     assert f.nfe_forward == 16 and f.nfe_backward == 16 and f.nfe == 32
     f.reset()
     assert (f.nfe_forward, f.nfe_backward) == (0, 0)

@@ -1,4 +1,6 @@
-"""CoordinateDescentStepper: compare to vanilla, regulariser, clip, modes, checkpoints, wiring and bad input."""
+"""CoordinateDescentStepper: compare to vanilla, regulariser, clip, modes, checkpoints, wiring and
+bad input.
+"""
 
 from __future__ import annotations
 
@@ -33,7 +35,9 @@ def _loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _weights(model: nn.Module) -> list[nn.Parameter]:
-    return [p for n, p in model.named_parameters() if n.split(".")[-1] not in ("T", "t0", "placement")]
+    return [
+        p for n, p in model.named_parameters() if n.split(".")[-1] not in ("T", "t0", "placement")
+    ]
 
 
 def _make(seed: int = 0, **kw) -> tuple[Flow, CoordinateDescentStepper]:
@@ -51,11 +55,11 @@ def _train(model: nn.Module, opt: torch.optim.Optimizer, iters: int, seed: int =
         opt.step()
 
 
-
-
 def _lone(h: LearnableHorizon, **kw) -> CoordinateDescentStepper:
     """A stepper over one horizon and a dummy weight."""
-    return CoordinateDescentStepper(torch.optim.SGD([nn.Parameter(torch.zeros(()))], lr=0.1), [h], **kw)
+    return CoordinateDescentStepper(
+        torch.optim.SGD([nn.Parameter(torch.zeros(()))], lr=0.1), [h], **kw
+    )
 
 
 def test_compare_to_vanilla_with_lr_and_alpha_zero():
@@ -130,12 +134,21 @@ def test_finds_horizons_and_removes_them_from_the_weight_optimizer_silently():
     assert opt.horizons == [model.h1, model.h2]
     assert [s["name"] for s in opt.stats["horizons"]] == ["h1", "h2"]
     ids = {id(p) for g in opt.param_groups for p in g["params"]}
-    assert id(model.h1.T) not in ids and id(model.h2.T) not in ids and len(ids) == len(_weights(model))
+    assert (
+        id(model.h1.T) not in ids
+        and id(model.h2.T) not in ids
+        and len(ids) == len(_weights(model))
+    )
     assert model.h1.T not in inner.state and model.h2.T not in inner.state
     assert {id(p) for p in opt.time_parameters} == {id(model.h1.T), id(model.h2.T)}
-    assert {id(p) for g in opt.horizon_optimizer.param_groups for p in g["params"]} == {id(model.h1.T), id(model.h2.T)}
+    assert {id(p) for g in opt.horizon_optimizer.param_groups for p in g["params"]} == {
+        id(model.h1.T),
+        id(model.h2.T),
+    }
     # a list of horizons, with duplicates, works too
-    opt2 = CoordinateDescentStepper(torch.optim.Adam(_weights(model)), [model.h1, model.h1, model.h2])
+    opt2 = CoordinateDescentStepper(
+        torch.optim.Adam(_weights(model)), [model.h1, model.h1, model.h2]
+    )
     assert opt2.horizons == [model.h1, model.h2]
 
 
@@ -151,7 +164,9 @@ def test_learned_t0_is_stepped_and_kept_below_T():
         t0s.append(h.t0.item())
         assert h.t0.item() <= h.T.item() - h.eps + 1e-9
     assert t0s[0] == pytest.approx(0.1) and max(t0s) > 0.3  # stepped up until T came down on it
-    assert h.T.item() == pytest.approx(h.bounds[0]) and h.t0.item() == pytest.approx(h.bounds[0] - h.eps)
+    assert h.T.item() == pytest.approx(h.bounds[0]) and h.t0.item() == pytest.approx(
+        h.bounds[0] - h.eps
+    )
     assert opt.stats["horizons"][0]["t0"] == h.t0.item()
 
 
@@ -181,7 +196,9 @@ def test_nonfinite_T_gradient_is_skipped_counted_and_warned_once():
     ]
     assert len(rec) == 1 and rec[0].category is RuntimeWarning
     assert model.h1.T.item() == T1 and model.h2.T.item() != T2
-    assert opt.stats["horizons"][0]["nonfinite"] == 3 and opt.stats["horizons"][1]["nonfinite"] == 0
+    assert (
+        opt.stats["horizons"][0]["nonfinite"] == 3 and opt.stats["horizons"][1]["nonfinite"] == 0
+    )
     assert any(not torch.equal(a, b) for a, b in zip(w, _weights(model)))  # weights still stepped
 
 
@@ -239,11 +256,17 @@ def test_step_and_state_dict_hooks_run_as_on_the_wrapped_optimizer():
     model, opt = _make()
     seen = []
     handles = [
-        opt.register_step_pre_hook(lambda o, a, k: seen.append(("pre", o is opt, model.h1.T.grad is not None))),
-        opt.register_step_post_hook(lambda o, a, k: seen.append(("post", o is opt, opt.stats["steps"]))),
+        opt.register_step_pre_hook(
+            lambda o, a, k: seen.append(("pre", o is opt, model.h1.T.grad is not None))
+        ),
+        opt.register_step_post_hook(
+            lambda o, a, k: seen.append(("post", o is opt, opt.stats["steps"]))
+        ),
         opt.register_state_dict_pre_hook(lambda o: seen.append(("sd_pre", o is opt))),
         opt.register_state_dict_post_hook(lambda o, sd: {**sd, "mine": 1}),
-        opt.register_load_state_dict_pre_hook(lambda o, sd: {k: v for k, v in sd.items() if k != "mine"}),
+        opt.register_load_state_dict_pre_hook(
+            lambda o, sd: {k: v for k, v in sd.items() if k != "mine"}
+        ),
         opt.register_load_state_dict_post_hook(lambda o: seen.append(("load_post", o is opt))),
     ]
     _train(model, opt, 1)
@@ -279,17 +302,23 @@ def _scheduled(wrapped: bool, learn: bool, scale: bool) -> tuple[Flow, torch.opt
 
 
 def test_lr_scheduler_and_grad_scaler_act_as_on_the_plain_optimizer():
-    """A scheduler and a GradScaler over the stepper step the weights exactly as over the plain optimizer."""
+    """A scheduler and a GradScaler over the stepper step the weights exactly as over the plain
+    optimizer.
+    """
     plain, p_opt = _scheduled(False, False, True)
     ours, o_opt = _scheduled(True, False, True)
     for a, b in zip(_weights(plain), _weights(ours)):
         assert torch.equal(a, b)
-    assert o_opt.param_groups[0]["lr"] == p_opt.param_groups[0]["lr"] == pytest.approx(1e-2 / 4)  # 3 steps of 1 / (k + 1)
+    assert (
+        o_opt.param_groups[0]["lr"] == p_opt.param_groups[0]["lr"] == pytest.approx(1e-2 / 4)
+    )  # 3 steps of 1 / (k + 1)
     scaled, s_opt = _scheduled(True, True, True)
     unscaled, _ = _scheduled(True, True, False)
     assert s_opt.horizon_optimizer.param_groups[0]["lr"] == 1e-2  # the schedule never touches T
     for a, b in zip(scaled.parameters(), unscaled.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)  # T unscaled: the same steps as without AMP
+        torch.testing.assert_close(
+            a, b, rtol=1e-6, atol=1e-7
+        )  # T unscaled: the same steps as without AMP
     assert scaled.h1.T.item() != 0.5
 
 
@@ -323,7 +352,9 @@ def test_lr_scheduler_and_param_groups_touch_weights_only():
     extra = nn.Parameter(torch.zeros(2))
     opt.add_param_group({"params": [extra]})
     assert opt.optimizer.param_groups[-1]["params"] == [extra]
-    assert repr(opt).startswith("CoordinateDescentStepper(alpha=0.0, optimizer=Adam, guard=None, horizons=[")
+    assert repr(opt).startswith(
+        "CoordinateDescentStepper(alpha=0.0, optimizer=Adam, guard=None, horizons=["
+    )
 
 
 def test_zero_grad_clears_horizons():
@@ -344,15 +375,22 @@ def test_custom_horizon_optimizer():
         seen.append(ps)
         return torch.optim.SGD(ps, lr=0.1)
 
-    opt = CoordinateDescentStepper(torch.optim.Adam(_weights(model)), model, horizon_optimizer=factory)
+    opt = CoordinateDescentStepper(
+        torch.optim.Adam(_weights(model)), model, horizon_optimizer=factory
+    )
     assert opt.horizon_optimizer.param_groups[0]["lr"] == 0.1
     assert [p is q for p, q in zip(seen[0], (model.h1.T, model.h2.T))] == [True, True]
     model.h1.T.grad = torch.tensor(1.0)
     opt.step()
     assert model.h1.T.item() == pytest.approx(0.4)
-    with pytest.raises(TypeError, match="horizon_optimizer must be a factory params -> Optimizer.*got SGD"):
-        CoordinateDescentStepper(torch.optim.Adam(_weights(model)), model,
-                                 horizon_optimizer=torch.optim.SGD([model.h1.T, model.h2.T], lr=1))
+    with pytest.raises(
+        TypeError, match="horizon_optimizer must be a factory params -> Optimizer.*got SGD"
+    ):
+        CoordinateDescentStepper(
+            torch.optim.Adam(_weights(model)),
+            model,
+            horizon_optimizer=torch.optim.SGD([model.h1.T, model.h2.T], lr=1),
+        )
 
 
 def test_unused_horizon_is_left_alone():
@@ -421,7 +459,13 @@ def test_constructor_accepts_numpy_types():
         torch.optim.Adam(_weights(model)), model, lr=np.float32(0.5), alpha=np.float64(0.0),
         reset_at_bound=np.bool_(False), skip_nonfinite=np.True_, guard=np.False_,
     )  # fmt: skip
-    assert (opt.lr, opt.alpha, opt.reset_at_bound, opt.skip_nonfinite, opt.guard) == (0.5, 0.0, False, True, None)
+    assert (opt.lr, opt.alpha, opt.reset_at_bound, opt.skip_nonfinite, opt.guard) == (
+        0.5,
+        0.0,
+        False,
+        True,
+        None,
+    )
     assert type(opt.lr) is float and type(opt.skip_nonfinite) is bool
     model.h1.T.grad = torch.tensor(1.0)
     opt.step()
@@ -445,12 +489,14 @@ def test_rejects_bad_wiring():
     opt = CoordinateDescentStepper(torch.optim.Adam(_weights(model)), model)
     with pytest.raises(TypeError, match="^optimizer must be a plain"):
         CoordinateDescentStepper(opt, model)
-    with pytest.raises(ValueError, match="parameter groups"):  # a plain optimizer's state goes to the weights' one
+    with pytest.raises(
+        ValueError, match="parameter groups"
+    ):  # a plain optimizer's state goes to the weights' one
         opt.load_state_dict({"state": {}, "param_groups": []})
     opt.load_state_dict(opt.optimizer.state_dict())
 
 
-# ----------------------------------------------------------------------------- behaves like the optimizer it wraps
+# ------------------------------------------------------------- behaves like the optimizer it wraps
 def test_add_param_group_keeps_time_parameters_out():
     model = Flow()
     opt = CoordinateDescentStepper(torch.optim.SGD(model.f1.parameters(), lr=0.1), model)
@@ -478,7 +524,9 @@ def test_deepcopy_and_pickle_round_trip():
     for twin in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
         assert twin.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
         assert twin.state_dict()["stats"] == opt.state_dict()["stats"]
-        assert_same(twin.state_dict()["optimizer"]["state"], opt.state_dict()["optimizer"]["state"])
+        assert_same(
+            twin.state_dict()["optimizer"]["state"], opt.state_dict()["optimizer"]["state"]
+        )
 
 
 def test_guard_names_horizons_as_the_model_does():
@@ -490,7 +538,9 @@ def test_guard_names_horizons_as_the_model_does():
     model = Model()
     opt = CoordinateDescentStepper(torch.optim.Adam([nn.Parameter(torch.zeros(1))]), model)
     assert "flow.h" in repr(opt.guard) and opt.stats["horizons"][0]["name"] == "flow.h"
-    assert opt.guard.budgets == [model.flow["h"].budget] and not model.flow["h"].budget.warn_unguarded
+    assert (
+        opt.guard.budgets == [model.flow["h"].budget] and not model.flow["h"].budget.warn_unguarded
+    )
 
 
 def test_declining_the_guard_does_not_warn():

@@ -1,16 +1,19 @@
-"""Griffe extension of the docs build: renders torch_tempopt's Sphinx-flavoured docstrings as Markdown.
+"""Griffe extension of the docs build: renders torch_tempopt's Sphinx-flavoured docstrings as
+Markdown.
 
-The package's docstrings follow zuko's style (see /work/shared/STYLE.md): Google sections with Sphinx
-markup, which pytest's doctests and ``help()`` read as they are, but which mkdocstrings (Markdown)
-would print literally. Before griffe parses a docstring, this rewrites its text, for the site only
-(the package's source is not touched):
+The package's docstrings follow zuko's style (see /work/shared/STYLE.md): Google sections with
+Sphinx markup, which pytest's doctests and ``help()`` read as they are, but which mkdocstrings
+(Markdown) would print literally. Before griffe parses a docstring, this rewrites its text, for the
+site only (the package's source is not touched):
 
 * ``Example:`` becomes ``Examples:``: griffe turns ``>>>`` lines into code blocks only in an
   ``Examples:`` section (under ``Example:`` they are Markdown prose, and ``x[0]`` reads as a link).
-* ``:math:`x``` becomes ``$x$`` and a ``.. math:: x`` line a ``$$ x $$`` block (pymdownx.arithmatex).
+* ``:math:`x``` becomes ``$x$`` and a ``.. math:: x`` line a ``$$ x $$`` block
+  (pymdownx.arithmatex).
 * ``:class:``, ``:meth:``, ``:func:``, ``:attr:``, ``:data:``, ``:mod:``, ``:exc:`` and ``:obj:``
   become a cross-reference when the target is a public object of the package, and inline code
-  otherwise, e.g. for attributes without a docstring (``~a.b`` shows ``b``). Unresolved references then fail ``mkdocs build --strict``.
+  otherwise, e.g. for attributes without a docstring (``~a.b`` shows ``b``). Unresolved references
+  then fail ``mkdocs build --strict``.
 * A reST line block (lines starting with ``| ``, as in ``References:``) becomes a list, with
   bare URLs as links.
 
@@ -39,7 +42,9 @@ def _is_public(path: str) -> bool:
 
 
 class SphinxMarkup(griffe.Extension):
-    """Rewrites Sphinx markup into Markdown in every docstring of the package, once it is loaded."""
+    """Rewrites Sphinx markup into Markdown in every docstring of the package, once it
+    is loaded.
+    """
 
     def on_package(self, *, pkg: griffe.Module, loader: Any = None, **kwargs: Any) -> None:
         if pkg.name != PACKAGE:
@@ -60,7 +65,9 @@ class SphinxMarkup(griffe.Extension):
             yield from self._walk(member, seen)
 
     def _resolve(self, target: str, obj: griffe.Object) -> str | None:
-        """The path of a public object of the package that ``target`` names from ``obj``, or None."""
+        """The path of a public object of the package that ``target`` names from ``obj``,
+        or None.
+        """
         scopes = []
         scope: Any = obj
         while scope is not None:
@@ -74,17 +81,22 @@ class SphinxMarkup(griffe.Extension):
                 found = self._pkg[path[len(PACKAGE) + 1 :]] if path != PACKAGE else self._pkg
             except (KeyError, ValueError, griffe.AliasResolutionError):
                 continue
-            # Prefer the short public path (torch_tempopt.LearnableHorizon) over the defining module's.
+            # Prefer the short public path (torch_tempopt.LearnableHorizon) over the defining
+            # module's.
             short = f"{PACKAGE}.{found.name}"
             try:
                 if found.is_class or found.is_function:
                     alias = self._pkg.members.get(found.name)
-                    if alias is not None and alias.is_alias and alias.final_target.path == found.path:
+                    if (
+                        alias is not None
+                        and alias.is_alias
+                        and alias.final_target.path == found.path
+                    ):
                         return short
             except griffe.AliasResolutionError:
                 pass
-            # Only objects with a docstring get a heading (an anchor) on the site; ``#:`` comments are
-            # not docstrings for griffe.
+            # Only objects with a docstring get a heading (an anchor) on the site; ``#:`` comments
+            # are not docstrings for griffe.
             if _is_public(found.path) and found.has_docstring:
                 return found.path
         return None
@@ -109,7 +121,9 @@ class SphinxMarkup(griffe.Extension):
 
     def _rewrite(self, text: str, obj: griffe.Object) -> str:
         text = _EXAMPLE_SECTION.sub(lambda m: f"{m['indent']}Examples:", text)
-        text = _MATH_DIRECTIVE.sub(lambda m: f"{m['indent']}$$\n{m['indent']}{m['tex'].strip()}\n{m['indent']}$$", text)
+        text = _MATH_DIRECTIVE.sub(
+            lambda m: f"{m['indent']}$$\n{m['indent']}{m['tex'].strip()}\n{m['indent']}$$", text
+        )
         text = _MATH_ROLE.sub(lambda m: f"${m['tex']}$", text)
         text = _ROLE.sub(lambda m: self._role(m, obj), text)
         text = _LINE_BLOCK.sub(lambda m: m["indent"] + "- " + _URL.sub(r"<\1>", m["text"]), text)
