@@ -85,13 +85,13 @@ def check_state(name: str, y: Any) -> tuple[bool, tuple[Tensor, ...]]:
     parts = tuple(y) if is_tuple else (y,)
     if is_tuple and not parts:
         raise TypeError(
-            f"{name} must be a floating tensor or a non-empty tuple of them, got an empty {type(y).__name__}."
+            f"{name} must be a floating tensor or a non-empty tuple of them, got an empty {type(y).__name__}."  # noqa: E501 (one message, one line)
         )
     for i, p in enumerate(parts):
         where = f"{name}[{i}]" if is_tuple else name
         if not isinstance(p, Tensor) or not p.is_floating_point():
             got = f"dtype {p.dtype}" if isinstance(p, Tensor) else type(p).__name__
             raise TypeError(
-                f"{where} must be a floating-point tensor, got {got}; convert it with torch.as_tensor(..., dtype=torch.float32)."
+                f"{where} must be a floating-point tensor, got {got}; convert it with torch.as_tensor(..., dtype=torch.float32)."  # noqa: E501 (one message, one line)
             )
     return is_tuple, parts

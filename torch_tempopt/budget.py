@@ -212,7 +212,7 @@ class Budget(nn.Module):
             if self.warn_unguarded and not self._warned:
                 self._warned = True
                 warnings.warn(
-                    "a horizon trains on a budget without a guard, so its steps are never checked against the "
+                    "a horizon trains on a budget without a guard, so its steps are never checked against the "  # noqa: E501 (one message, one line)
                     "reference: wrap the optimizer in CoordinateDescentStepper, or call "
                     "BudgetGuard(model).step() after each optimizer step (or pass guard=False).",
                     RuntimeWarning,

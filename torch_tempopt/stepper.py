@@ -301,6 +301,6 @@ class CoordinateDescentStepper(Optimizer):
 
     def __repr__(self) -> str:
         return (
-            f"CoordinateDescentStepper(alpha={self.alpha}, optimizer={type(self.optimizer).__name__}, "
+            f"CoordinateDescentStepper(alpha={self.alpha}, optimizer={type(self.optimizer).__name__}, "  # noqa: E501 (one message, one line)
             f"guard={self.guard!r}, horizons=[{', '.join(repr(h) for h in self.horizons)}])"
         )
