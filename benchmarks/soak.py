@@ -246,7 +246,8 @@ def _bar(args: argparse.Namespace) -> Any:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=args.iters, desc="soak", dynamic_ncols=True, file=sys.stderr)
+    # disable=None: no bar where stderr is not a terminal (a log file)
+    return tqdm(total=args.iters, desc="soak", dynamic_ncols=True, file=sys.stderr, disable=None)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

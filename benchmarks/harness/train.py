@@ -786,6 +786,7 @@ def _progress(c: dict[str, Any], start: int, total: int) -> Iterator[Any]:
         desc=f"{c['method']} {c['data']}",
         dynamic_ncols=True,
         file=sys.stderr,
+        disable=None,  # no bar where stderr is not a terminal (a log file)
     ) as bar:
         yield bar
 
