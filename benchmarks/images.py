@@ -68,6 +68,7 @@ __all__ = [
     "read_run",
     "run_dirs",
     "score_argv",
+    "split_argv",
     "train_argv",
     "upstream_model",
 ]
@@ -120,6 +121,14 @@ def prepare(ffjord: Path, work: Path, seed: int = 0) -> Path:
     if not (copy / "data" / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file():
         write_mnist(copy / "data", seed=seed, source="mnist5k")
     return copy
+
+
+def split_argv(argv: list[str] | None) -> tuple[list[str], list[str]]:
+    """A command line's own arguments and those after ``--`` (upstream's flags)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--" not in argv:
+        return argv, []
+    return argv[: argv.index("--")], argv[argv.index("--") + 1 :]
 
 
 def train_argv(config: str, imagesize: int) -> list[str]:

@@ -22,7 +22,7 @@ from typing import Any
 import numpy
 import torch
 
-from benchmarks.images import upstream_model
+from benchmarks.images import split_argv, upstream_model
 
 __all__ = ["main", "train"]
 
@@ -78,9 +78,7 @@ def train(upstream: SimpleNamespace, patch: Any, out: Path, marks: list[float]) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    own = argv[: argv.index("--")] if "--" in argv else argv
-    flags = argv[argv.index("--") + 1 :] if "--" in argv else []
+    own, flags = split_argv(argv)
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

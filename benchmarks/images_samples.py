@@ -23,6 +23,7 @@ from benchmarks.images import (
     read_run,
     run_dirs,
     score_argv,
+    split_argv,
     upstream_model,
 )
 from benchmarks.writer import FIGURES
@@ -101,9 +102,7 @@ def figure(grids: list[tuple[str, torch.Tensor]], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    own = argv[: argv.index("--")] if "--" in argv else argv
-    flags = argv[argv.index("--") + 1 :] if "--" in argv else []
+    own, flags = split_argv(argv)
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -22,6 +22,7 @@ from benchmarks.images import (
     read_run,
     run_dirs,
     score_argv,
+    split_argv,
     upstream_model,
 )
 from benchmarks.scoring import upstream_bits_per_dim
@@ -84,9 +85,7 @@ def score_checkpoints(checkout: Path, checkpoints: list[str], flags: list[str]) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    own = argv[: argv.index("--")] if "--" in argv else argv
-    flags = argv[argv.index("--") + 1 :] if "--" in argv else []
+    own, flags = split_argv(argv)
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

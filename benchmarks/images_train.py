@@ -26,7 +26,15 @@ from typing import Any
 import numpy
 import torch
 
-from benchmarks.images import CONFIGS, RNODE_PENALTIES, RUNS, child, prepare, train_argv
+from benchmarks.images import (
+    CONFIGS,
+    RNODE_PENALTIES,
+    RUNS,
+    child,
+    prepare,
+    split_argv,
+    train_argv,
+)
 
 __all__ = ["launch", "main", "train"]
 
@@ -167,9 +175,7 @@ def run_child(args: argparse.Namespace, argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    upstream = argv[argv.index("--") + 1 :] if "--" in argv else []
-    own = argv[: argv.index("--")] if "--" in argv else argv
+    own, upstream = split_argv(argv)
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
