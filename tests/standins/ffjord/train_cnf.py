@@ -35,7 +35,9 @@ parser.add_argument("--test_rtol", type=float, default=None)
 parser.add_argument("--time_length", type=float, default=1.0)
 parser.add_argument("--train_T", type=eval, default=True)
 parser.add_argument("--num_epochs", type=int, default=1000)
-parser.add_argument("--ntrain", type=int, default=64, help="stand-in only: size of the training set")
+parser.add_argument(
+    "--ntrain", type=int, default=64, help="stand-in only: size of the training set"
+)
 parser.add_argument("--batch_size", type=int, default=16)
 parser.add_argument("--lr", type=float, default=1e-3)
 parser.add_argument("--warmup_iters", type=float, default=1000)
@@ -49,7 +51,9 @@ parser.add_argument("--log_freq", type=int, default=10)
 args = parser.parse_args()
 
 utils.makedirs(args.save)
-logger = utils.get_logger(logpath=os.path.join(args.save, "logs"), filepath=os.path.abspath(__file__))
+logger = utils.get_logger(
+    logpath=os.path.join(args.save, "logs"), filepath=os.path.abspath(__file__)
+)
 
 
 def update_lr(optimizer, itr):
@@ -67,8 +71,12 @@ def compute_bits_per_dim(x, model):
 if __name__ == "__main__":
     device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     rng = np.random.default_rng(0)
-    train_set = torch.from_numpy(toy_data.inf_train_gen(args.data, rng=rng, batch_size=args.ntrain))
-    test_set = torch.from_numpy(toy_data.inf_train_gen(args.data, rng=rng, batch_size=args.batch_size))
+    train_set = torch.from_numpy(
+        toy_data.inf_train_gen(args.data, rng=rng, batch_size=args.ntrain)
+    )
+    test_set = torch.from_numpy(
+        toy_data.inf_train_gen(args.data, rng=rng, batch_size=args.batch_size)
+    )
     model = build_model_tabular(args, 2)
     set_cnf_options(args, model)
     optimizer = optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -102,11 +110,20 @@ if __name__ == "__main__":
         model.eval()
         if epoch % args.val_freq == 0:
             with torch.no_grad():
-                loss = np.mean([compute_bits_per_dim(x.to(device), model) for x in torch.split(test_set, args.batch_size)])
+                loss = np.mean(
+                    [
+                        compute_bits_per_dim(x.to(device), model)
+                        for x in torch.split(test_set, args.batch_size)
+                    ]
+                )
                 logger.info(f"Epoch {epoch:04d} | Bit/dim {loss:.4f}")
                 if loss < best_loss:
                     best_loss = loss
                     torch.save(
-                        {"args": args, "state_dict": model.state_dict(), "optim_state_dict": optimizer.state_dict()},
+                        {
+                            "args": args,
+                            "state_dict": model.state_dict(),
+                            "optim_state_dict": optimizer.state_dict(),
+                        },
                         os.path.join(args.save, "checkpt.pth"),
                     )

@@ -35,11 +35,17 @@ def count_parameters(model):
 
 
 def count_total_time(model):
-    return sum(m.sqrt_end_time * m.sqrt_end_time for m in model.modules() if isinstance(m, layers.CNF))
+    return sum(
+        m.sqrt_end_time * m.sqrt_end_time for m in model.modules() if isinstance(m, layers.CNF)
+    )
 
 
 def create_regularization_fns(args):
-    pairs = [(fn, getattr(args, key)) for key, fn in six.iteritems(REGULARIZATION_FNS) if getattr(args, key) is not None]
+    pairs = [
+        (fn, getattr(args, key))
+        for key, fn in six.iteritems(REGULARIZATION_FNS)
+        if getattr(args, key) is not None
+    ]
     return tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
 
 
@@ -55,7 +61,9 @@ def build_model_tabular(args, dims, regularization_fns=None):
     hidden_dims = tuple(map(int, args.dims.split("-")))
 
     def build_cnf():
-        diffeq = layers.ODEnet(hidden_dims=hidden_dims, input_shape=(dims,), strides=None, conv=False)
+        diffeq = layers.ODEnet(
+            hidden_dims=hidden_dims, input_shape=(dims,), strides=None, conv=False
+        )
         odefunc = layers.ODEfunc(diffeq=diffeq, divergence_fn=args.divergence_fn)
         return layers.CNF(
             odefunc=odefunc, T=args.time_length, train_T=args.train_T,

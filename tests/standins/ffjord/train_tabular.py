@@ -30,13 +30,17 @@ parser.add_argument("--test_rtol", type=float, default=None)
 parser.add_argument("--batch_size", type=int, default=32)
 parser.add_argument("--lr", type=float, default=1e-3)
 parser.add_argument("--weight_decay", type=float, default=1e-6)
-parser.add_argument("--max_iters", type=int, default=4, help="stand-in only: iterations instead of early stopping")
+parser.add_argument(
+    "--max_iters", type=int, default=4, help="stand-in only: iterations instead of early stopping"
+)
 parser.add_argument("--val_freq", type=int, default=2)
 parser.add_argument("--save", type=str, default="experiments/cnf")
 args = parser.parse_args()
 
 utils.makedirs(args.save)
-logger = utils.get_logger(logpath=os.path.join(args.save, "logs"), filepath=os.path.abspath(__file__))
+logger = utils.get_logger(
+    logpath=os.path.join(args.save, "logs"), filepath=os.path.abspath(__file__)
+)
 
 
 def compute_loss(x, model):
@@ -51,7 +55,9 @@ def update_lr(optimizer, n_vals_without_improvement):
 
 
 def restore_model(model, filename):
-    model.load_state_dict(torch.load(filename, map_location=lambda storage, loc: storage)["state_dict"])
+    model.load_state_dict(
+        torch.load(filename, map_location=lambda storage, loc: storage)["state_dict"]
+    )
     return model
 
 
@@ -65,7 +71,9 @@ if __name__ == "__main__":
     model.train()
     for itr in range(1, args.max_iters + 1):
         optimizer.zero_grad()
-        x = torch.from_numpy(toy_data.inf_train_gen(args.data, rng=rng, batch_size=args.batch_size))
+        x = torch.from_numpy(
+            toy_data.inf_train_gen(args.data, rng=rng, batch_size=args.batch_size)
+        )
         loss = compute_loss(x, model)
         loss.backward()
         optimizer.step()
@@ -76,7 +84,10 @@ if __name__ == "__main__":
                 val_loss = compute_loss(val, model).item()
             if val_loss < best_loss:
                 best_loss, n_vals_without_improvement = val_loss, 0
-                torch.save({"args": args, "state_dict": model.state_dict()}, os.path.join(args.save, "checkpt.pth"))
+                torch.save(
+                    {"args": args, "state_dict": model.state_dict()},
+                    os.path.join(args.save, "checkpt.pth"),
+                )
             else:
                 n_vals_without_improvement += 1
             update_lr(optimizer, n_vals_without_improvement)

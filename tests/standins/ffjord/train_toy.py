@@ -53,7 +53,9 @@ parser.add_argument("--gpu", type=int, default=0)
 args = parser.parse_args()
 
 utils.makedirs(args.save)
-logger = utils.get_logger(logpath=os.path.join(args.save, "logs"), filepath=os.path.abspath(__file__))
+logger = utils.get_logger(
+    logpath=os.path.join(args.save, "logs"), filepath=os.path.abspath(__file__)
+)
 logger.info(args)
 device = torch.device("cuda:" + str(args.gpu) if torch.cuda.is_available() else "cpu")
 
@@ -95,13 +97,20 @@ if __name__ == "__main__":
             with torch.no_grad():
                 model.eval()
                 test_loss = compute_loss(args, model, batch_size=args.test_batch_size)
-                logger.info(f"[TEST] Iter {itr:04d} | Test Loss {test_loss.item():.6f} | NFE {count_nfe(model):.0f}")
+                logger.info(
+                    f"[TEST] Iter {itr:04d} | Test Loss {test_loss.item():.6f} | NFE {count_nfe(model):.0f}"
+                )
                 if test_loss.item() < best_loss:
                     best_loss = test_loss.item()
-                    torch.save({"args": args, "state_dict": model.state_dict()}, os.path.join(args.save, "checkpt.pth"))
+                    torch.save(
+                        {"args": args, "state_dict": model.state_dict()},
+                        os.path.join(args.save, "checkpt.pth"),
+                    )
                 model.train()
 
     logger.info("Training has finished.")
     save_traj_dir = os.path.join(args.save, "trajectory")
-    save_trajectory(model, toy_data.inf_train_gen(args.data, batch_size=16), save_traj_dir, device=device)
+    save_trajectory(
+        model, toy_data.inf_train_gen(args.data, batch_size=16), save_traj_dir, device=device
+    )
     trajectory_to_video(save_traj_dir)

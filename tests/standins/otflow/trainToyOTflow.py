@@ -48,7 +48,9 @@ args.alph = [float(a) for a in args.alph.split(",")]
 prec = torch.float64 if args.prec == "double" else torch.float32
 start_time = datetime.datetime.now().strftime("%Y_%m_%d_%H_%M_%S")
 utils.makedirs(args.save)
-logger = utils.get_logger(logpath=os.path.join(args.save, "logs"), filepath=os.path.abspath(__file__))
+logger = utils.get_logger(
+    logpath=os.path.join(args.save, "logs"), filepath=os.path.abspath(__file__)
+)
 device = torch.device("cuda:" + str(args.gpu) if torch.cuda.is_available() else "cpu")
 
 
@@ -66,8 +68,14 @@ if __name__ == "__main__":
     logger.info(f"Number of trainable parameters: {count_parameters(net)}")
     logger.info(str(optim))
     rng = np.random.default_rng(0)
-    x0 = cvt(torch.from_numpy(toy_data.inf_train_gen(args.data, rng=rng, batch_size=args.batch_size)))
-    x0val = cvt(torch.from_numpy(toy_data.inf_train_gen(args.data, rng=rng, batch_size=args.val_batch_size)))
+    x0 = cvt(
+        torch.from_numpy(toy_data.inf_train_gen(args.data, rng=rng, batch_size=args.batch_size))
+    )
+    x0val = cvt(
+        torch.from_numpy(
+            toy_data.inf_train_gen(args.data, rng=rng, batch_size=args.val_batch_size)
+        )
+    )
     best_loss = float("inf")
     net.train()
     for itr in range(1, args.niters + 1):
@@ -85,7 +93,10 @@ if __name__ == "__main__":
                 if test_loss.item() < best_loss:
                     best_loss = test_loss.item()
                     best_params = net.state_dict()
-                    torch.save({"args": args, "state_dict": best_params}, os.path.join(args.save, start_time + "_checkpt.pth"))
+                    torch.save(
+                        {"args": args, "state_dict": best_params},
+                        os.path.join(args.save, start_time + "_checkpt.pth"),
+                    )
                 net.train()
         logger.info(log_message)
         if itr % args.viz_freq == 0:
@@ -94,7 +105,15 @@ if __name__ == "__main__":
                 y = cvt(torch.randn(64, 2))
                 sPath = os.path.join(args.save, "figs", start_time + f"_{itr:04d}.png")
                 utils.makedirs(os.path.dirname(sPath))
-                plot4(net, x0val, y, args.nt_val, sPath, doPaths=True, sTitle=f"{args.data} loss {best_loss:.2f}")
+                plot4(
+                    net,
+                    x0val,
+                    y,
+                    args.nt_val,
+                    sPath,
+                    doPaths=True,
+                    sTitle=f"{args.data} loss {best_loss:.2f}",
+                )
                 net.train()
         if itr % args.drop_freq == 0:
             for p in optim.param_groups:

@@ -69,21 +69,30 @@ def compute_bits_per_dim(x, model):
 
 def main():
     utils.makedirs(args.save)
-    logger = utils.get_logger(logpath=os.path.join(args.save, "logs"), filepath=os.path.abspath(__file__))
+    logger = utils.get_logger(
+        logpath=os.path.join(args.save, "logs"), filepath=os.path.abspath(__file__)
+    )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     regularization_fns, regularization_coeffs = create_regularization_fns(args)
     hidden = tuple(map(int, args.dims.split(",")))
 
     def build_cnf():
         odefunc = layers.ODEfunc(layers.ODEnet(hidden, (2,)), divergence_fn=args.divergence_fn)
-        return layers.CNF(odefunc, T=args.time_length, train_T=args.train_T, regularization_fns=regularization_fns)
+        return layers.CNF(
+            odefunc,
+            T=args.time_length,
+            train_T=args.train_T,
+            regularization_fns=regularization_fns,
+        )
 
     model = layers.SequentialFlow([build_cnf() for _ in range(args.num_blocks)]).to(device)
     set_cnf_options(args, model)
     if args.optimizer == "adam":
         optimizer = optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     else:
-        optimizer = optim.SGD(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, momentum=0.9)
+        optimizer = optim.SGD(
+            model.parameters(), lr=args.lr, weight_decay=args.weight_decay, momentum=0.9
+        )
     gen = torch.Generator().manual_seed(0)
     for itr in range(args.niters):
         start = time.time()
@@ -99,7 +108,11 @@ def main():
         nfe_opt = count_nfe(model)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         optimizer.step()
-        metrics = torch.tensor([1.0, loss.item(), bpd.item(), nfe_opt, grad_norm.item()]).float().to(device)
+        metrics = (
+            torch.tensor([1.0, loss.item(), bpd.item(), nfe_opt, grad_norm.item()])
+            .float()
+            .to(device)
+        )
         _, r_loss, r_bpd, r_nfe, r_grad = dist_utils.sum_tensor(metrics).cpu().numpy()
         if itr % args.log_freq == 0:
             logger.info(
@@ -108,7 +121,11 @@ def main():
             )
     model.eval()
     torch.save(
-        {"args": args, "state_dict": model.state_dict(), "optim_state_dict": optimizer.state_dict()},
+        {
+            "args": args,
+            "state_dict": model.state_dict(),
+            "optim_state_dict": optimizer.state_dict(),
+        },
         os.path.join(args.save, "checkpt.pth"),
     )
 

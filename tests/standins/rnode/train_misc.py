@@ -35,9 +35,15 @@ def count_nfe(model):
 
 
 def count_total_time(model):
-    return sum(m.sqrt_end_time * m.sqrt_end_time for m in model.modules() if isinstance(m, layers.CNF))
+    return sum(
+        m.sqrt_end_time * m.sqrt_end_time for m in model.modules() if isinstance(m, layers.CNF)
+    )
 
 
 def create_regularization_fns(args):
-    pairs = [(fn, getattr(args, key)) for key, fn in REGULARIZATION_FNS.items() if getattr(args, key) is not None]
+    pairs = [
+        (fn, getattr(args, key))
+        for key, fn in REGULARIZATION_FNS.items()
+        if getattr(args, key) is not None
+    ]
     return tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)

@@ -35,5 +35,7 @@ class RunningAverageMeter:
         self.momentum, self.val, self.avg = momentum, None, 0
 
     def update(self, val):
-        self.avg = val if self.val is None else self.avg * self.momentum + val * (1 - self.momentum)
+        self.avg = (
+            val if self.val is None else self.avg * self.momentum + val * (1 - self.momentum)
+        )
         self.val = val

@@ -50,7 +50,10 @@ def integrate(x, net, tspan, nt, stepper="rk4", alph=(1.0, 1.0, 1.0), intermedia
 
 def C(z):
     d = z.shape[1] - 3
-    return -(torch.sum(-0.5 * math.log(2 * math.pi) - z[:, :d].pow(2) / 2, 1, keepdim=True) + z[:, d].unsqueeze(1))
+    return -(
+        torch.sum(-0.5 * math.log(2 * math.pi) - z[:, :d].pow(2) / 2, 1, keepdim=True)
+        + z[:, d].unsqueeze(1)
+    )
 
 
 def odefun(x, t, net, alph=(1.0, 1.0, 1.0)):

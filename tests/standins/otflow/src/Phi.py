@@ -22,7 +22,11 @@ class Phi(nn.Module):
         self.w = nn.Parameter(torch.ones(m) / m)
 
     def forward(self, x):
-        return 0.5 * (x @ self.A.t()).pow(2).sum(1, keepdim=True) + self.c(x) + (self.w * torch.log(torch.cosh(self.K(x)))).sum(1, keepdim=True)
+        return (
+            0.5 * (x @ self.A.t()).pow(2).sum(1, keepdim=True)
+            + self.c(x)
+            + (self.w * torch.log(torch.cosh(self.K(x)))).sum(1, keepdim=True)
+        )
 
     def trHess(self, x, justGrad=False):
         d = x.shape[1] - 1
@@ -32,5 +36,7 @@ class Phi(nn.Module):
         if justGrad:
             return grad
         K = self.K.weight[:, :d]
-        trH = torch.diagonal(symA)[:d].sum() + ((self.w * (1 - tanh.pow(2))) * K.pow(2).sum(1)).sum(1)
+        trH = torch.diagonal(symA)[:d].sum() + (
+            (self.w * (1 - tanh.pow(2))) * K.pow(2).sum(1)
+        ).sum(1)
         return grad, trH

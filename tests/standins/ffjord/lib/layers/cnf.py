@@ -14,7 +14,16 @@ __all__ = ["CNF"]
 
 
 class CNF(nn.Module):
-    def __init__(self, odefunc, T=1.0, train_T=False, regularization_fns=None, solver="dopri5", atol=1e-5, rtol=1e-5):
+    def __init__(
+        self,
+        odefunc,
+        T=1.0,
+        train_T=False,
+        regularization_fns=None,
+        solver="dopri5",
+        atol=1e-5,
+        rtol=1e-5,
+    ):
         super().__init__()
         sqrt_T = torch.sqrt(torch.tensor(T))
         if train_T:
@@ -22,7 +31,11 @@ class CNF(nn.Module):
         else:
             self.register_buffer("sqrt_end_time", sqrt_T)
         self.nreg = 0 if regularization_fns is None else len(regularization_fns)
-        self.odefunc = odefunc if regularization_fns is None else RegularizedODEfunc(odefunc, regularization_fns)
+        self.odefunc = (
+            odefunc
+            if regularization_fns is None
+            else RegularizedODEfunc(odefunc, regularization_fns)
+        )
         self.regularization_states = None
         self.solver, self.atol, self.rtol = solver, atol, rtol
         self.test_solver, self.test_atol, self.test_rtol = solver, atol, rtol
@@ -31,7 +44,9 @@ class CNF(nn.Module):
     def forward(self, z, logpz=None, integration_times=None, reverse=False):
         logp = torch.zeros(z.shape[0], 1).to(z) if logpz is None else logpz
         if integration_times is None:
-            end = (self.sqrt_end_time * self.sqrt_end_time).detach()  # upstream: torch.tensor([0.0, T]) copies T
+            end = (
+                self.sqrt_end_time * self.sqrt_end_time
+            ).detach()  # upstream: torch.tensor([0.0, T]) copies T
             integration_times = torch.stack([torch.zeros_like(end), end]).to(z)
         if reverse:
             integration_times = integration_times.flip(0)

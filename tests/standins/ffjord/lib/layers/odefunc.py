@@ -37,7 +37,15 @@ class ConcatSquashLinear(nn.Module):
 
 
 class ODEnet(nn.Module):
-    def __init__(self, hidden_dims, input_shape, strides=None, conv=False, layer_type="concatsquash", nonlinearity="tanh"):
+    def __init__(
+        self,
+        hidden_dims,
+        input_shape,
+        strides=None,
+        conv=False,
+        layer_type="concatsquash",
+        nonlinearity="tanh",
+    ):
         super().__init__()
         dims = (input_shape[0], *hidden_dims, input_shape[0])
         self.layers = nn.ModuleList(ConcatSquashLinear(a, b) for a, b in zip(dims[:-1], dims[1:]))
@@ -74,7 +82,9 @@ class ODEfunc(nn.Module):
         self._num_evals += 1
         t = t.detach().clone().to(y)  # upstream: t = torch.tensor(t).type_as(y)
         if self._e is None:
-            self._e = torch.randint_like(y, 0, 2) * 2 - 1 if self.rademacher else torch.randn_like(y)
+            self._e = (
+                torch.randint_like(y, 0, 2) * 2 - 1 if self.rademacher else torch.randn_like(y)
+            )
         with torch.set_grad_enabled(True):
             y.requires_grad_(True)
             t.requires_grad_(True)
@@ -85,4 +95,6 @@ class ODEfunc(nn.Module):
                 divergence = divergence_bf(dy, y).view(-1, 1)
             else:
                 divergence = self.divergence_fn(dy, y, e=self._e).view(-1, 1)
-        return tuple([dy, -divergence] + [torch.zeros_like(s).requires_grad_(True) for s in states[2:]])
+        return tuple(
+            [dy, -divergence] + [torch.zeros_like(s).requires_grad_(True) for s in states[2:]]
+        )

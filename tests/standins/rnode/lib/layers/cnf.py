@@ -13,7 +13,16 @@ __all__ = ["CNF"]
 
 
 class CNF(nn.Module):
-    def __init__(self, odefunc, T=1.0, train_T=False, regularization_fns=None, solver="dopri5", atol=1e-5, rtol=1e-5):
+    def __init__(
+        self,
+        odefunc,
+        T=1.0,
+        train_T=False,
+        regularization_fns=None,
+        solver="dopri5",
+        atol=1e-5,
+        rtol=1e-5,
+    ):
         super().__init__()
         sqrt_T = torch.sqrt(torch.tensor(T))
         if train_T:
@@ -21,7 +30,11 @@ class CNF(nn.Module):
         else:
             self.register_buffer("sqrt_end_time", sqrt_T)
         self.nreg = 0 if regularization_fns is None else len(regularization_fns)
-        self.odefunc = odefunc if regularization_fns is None else RegularizedODEfunc(odefunc, regularization_fns)
+        self.odefunc = (
+            odefunc
+            if regularization_fns is None
+            else RegularizedODEfunc(odefunc, regularization_fns)
+        )
         self.solver, self.atol, self.rtol = solver, atol, rtol
         self.test_solver, self.test_atol, self.test_rtol = solver, atol, rtol
         self.solver_options = {}
@@ -32,14 +45,19 @@ class CNF(nn.Module):
             reg_states = tuple(torch.zeros(z.size(0)).to(z) for _ in range(self.nreg))
         logp = torch.zeros(z.shape[0], 1).to(z) if logpz is None else logpz
         if integration_times is None:
-            end = (self.sqrt_end_time * self.sqrt_end_time).detach()  # upstream: torch.tensor([0.0, T])
+            end = (
+                self.sqrt_end_time * self.sqrt_end_time
+            ).detach()  # upstream: torch.tensor([0.0, T])
             integration_times = torch.stack([torch.zeros_like(end), end]).to(z)
         if reverse:
             integration_times = integration_times.flip(0)
         self.odefunc.before_odeint()
         if self.training:
             adaptive = self.solver in ("dopri5", "bosh3")
-            tols = [[tol, tol] + [1e20] * len(reg_states) if adaptive else tol for tol in (self.atol, self.rtol)]
+            tols = [
+                [tol, tol] + [1e20] * len(reg_states) if adaptive else tol
+                for tol in (self.atol, self.rtol)
+            ]
             states = odeint(
                 self.odefunc, (z, logp) + tuple(reg_states), integration_times.to(z),
                 atol=tols[0], rtol=tols[1], method=self.solver, options=self.solver_options,

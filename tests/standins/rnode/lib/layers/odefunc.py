@@ -33,7 +33,15 @@ class ConcatLinear(nn.Module):
 
 
 class ODEnet(nn.Module):
-    def __init__(self, hidden_dims, input_shape, strides=None, conv=False, layer_type="concat", nonlinearity="softplus"):
+    def __init__(
+        self,
+        hidden_dims,
+        input_shape,
+        strides=None,
+        conv=False,
+        layer_type="concat",
+        nonlinearity="softplus",
+    ):
         super().__init__()
         dims = (input_shape[0], *hidden_dims, input_shape[0])
         self.layers = nn.ModuleList(ConcatLinear(a, b) for a, b in zip(dims[:-1], dims[1:]))
@@ -48,7 +56,9 @@ class ODEnet(nn.Module):
 
 
 class ODEfunc(nn.Module):
-    def __init__(self, diffeq, divergence_fn="approximate", residual=False, rademacher=False, div_samples=1):
+    def __init__(
+        self, diffeq, divergence_fn="approximate", residual=False, rademacher=False, div_samples=1
+    ):
         super().__init__()
         self.diffeq = diffeq
         self.rademacher = rademacher
@@ -69,10 +79,15 @@ class ODEfunc(nn.Module):
         y = states[0]
         self._num_evals += 1
         if self._e is None:
-            self._e = torch.randint_like(y, 0, 2) * 2 - 1 if self.rademacher else torch.randn_like(y)
+            self._e = (
+                torch.randint_like(y, 0, 2) * 2 - 1 if self.rademacher else torch.randn_like(y)
+            )
         with torch.set_grad_enabled(True):
             y.requires_grad_(True)
             t.requires_grad_(True)
             dy = self.diffeq(t, y)
             divergence, self.sqjacnorm = self.divergence_fn(dy, y, e=self._e)
-        return tuple([dy, -divergence.view(-1, 1)] + [torch.zeros_like(s).requires_grad_(True) for s in states[2:]])
+        return tuple(
+            [dy, -divergence.view(-1, 1)]
+            + [torch.zeros_like(s).requires_grad_(True) for s in states[2:]]
+        )

@@ -26,7 +26,9 @@ class RegularizedODEfunc(nn.Module):
             if len(state) == 2:
                 return dstate
             dx, dlogp = dstate[:2]
-            return dstate + tuple(fn(x, t, logp, dx, dlogp, self.odefunc) for fn in self.regularization_fns)
+            return dstate + tuple(
+                fn(x, t, logp, dx, dlogp, self.odefunc) for fn in self.regularization_fns
+            )
 
     @property
     def _num_evals(self):
