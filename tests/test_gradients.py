@@ -272,3 +272,11 @@ def test_fitting_the_placement_of_a_memory_bound_budget_gives_the_backprop_fit()
         placements.append(h.budget.placement[:3].clone())
     for p in placements[1:]:
         torch.testing.assert_close(p, placements[0], rtol=1e-10, atol=1e-12)
+
+
+def test_a_budgets_reference_cannot_be_changed_past_its_check():
+    budget = Budget(2, reference=dict(method="dopri5", rtol=1e-6))
+    budget.reference["method"] = "rk4"  # a copy: the budget's reference is unchanged
+    assert budget.reference == {"method": "dopri5", "rtol": 1e-6}
+    with pytest.raises(ValueError, match="^reference's method must be"):
+        budget.reference = dict(method="rk4")

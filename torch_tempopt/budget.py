@@ -147,7 +147,7 @@ class Budget(nn.Module):
     @property
     def reference(self) -> dict[str, Any] | None:
         """The adaptive odeint settings of every solve but training's; ``None``: the call's."""
-        return self._reference
+        return None if self._reference is None else dict(self._reference)  # writes are checked
 
     @reference.setter
     def reference(self, value: dict[str, Any] | None) -> None:
