@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
 import time
 from pathlib import Path
@@ -44,6 +45,7 @@ from benchmarks.harness.cnf import (
     nfe,
     standard_normal_logprob,
 )
+from benchmarks.harness.egnn import ENF_ENV, build_egnn_model
 from benchmarks.harness.energies import TARGETS
 from benchmarks.scoring import SOLVE, energy_metrics
 from benchmarks.writer import FIGURES, RESULTS, ROOT, command, write
@@ -55,6 +57,8 @@ __all__ = ["CONFIGS", "build", "main", "reference", "report", "reverse_kl", "tra
 CONFIGS: dict[str, dict[str, Any]] = {
     "dopri5": {"budget": None},
     "b2": {"budget": 2},
+    "b2-per-dim": {"budget": 2, "spread": None},
+    "b2-no-rollback": {"budget": 2, "rollback": False},
     "b4": {"budget": 4},
     "b6": {"budget": 6},
     "b2-strict": {"budget": 2, "tol": 0.05},
@@ -64,6 +68,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
 LABELS = {
     "dopri5": "dopri5 1e-5",
     "b2": "2 rk4 steps, guard",
+    "b2-per-dim": "2 rk4 steps, guard without its spread tolerance",
+    "b2-no-rollback": "2 rk4 steps, guard, no rollback",
     "b4": "4 rk4 steps, guard",
     "b6": "6 rk4 steps, guard",
     "b2-strict": "2 rk4 steps, guard at 0.05 nats",
@@ -72,27 +78,45 @@ LABELS = {
 }
 
 
-def build(config: str, dim: int, seed: int) -> tuple[torch.nn.Module, CoordinateDescentStepper]:
-    """The model and its stepper (Adam 1e-3 on the weights), initialised from ``seed`` alone."""
+def build(
+    config: str,
+    dim: int,
+    seed: int,
+    field: str = "mlp",
+    enf: Path | None = None,
+    lr: float = 1e-3,
+) -> tuple[torch.nn.Module, CoordinateDescentStepper]:
+    """The model and its stepper (Adam at ``lr`` on the weights), initialised from ``seed`` alone.
+
+    ``field``: ``"mlp"`` (FFJORD's concat-squash MLP) or ``"egnn"`` (E-NF's EGNN dynamics, from
+    the checkout ``enf``; DW-4 only). Every configuration calls ``odeint_adjoint`` at dopri5 1e-5,
+    as the unmodified host does; a budget trains on its steps instead, until its guard retires it.
+    """
     c = CONFIGS[config]
     torch.manual_seed(seed)
-    model = build_toy_model(
-        hidden=(64, 64, 64),
-        dim=dim,
+    common = dict(
         T0=1.0,
         time_mode="learn" if c.get("learn") else "fixed",
         budget=c["budget"],
-        adjoint=c["budget"] is None,
+        adjoint=True,
         solver_kwargs=SOLVE,
         count=True,
         kinetic=c.get("kinetic", 0.0),
         jacobian=c.get("jacobian", 0.0),
     )
+    if field == "egnn":
+        if enf is None or dim != 8:
+            raise ValueError(f"field='egnn' needs --enf and DW-4 (dim 8), got {enf} and {dim}.")
+        model = build_egnn_model(enf, **common)
+    else:
+        model = build_toy_model(hidden=(64, 64, 64), dim=dim, **common)
     guard: BudgetGuard | bool = False
     if c["budget"] is not None:
-        guard = BudgetGuard(model, **({"tol": c["tol"] / dim} if "tol" in c else {}))
+        kw = {"tol": c["tol"] / dim} if "tol" in c else {}
+        guard = BudgetGuard(model, **kw, **({"spread": None} if "spread" in c else {}))
     kwargs = {"lr": 1e-2, "alpha": 0.1} if c.get("learn") else {}
-    adam = torch.optim.Adam(network_parameters(model), lr=1e-3)
+    adam = torch.optim.Adam(network_parameters(model), lr=lr)
+    kwargs["rollback"] = c.get("rollback", True)
     return model, CoordinateDescentStepper(adam, model, guard=guard, **kwargs)
 
 
@@ -109,7 +133,7 @@ def reverse_kl(
 def _train_one(config: str, target: Any, args: argparse.Namespace) -> dict[str, Any]:
     """One configuration until the last CPU mark, its weights kept at every mark."""
     marks = [args.cpu_seconds * k / args.checkpoints for k in range(1, args.checkpoints + 1)]
-    model, stepper = build(config, target.dim, args.seed)
+    model, stepper = build(config, target.dim, args.seed, args.field, args.enf, args.lr)
     draws = torch.Generator().manual_seed(args.seed + 1)  # the same base draws for every config
     ckpts, log, cpu, it = [], [], 0.0, 0
     while marks:
@@ -138,15 +162,19 @@ def _train_one(config: str, target: Any, args: argparse.Namespace) -> dict[str, 
         None if stats is None else {k: stats[k] for k in ("checks", "nfe", "seconds", "events")}
     )
     print(f"{config}: {it} iterations, {log[-1]['nfe']} NFE in {cpu:.0f} CPU s", flush=True)
-    return {"config": config, "target": args.target, "seed": args.seed,
-            "cpu_seconds": args.cpu_seconds, "batch": args.batch, "checkpoints": ckpts,
+    return {"config": config, "target": args.target, "seed": args.seed, "field": args.field,
+            "enf": None if args.enf is None else str(args.enf),
+            "cpu_seconds": args.cpu_seconds, "batch": args.batch, "lr": args.lr,
+            "checkpoints": ckpts,
             "log": log, "guard": guard}  # fmt: skip
 
 
 def train(args: argparse.Namespace) -> None:
     """Every configuration not yet trained into ``runs/<target>-s<seed>/<config>.pt``."""
     target = TARGETS[args.target]()
-    folder = args.runs / f"{args.target}-s{args.seed}"
+    folder = (
+        args.runs / f"{args.target}{'' if args.field == 'mlp' else '-' + args.field}-s{args.seed}"
+    )
     folder.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
     for config in args.configs:
@@ -169,6 +197,13 @@ def reference(name: str, n: int, seed: int, runs: Path) -> tuple[torch.Tensor, d
     return saved["samples"], saved["diagnostics"]
 
 
+def _rebuild(run: dict[str, Any], target: Any) -> tuple[torch.nn.Module, Any]:
+    """A run's model as it was built (an EGNN run's checkout from ``TEMPOPT_ENF_DIR``)."""
+    field = run.get("field", "mlp")
+    enf = run.get("enf") or os.environ.get(ENF_ENV)
+    return build(run["config"], target.dim, run["seed"], field, None if enf is None else Path(enf))
+
+
 def score_runs(runs: Path, n: int) -> None:
     """Scores every checkpoint not yet scored (:func:`benchmarks.scoring.energy_metrics`)."""
     torch.set_num_threads(1)
@@ -180,7 +215,7 @@ def score_runs(runs: Path, n: int) -> None:
         ref, _ = reference(run["target"], n, run["seed"], runs)
         for c in run["checkpoints"]:
             if "score" not in c:
-                model, _ = build(run["config"], target.dim, run["seed"])
+                model, _ = _rebuild(run, target)
                 model.load_state_dict(c["state"])
                 c["score"] = energy_metrics(model, target, ref, run["seed"])
                 scores = ", ".join(f"{k} {v:.4g}" for k, v in c["score"].items())
@@ -232,6 +267,14 @@ def _row(folder: Path, name: str, run: dict[str, Any], base: dict[str, Any] | No
     }
 
 
+def _events(guard: dict[str, Any] | None) -> str:
+    """The guard's growths and retirement, e.g. ``2>3 @120, 3>retired @410`` (training steps)."""
+    if guard is None:
+        return "-"
+    text = [f"{e['budget'][0]}>{e['budget'][1]} @{e['step']}" for e in guard["events"]]
+    return ", ".join(text) or "none"
+
+
 def _line(row: dict[str, Any]) -> str:
     g, ratio = row["guard"], "not reached"
     if row["reach_cpu_ratio"] is not None:
@@ -241,7 +284,7 @@ def _line(row: dict[str, Any]) -> str:
         f"{'-' if g is None else g['nfe']} | {row['budget'] or '-'} | {row['ess']:.2f} | "
         f"{_num(row.get('ess_on_budget'), 2)} | {row['reverse_kl']:.3f} | "
         f"{_num(row.get('log_Z_error'), 3)} | {row['nll_reference']:.3f} | "
-        f"{row['energy_w1']:.3f} | {ratio} |"
+        f"{row['energy_w1']:.3f} | {ratio} | {_events(g)} |"
     )
 
 
@@ -260,8 +303,8 @@ def _folder(folder: Path, n: int) -> tuple[list[dict[str, Any]], list[str]]:
         f"Reference: {_how(info)}.\n",
         "| configuration | iterations | training NFE | guard NFE | budget (final) | "
         "ESS % (dopri5) | ESS % on its budget | reverse KL | log Z error | NLL of reference | "
-        "energy W1 | CPU / NFE to dopri5's ESS - 2 |",
-        "|" + " --- |" * 12,
+        "energy W1 | CPU / NFE to dopri5's ESS - 2 | guard: budget > budget @ step |",
+        "|" + " --- |" * 13,
     ]
     return rows, lines + [_line(r) for r in rows]
 
@@ -327,7 +370,7 @@ def _samples_figure(runs: list[dict[str, Any]], n: int, folder: Path, path: Path
     ref, _ = reference(runs[0]["target"], n, runs[0]["seed"], folder)
     panels = [("reference (exact)", ref)]
     for run in sorted(runs, key=lambda r: list(CONFIGS).index(r["config"])):
-        model, _ = build(run["config"], target.dim, run["seed"])
+        model, _ = _rebuild(run, target)
         model.load_state_dict(run["checkpoints"][-1]["state"])
         model.eval()
         z = torch.randn(
@@ -365,8 +408,11 @@ def main(argv: list[str] | None = None) -> Any:
     )
     tr.add_argument("--checkpoints", type=int, default=6, help="checkpoints at equal CPU marks")
     tr.add_argument("--batch", type=int, default=256)
+    tr.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate")
     tr.add_argument("--clip", type=float, default=100.0, help="the weights' gradient-norm clip")
     tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--field", choices=("mlp", "egnn"), default="mlp", help="the vector field")
+    tr.add_argument("--enf", type=Path, help="a vgsatorras/en_flows checkout (--field egnn)")
     rep = sub.add_parser("report")
     rep.add_argument("--n", type=int, default=2000, help="samples per score")
     rep.add_argument("--name", default="energy")

@@ -692,9 +692,12 @@ def test_guard_action_raise_names_the_horizon():
 
 def test_max_steps_is_respected():
     model, stepper = _build(k=12.0, max_steps=8)
-    with pytest.raises(RuntimeError, match="max_steps=8"):
+    with pytest.warns(RuntimeWarning, match="retired"):
+        _train(model, stepper, 1)  # past max_steps the budget is retired, the run goes on
+    assert model.horizon.budget.steps == 2 and model.horizon.budget.retired
+    model, stepper = _build(k=12.0, max_steps=8, action="raise")
+    with pytest.raises(RuntimeError, match="action='grow'"):
         _train(model, stepper, 1)
-    assert model.horizon.budget.steps == 2
     model, stepper = _build(k=12.0, max_steps=64)
     with pytest.warns(RuntimeWarning):
         _train(model, stepper, 1)
@@ -706,8 +709,8 @@ def test_training_goes_on_after_a_growth_and_an_old_graph_still_backpropagates()
     with pytest.warns(RuntimeWarning, match="budget grown"):
         placements = _train(model, stepper, 5)
     assert not torch.equal(
-        placements[2], placements[1]
-    )  # the grown placement was fitted on the next check
+        placements[1], placements[0]
+    )  # the grown placement was fitted on the next check, one step after the growth
     out = model(torch.randn(6, 2))
     model.horizon.budget.steps += 3
     out[-1].sum().backward()
@@ -719,7 +722,15 @@ def test_placement_is_fitted_on_guard_steps_only():
     placements = _train(model, stepper, 7)
     before = [torch.zeros(2)] + placements[:-1]
     moved = [not torch.equal(a, b) for a, b in zip(placements, before)]
-    assert moved == [True, False, False, True, False, False, True]
+    assert moved == [
+        True,
+        True,
+        False,
+        True,
+        False,
+        False,
+        True,
+    ]  # checks at 0, 1, 3, 6: waits 1, 2, 3
 
 
 def test_fit_steps_0_keeps_the_placement_uniform():

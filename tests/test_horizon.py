@@ -388,7 +388,7 @@ def test_every_parameter_gets_a_gradient():
             "t0",
         }  # a budget's placement and size are buffers
         assert set(dict(h.named_buffers())) == (
-            {"budget.placement", "budget.n_steps"} if h.budget else set()
+            {"budget.placement", "budget.n_steps", "budget.retired"} if h.budget else set()
         )
     assert not LearnableHorizon(
         budget=2
@@ -435,7 +435,13 @@ def test_state_dict_round_trip():
         h.T.fill_(0.3)
         h.t0.fill_(-0.05)
         h.budget.placement[:3] = torch.tensor([0.2, -0.1, 0.4])
-    assert set(h.state_dict()) == {"T", "t0", "budget.placement", "budget.n_steps"}
+    assert set(h.state_dict()) == {
+        "T",
+        "t0",
+        "budget.placement",
+        "budget.n_steps",
+        "budget.retired",
+    }
     other = LearnableHorizon(T0=0.5, learn_t0=True, budget=3)
     other.load_state_dict(h.state_dict())
     for k, v in h.state_dict().items():

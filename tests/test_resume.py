@@ -203,6 +203,7 @@ def test_a_0_3_state_dict_loads_into_the_budget() -> None:
         "chain.0.horizon.t0",
         "chain.0.horizon.budget.placement",
         "chain.0.horizon.budget.n_steps",
+        "chain.0.horizon.budget.retired",  # 0.5's, False when a 0.3 or 0.4 dict lacks it
     }
     with pytest.raises(
         RuntimeError, match="Unexpected key"

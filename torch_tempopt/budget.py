@@ -4,6 +4,7 @@ against.
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -13,6 +14,7 @@ from torch import Tensor, nn
 
 from ._checks import keep_float32, real, stacklevel, whole
 from ._solve import Call, Ends, Parts, State, adaptive, on_grid
+from .nfe import NFECounter
 
 __all__ = ["DEFAULT_REFERENCE", "FIXED_GRID_METHODS", "GRADIENTS", "Budget"]
 
@@ -30,6 +32,7 @@ DEFAULT_REFERENCE = {"method": "dopri5", "rtol": 1e-5, "atol": 1e-5}
 GRADIENTS = ("backprop", "checkpoint", "adjoint")
 
 # The keyword arguments of odeint that choose a solve.
+_NO_PARAMS: dict[str, Any] = {"adjoint_params": ()}
 SOLVE_KEYS = ("method", "rtol", "atol", "options")
 _ADAPTIVE = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun", "scipy_solver")
 
@@ -45,6 +48,27 @@ def _per_dimension(out: Sequence[Tensor], ref: Sequence[Tensor]) -> Tensor:
     items = first.shape[0] if first.dim() > 1 else 1
     scale = items * max(first.numel() // max(items, 1), 1)
     return torch.stack([(a - b).abs().sum() / scale for a, b in zip(out, ref)])
+
+
+class Check(NamedTuple):
+    """What :meth:`Budget.fit` measured: its errors before and after fitting, the spread (nats) of
+    the log-density's error over the batch before fitting (``nan`` without a second part), and the
+    evaluations of the reference solve and of one budgeted step.
+    """
+
+    before: Tensor
+    after: Tensor
+    spread: float
+    reference_nfe: int
+    step_nfe: float
+
+
+def _spread(out: Sequence[Tensor], ref: Sequence[Tensor]) -> float:
+    """The standard deviation over items of the second part's error (a log-density's, in nats)."""
+    if len(out) < 2 or out[1].dim() == 0 or out[1].shape[0] < 2:
+        return math.nan
+    d = (out[1] - ref[1]).detach().reshape(out[1].shape[0], -1).sum(1)
+    return float(d.std())
 
 
 class Batch(NamedTuple):
@@ -89,6 +113,9 @@ class Budget(nn.Module):
     Attributes:
         placement: ``max_steps`` logits of the step lengths, the first :attr:`steps` in use (a
             buffer: uniform at 0).
+        retired: Whether training solves as the call asks, the budget's ceiling reached (a buffer,
+            set by :class:`~torch_tempopt.BudgetGuard` when the budget would cost as much as the
+            reference solve): then training on this horizon is training without it.
         last_input: The last training call with gradients, ``Batch(func, y0, t, settings)``
             (``y0`` detached), which :class:`~torch_tempopt.BudgetGuard` checks; ``None`` before.
         warn_unguarded: Whether training on this budget warns once that no guard checks it;
@@ -107,6 +134,7 @@ class Budget(nn.Module):
 
     placement: Tensor
     n_steps: Tensor
+    retired: Tensor
 
     def __init__(
         self,
@@ -127,6 +155,7 @@ class Budget(nn.Module):
             )
         self.register_buffer("placement", torch.zeros(capacity))
         self.register_buffer("n_steps", torch.tensor(n))
+        self.register_buffer("retired", torch.tensor(False))
         self.method, self.gradient, self.reference = method, gradient, reference
         self.last_input: Batch | None = None
         self.warn_unguarded, self._warned = True, False
@@ -260,27 +289,47 @@ class Budget(nn.Module):
             :meth:`error` before and after, detached.
 
         """
-        c, ends = self._call(func, y0, t)
+        check = self.check(func, y0, t, steps=steps, lr=lr, select=select, **settings)
+        return check.before, check.after
+
+    def check(
+        self,
+        func: Callable[..., Any],
+        y0: State,
+        t: Tensor,
+        *,
+        steps: int = 1,
+        lr: float = 0.05,
+        select: Select | None = None,
+        **settings: Any,
+    ) -> Check:
+        """:meth:`fit`, with the spread of the log-density's error and what each solve costs."""
+        counter = NFECounter(func)
+        c, ends = self._call(counter, y0, t)
         steps, lr, pick, n = whole("steps", steps, 0), real("lr", lr), select, self.steps
         pick = pick or sample_and_log_density
         with torch.no_grad():
             s = ends[0].new_tensor([0.0, 1.0])
             ref = adaptive(c, s, ends, torchdiffeq.odeint, self.reference_for(settings))
             ref = pick(c.pack([q[-1] for q in ref]))
+        reference_nfe = counter.nfe
         if not isinstance(ref, (tuple, list)):
             raise TypeError(f"select must return a tuple of tensors, e.g. (z,), got {type(ref)}.")
         logits = self.placement[:n].detach().clone().requires_grad_(True)
-        opt, before = torch.optim.Adam([logits], lr=lr), None
+        opt, before, spread = torch.optim.Adam([logits], lr=lr), None, math.nan
         for _ in range(steps if n > 1 else 0):
             with torch.enable_grad():
-                err = self._error(c, ends, pick, ref, logits)
+                err, spread = self._error(c, ends, pick, ref, logits)
                 (logits.grad,) = torch.autograd.grad(err.sum(), logits)
             before = err.detach() if before is None else before
             opt.step()
         with torch.no_grad():
             self.placement[:n] = logits - logits.mean()
-            after = self._error(c, ends, pick, ref, logits)
-        return (after if before is None else before), after
+            counter.reset()
+            after, last = self._error(c, ends, pick, ref, logits)
+        spread = last if before is None else spread
+        before = after if before is None else before
+        return Check(before, after, spread, reference_nfe, counter.nfe / n)
 
     def _call(self, func: Any, y0: Any, t: Any) -> tuple[Call, Ends]:
         t = torch.as_tensor(t).detach()
@@ -292,14 +341,19 @@ class Budget(nn.Module):
 
     def _error(
         self, c: Call, ends: Ends, pick: Select, ref: Sequence[Tensor], logits: Tensor
-    ) -> Tensor:
+    ) -> tuple[Tensor, float]:
         u, s = self.fractions(logits).to(ends[0]), ends[0].new_tensor([0.0, 1.0])
         # differentiated in the steps' times only; a budget that bounds memory bounds its fit's too
         bound = "backprop" if self.gradient == "backprop" else "checkpoint"
-        out = on_grid(c, s, ends, u, self.method, bound, {"adjoint_params": ()})
-        return _per_dimension(pick(c.pack([q[-1] for q in out])), ref).to(ends[0].dtype)
+        out = on_grid(c, s, ends, u, self.method, bound, _NO_PARAMS)
+        out = pick(c.pack([q[-1] for q in out]))
+        return _per_dimension(out, ref).to(ends[0].dtype), _spread(out, ref)
 
     # ------------------------------------------------------------------ module plumbing
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        state_dict.setdefault(prefix + "retired", torch.tensor(False))  # 0.3 and 0.4 had none
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Budget:
         return keep_float32(self, ("placement",), lambda: super(Budget, self)._apply(fn, recurse))
 
@@ -308,4 +362,5 @@ class Budget(nn.Module):
 
     def extra_repr(self) -> str:
         text = f"steps={self.steps}, method={self.method!r}, gradient={self.gradient!r}"
+        text += ", retired=True" if self.retired else ""
         return text + ("" if self.reference is None else f", reference={self.reference}")

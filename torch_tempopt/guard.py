@@ -53,29 +53,48 @@ def find_horizons(horizons: Any) -> list[tuple[str, LearnableHorizon]]:
 
 class BudgetGuard:
     r"""Checks budgeted horizons against their adaptive reference; grows a budget that is too
-    coarse.
+    coarse, and retires one that would cost as much as the reference.
 
-    Every ``every`` calls of :meth:`step` (the first included), each horizon's
-    :class:`~torch_tempopt.Budget` is checked on the batch of its last training call
-    (:attr:`Budget.last_input`): :meth:`Budget.fit` solves the reference once, measures the error
-    per dimension (:meth:`Budget.error`) and fits the placement ``fit_steps`` Adam steps. Above
-    ``tol`` the budget grows to the number of steps the method's order says brings the error under
-    it (``action="grow"``, at most its ``max_steps``), or :meth:`step` raises
-    (``"raise"``). Its work is in :attr:`stats`: checks, evaluations of the field, seconds, the
-    last errors and every growth. A field that counts its own evaluations counts the guard's too.
+    Each check solves a budget's last training batch (:attr:`Budget.last_input`) with the
+    reference once (:meth:`Budget.check`), measures two errors and fits the placement
+    ``fit_steps`` Adam steps:
+
+    * the mean absolute error per dimension of the sample and of the log-density (nats per
+      dimension: the units of a likelihood in bits/dim), against ``tol``;
+    * the spread of the log-density's error over the batch, its standard deviation in nats, against
+      ``spread``: the units of importance weights, which an error that differs by ``s`` nats
+      between samples changes by a factor ``exp(s)`` (an effective sample size by about
+      ``exp(-s**2)``).
+
+    Above either, the budget grows to the number of steps the method's order says brings the
+    error under it (``action="grow"``) or :meth:`step` raises (``"raise"``). Growth has a ceiling:
+    a budget whose steps would cost as many evaluations as the reference solve (or more than its
+    ``max_steps``) is retired (:attr:`Budget.retired`), with one warning: from then on it trains
+    as the call asks, so adopting a budget never costs more than not adopting it, and a run is
+    never ended by the guard.
+
+    Checks come at the first step, then at steps 1, 3, 7, ...: each wait at most twice the last,
+    up to ``every``; sooner when the errors grow (half-way to where their trend since the last
+    check meets the tolerance), and one step after a growth, to check the grown budget. Its work is
+    in :attr:`stats`: checks, evaluations of the field, seconds, the last errors and spreads, and
+    every event (growth, retirement). A field that counts its own evaluations counts the guard's
+    too.
 
     Under ``torch.distributed`` the worst error is taken over the ranks and rank 0's placement is
     broadcast, so every rank keeps the same budget and steps.
 
     Arguments:
         horizons: A module (its :class:`LearnableHorizon` submodules with a budget) or a list.
-        every: Check every this many steps (0: never).
-        tol: The largest error allowed, per dimension of the sample (nats per dimension for a
-            log-density).
+        every: The most steps between two checks (0: never check).
+        tol: The largest mean error per dimension of the sample and of the log-density.
+        spread: The largest standard deviation over the batch of the log-density's error, in
+            nats (``None``: not checked, for a loss that takes no importance weights and reads
+            log-densities only on average, such as maximum likelihood).
         action: ``"grow"`` or ``"raise"``.
         select: The parts of the state to compare, ``select(state) -> tuple of tensors``; default
-            a tuple's first two (a CNF's sample and log-density). For a state in one tensor, e.g.
-            OT-Flow's ``[x, l, v, r]``: ``lambda z: (z[..., :-3], z[..., -3:-2])``.
+            a tuple's first two (a CNF's sample and log-density; the second part is the one whose
+            spread is checked). For a state in one tensor, e.g. OT-Flow's ``[x, l, v, r]``:
+            ``lambda z: (z[..., :-3], z[..., -3:-2])``.
         fit_steps: Adam steps on the placement per check (0: the steps stay where they are).
         fit_lr: Their learning rate.
 
@@ -96,6 +115,7 @@ class BudgetGuard:
         *,
         every: int = 100,
         tol: float = 0.025,
+        spread: float | None = 0.2,
         action: str = "grow",
         select: Select | None = None,
         fit_steps: int = 1,
@@ -110,8 +130,10 @@ class BudgetGuard:
             raise ValueError(f"action must be 'grow' or 'raise', got {action!r}.")
         self.every, self.fit_steps = whole("every", every, 0), whole("fit_steps", fit_steps, 0)
         self.tol, self.fit_lr = real("tol", tol), real("fit_lr", fit_lr)
-        if self.tol <= 0:
-            raise ValueError(f"tol must be > 0, got {self.tol}.")
+        self.spread = None if spread is None else real("spread", spread)
+        for name, value in (("tol", self.tol), ("spread", self.spread)):
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be > 0, got {value}.")
         if select is not None and not callable(select):
             raise TypeError(
                 f"select must be callable as select(state), got {type(select).__name__}."
@@ -120,7 +142,8 @@ class BudgetGuard:
         for _, b in found:
             b.warn_unguarded = False
         self.stats: dict[str, Any] = dict(steps=0, checks=0, nfe=0, seconds=0.0, events=[])
-        self.stats["errors"] = [None] * len(found)
+        self.stats.update(errors=[None] * len(found), spreads=[None] * len(found))
+        self.stats.update(next_check=0, trend=[None] * len(found))
 
     @property
     def budgets(self) -> list[Budget]:
@@ -128,15 +151,22 @@ class BudgetGuard:
         return [b for _, b in self._budgets]
 
     def step(self) -> None:
-        """Counts a training step; on check steps checks every budget that has been trained."""
-        due = self.every > 0 and self.stats["steps"] % self.every == 0
+        """Counts a training step; on check steps checks every budget that trains on its steps."""
+        step, due = (
+            self.stats["steps"],
+            self.every > 0 and self.stats["steps"] >= self.stats["next_check"],
+        )
         self.stats["steps"] += 1
+        if not due:
+            return
+        waits = [self.every]
         for k, (_, b) in enumerate(self._budgets):
-            if due and b.last_input is not None:
-                self.check(k)
+            if b.last_input is not None and not b.retired:
+                waits.append(self._wait(k, step, self.check(k)))
+        self.stats["next_check"] = step + max(1, min(waits))
 
     def check(self, k: int) -> Tensor:
-        """Checks budget ``k`` on its last training batch now; grows it or raises.
+        """Checks budget ``k`` on its last training batch now; grows it, retires it or raises.
 
         Returns:
             The errors before this check's fitting, one per selected part.
@@ -146,37 +176,67 @@ class BudgetGuard:
         func, y0, t, settings = b.last_input  # type: ignore[misc]
         counter, start = NFECounter(func), time.perf_counter()
         fit = dict(steps=self.fit_steps, lr=self.fit_lr, select=self.select)
-        err, _ = b.fit(counter, y0, t, **fit, **settings)
-        worst = err.max().clone()
+        check = b.check(counter, y0, t, **fit, **settings)
+        worst = torch.stack([check.before.max() / self.tol, self._spread_ratio(check.spread)])
+        worst = worst.max().to(torch.float64)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(worst, op=torch.distributed.ReduceOp.MAX)
             torch.distributed.broadcast(b.placement, 0)
         self.stats["checks"] += 1
-        self.stats["errors"][k] = err.tolist()
+        self.stats["errors"][k], self.stats["spreads"][k] = check.before.tolist(), check.spread
         self.stats["nfe"] += counter.nfe
         self.stats["seconds"] += time.perf_counter() - start
-        if not (math.isfinite(worst.item()) and worst.item() <= self.tol):
-            self._grow(name, b, worst.item(), err.tolist())
-        return err
+        if not (math.isfinite(worst.item()) and worst.item() <= 1):
+            self._grow(k, worst.item(), check)
+        return check.before
 
-    def _grow(self, name: str, b: Budget, worst: float, err: list[float]) -> None:
-        n, order = b.steps, FIXED_GRID_METHODS[b.method]
-        new = (
-            math.ceil(n * (worst / self.tol) ** (1 / order)) if math.isfinite(worst) else math.inf
+    def _spread_ratio(self, spread: float) -> Tensor:
+        ok = self.spread is None or math.isnan(spread)  # nan: no log-density, or a batch of one
+        return torch.tensor(0.0 if ok else spread / self.spread, dtype=torch.float64)  # type: ignore[operator]
+
+    def _wait(self, k: int, step: int, err: Tensor) -> int:
+        """Steps to the next check of budget ``k``: at most twice the last wait (one step after a
+        growth), at most ``every``, and half-way to where the error's trend meets ``tol``.
+        """
+        ratio = max(
+            float(err.max()) / self.tol, self._spread_ratio(self.stats["spreads"][k]).item()
         )
-        new = max(n + 1, new)
+        last, self.stats["trend"][k] = self.stats["trend"][k], (step, ratio)
+        if self.stats["events"] and self.stats["events"][-1]["step"] == step:  # grown just now
+            self.stats["trend"][k] = None
+            return 1
+        wait = 1 if last is None else 2 * (step - last[0])
+        if last is not None and math.isfinite(ratio) and ratio > last[1]:
+            wait = min(wait, int((1 - ratio) * (step - last[0]) / (ratio - last[1]) / 2))
+        return min(self.every, max(1, wait))
+
+    def _grow(self, k: int, ratio: float, check: Any) -> None:
+        name, b = self._budgets[k]
+        n, order, step = b.steps, FIXED_GRID_METHODS[b.method], self.stats["steps"] - 1
+        new = max(n + 1, math.ceil(n * ratio ** (1 / order))) if math.isfinite(ratio) else math.inf
         message = (
-            f"horizon {name!r}: the {n}-step {b.method} solve is {worst:.3g} per dimension from "
-            f"its reference (tol={self.tol}) at step {self.stats['steps'] - 1}"
+            f"horizon {name!r}: the {n}-step {b.method} solve is {check.before.max().item():.3g} "
+            f"per dimension (tol={self.tol}) and spreads {check.spread:.3g} nats "
+            f"(spread={self.spread}) from its reference at step {step}"
         )
-        if self.action == "raise" or new > b.max_steps:
+        if self.action == "raise":
             raise RuntimeError(
-                f"{message}; raise the budget (max_steps={b.max_steps}), raise tol, or solve "
-                "adaptively (budget=None)."
+                f"{message}; raise the budget or tol, or pass action='grow' to grow it."
             )
+        event = dict(step=step, horizon=name, error=check.before.tolist(), spread=check.spread)
+        if new > b.max_steps or new * check.step_nfe >= check.reference_nfe:
+            b.retired.fill_(True)
+            self.stats["events"].append({**event, "budget": [n, "retired"]})
+            warnings.warn(
+                f"{message}: {new} steps would cost {new * check.step_nfe:.0f} evaluations "
+                f"against the reference's {check.reference_nfe}, so the budget is retired and "
+                "this horizon trains as its call asks from now on.",
+                RuntimeWarning,
+                stacklevel=stacklevel(),
+            )
+            return
         b.steps = int(new)
-        event = dict(step=self.stats["steps"] - 1, horizon=name, error=err, budget=[n, b.steps])
-        self.stats["events"].append(event)
+        self.stats["events"].append({**event, "budget": [n, b.steps]})
         warnings.warn(
             f"{message}: budget grown to {b.steps} steps.",
             RuntimeWarning,

@@ -214,9 +214,10 @@ class LearnableHorizon(nn.Module):
             raise
 
     def _solve(self, c: Call, s: Tensor, ends: Ends, solver: Solver, kwargs: dict) -> Parts:
-        if self.budget is None:
+        training = self.training if self._use_budget is None else self._use_budget
+        if self.budget is None or (training and self.budget.retired):  # as the call asks
             return adaptive(c, s, ends, solver, kwargs)
-        if self.training if self._use_budget is None else self._use_budget:
+        if training:
             return self.budget.solve(c, s, ends, kwargs)
         odeint = solver is torchdiffeq.odeint  # which takes no adjoint_* settings
         other = {k: v for k, v in kwargs.items() if k not in SOLVE_KEYS}

@@ -69,6 +69,9 @@ class CoordinateDescentStepper(Optimizer):
         skip_nonfinite: Skip the whole step if any gradient is NaN or infinite.
         guard: A :class:`BudgetGuard`, ``True`` for one with its defaults over the horizons with
             a budget (if any), or ``False`` for none.
+        rollback: When the guard grows or retires a budget, put the weights, the time parameters
+            and P's and Q's states back as they were at its last passed check, so that what was
+            learned on a solve the check would have refused is not kept. It keeps a copy of them.
 
     Example:
         >>> import torch
@@ -94,6 +97,7 @@ class CoordinateDescentStepper(Optimizer):
         reset_at_bound: bool = True,
         skip_nonfinite: bool = False,
         guard: BudgetGuard | bool = True,
+        rollback: bool = True,
     ) -> None:
         if isinstance(optimizer, CoordinateDescentStepper) or not isinstance(optimizer, Optimizer):
             got = type(optimizer).__name__
@@ -122,12 +126,14 @@ class CoordinateDescentStepper(Optimizer):
             group["params"] = self._weights(group["params"])
         self.horizon_optimizer = self._build_q(horizon_optimizer)
         self.guard = self._build_guard(guard)
+        self.rollback, self._kept = flag("rollback", rollback), None
         self._warned: set[str] = set()
         rows = [
             {"name": n, "T": h.T.item(), "dLdT": None, "clip_count": 0, "nonfinite": 0}
             for n, h in self._horizons
         ]
-        self.stats: dict[str, Any] = {"steps": 0, "skipped_steps": 0, "horizons": rows}
+        self.stats: dict[str, Any] = {"steps": 0, "skipped_steps": 0, "rollbacks": 0}
+        self.stats["horizons"] = rows
 
     def _build_q(self, factory: Any) -> Optimizer | None:
         if not self.time_parameters:
@@ -221,11 +227,35 @@ class CoordinateDescentStepper(Optimizer):
                 "optimizer; pass skip_nonfinite=True to skip such steps.",
             )
         self.optimizer.step()
-        if self.guard is not None:
-            self.guard.step()
-        self._step_horizons()
+        if self.guard is None or not self._guard_step(self.guard):
+            self._step_horizons()  # not on the gradient of a step that was rolled back
         self.stats["steps"] += 1
         return loss
+
+    def _guard_step(self, guard: BudgetGuard) -> bool:
+        """The guard's step; keeps what passed a check, rolls back to it after a growth."""
+        checks, events = guard.stats["checks"], len(guard.stats["events"])
+        guard.step()
+        if not self.rollback or guard.stats["checks"] == checks:
+            return False
+        weights = [p for g in self.optimizer.param_groups for p in g["params"]]
+        params = weights + self.time_parameters
+        if len(guard.stats["events"]) == events:  # passed: keep it
+            parts = [self.optimizer, self.horizon_optimizer]
+            states = [None if q is None else copy.deepcopy(q.state_dict()) for q in parts]
+            self._kept = ([p.detach().clone() for p in params], states, guard.stats["steps"] - 1)
+            return False
+        if self._kept is not None:
+            values, states, step = self._kept
+            with torch.no_grad():
+                for p, v in zip(params, values):
+                    p.copy_(v)
+            for q, state in zip([self.optimizer, self.horizon_optimizer], states):
+                if q is not None:
+                    q.load_state_dict(copy.deepcopy(state))
+            guard.stats["events"][-1]["rolled_back_to"] = step
+            self.stats["rollbacks"] = self.stats.get("rollbacks", 0) + 1  # 0.4's stats had none
+        return self._kept is not None
 
     def _step_horizons(self) -> None:
         if self.horizon_optimizer is None:
