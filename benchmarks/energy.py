@@ -48,7 +48,7 @@ from benchmarks.harness.cnf import (
 from benchmarks.harness.egnn import ENF_ENV, build_egnn_model
 from benchmarks.harness.energies import TARGETS
 from benchmarks.scoring import SOLVE, energy_metrics
-from benchmarks.writer import FIGURES, RESULTS, ROOT, command, write
+from benchmarks.writer import FIGURES, RESULTS, ROOT, command, write, write_markdown
 from torch_tempopt import BudgetGuard, CoordinateDescentStepper
 
 __all__ = ["CONFIGS", "build", "main", "reference", "report", "reverse_kl", "train"]
@@ -241,29 +241,53 @@ def _how(info: dict[str, Any]) -> str:
     )
 
 
+def _crossing(run: dict[str, Any], goal: float) -> tuple[float, float] | None:
+    """CPU seconds and NFE where the ESS first reaches ``goal``, interpolated linearly between the
+    checkpoints around it (from the start, at 0, for the first).
+    """
+    if goal <= 0:  # dopri5 ended under 2 %: a goal any model meets at the start
+        return None
+    before = {"cpu": 0.0, "nfe": 0, "score": {"ess": 0.0}}
+    for c in run["checkpoints"]:
+        if c["score"]["ess"] >= goal:
+            a, b = before["score"]["ess"], c["score"]["ess"]
+            f = 1.0 if b == a else (goal - a) / (b - a)
+            return tuple(
+                p + f * (q - p) for p, q in ((before["cpu"], c["cpu"]), (before["nfe"], c["nfe"]))
+            )  # type: ignore[return-value]
+        before = c
+    return None
+
+
+def _retired_at(run: dict[str, Any]) -> int | None:
+    """The training step at which the guard retired the budget, if it did."""
+    events = [] if run["guard"] is None else run["guard"]["events"]
+    return next((e["step"] for e in events if e["budget"][1] == "retired"), None)
+
+
 def _row(folder: Path, name: str, run: dict[str, Any], base: dict[str, Any] | None) -> dict:
     """A configuration's final scores and how soon it reached dopri5's final ESS - 2."""
     last = run["checkpoints"][-1]
     goal = None if base is None else base["checkpoints"][-1]["score"]["ess"] - 2
-    hit = (
-        None
-        if goal is None
-        else next((c for c in run["checkpoints"] if c["score"]["ess"] >= goal), None)
-    )
+    hit = None if goal is None else _crossing(run, goal)
     b_last = None if base is None else base["checkpoints"][-1]
     keys = ("mark", "cpu", "iteration", "nfe", "budget", "T")
+    retired = _retired_at(run)
+    curve = [{k: c[k] for k in keys} | c["score"] for c in run["checkpoints"]]
+    for c in curve:
+        c["retired"] = retired is not None and retired < c["iteration"]
     return {
         "run": folder.name,
         "config": name,
         "iterations": last["iteration"],
         "nfe": last["nfe"],
         "guard": run["guard"],
-        "budget": last["budget"],
+        "budget": "retired" if curve[-1]["retired"] else last["budget"],
         "T": last["T"],
         **last["score"],
-        "reach_cpu_ratio": None if hit is None else hit["cpu"] / b_last["cpu"],
-        "reach_nfe_ratio": None if hit is None else hit["nfe"] / b_last["nfe"],
-        "curve": [{k: c[k] for k in keys} | c["score"] for c in run["checkpoints"]],
+        "reach_cpu_ratio": None if hit is None else hit[0] / b_last["cpu"],
+        "reach_nfe_ratio": None if hit is None else hit[1] / b_last["nfe"],
+        "curve": curve,
     }
 
 
@@ -271,7 +295,11 @@ def _events(guard: dict[str, Any] | None) -> str:
     """The guard's growths and retirement, e.g. ``2>3 @120, 3>retired @410`` (training steps)."""
     if guard is None:
         return "-"
-    text = [f"{e['budget'][0]}>{e['budget'][1]} @{e['step']}" for e in guard["events"]]
+    text = [
+        f"{e['budget'][0]}>{e['budget'][1]} @{e['step']}"
+        + (f" (back to {e['rolled_back_to']})" if "rolled_back_to" in e else "")
+        for e in guard["events"]
+    ]
     return ", ".join(text) or "none"
 
 
@@ -309,6 +337,36 @@ def _folder(folder: Path, n: int) -> tuple[list[dict[str, Any]], list[str]]:
     return rows, lines + [_line(r) for r in rows]
 
 
+def _summary(rows: list[dict[str, Any]], config: str = "b2") -> str:
+    """Per run: the default budget against dopri5 at the end of the race, and the goal."""
+    lines = [
+        f"\n### {LABELS[config]} against dopri5 1e-5, at the end of each race\n",
+        "| run | ESS % dopri5 | ESS % budget | log Z error dopri5 / budget "
+        "| CPU to dopri5's ESS - 2 | budget at the end | ESS within 2 points at <= 0.5x CPU |",
+        "|" + " --- |" * 7,
+    ]
+    for run in sorted({r["run"] for r in rows}):
+        got = {r["config"]: r for r in rows if r["run"] == run}
+        if "dopri5" not in got or config not in got:
+            continue
+        d, b = got["dopri5"], got[config]
+        err = f"{_num(d.get('log_Z_error'), 3)} / {_num(b.get('log_Z_error'), 3)}"
+        reach, open_race = b["reach_cpu_ratio"], d["ess"] < 2
+        met = b["ess"] >= d["ess"] - 2 and reach is not None and reach <= 0.5
+        when = "not reached" if reach is None else f"{reach:.2f}x"
+        verdict = "yes" if met else "no"
+        if open_race:  # dopri5 under 2 %: its race had not started to converge
+            when, verdict = (
+                "-",
+                f"open: dopri5 under 2 %, budget {'ahead' if b['ess'] > d['ess'] else 'behind'}",
+            )
+        lines.append(
+            f"| {run} | {d['ess']:.2f} | {b['ess']:.2f} | {err} | {when} | {b['budget']} | "
+            f"{verdict} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def report(runs: Path, n: int, out: Path, name: str, figures: Path | None, cmd: str) -> dict:
     """Scores what is not scored, then writes the tables and the figures."""
     score_runs(runs, n)
@@ -320,11 +378,16 @@ def report(runs: Path, n: int, out: Path, name: str, figures: Path | None, cmd: 
     text = (
         "Every checkpoint scored by dopri5 1e-5 (2,000 samples; ESS of exp(-U - log q) in % of "
         "N). Training NFE include the guard's. Reverse KL: mean(log q + U) over the samples, plus "
-        "log Z where it is known (then it is KL(q || p) itself, >= 0). The last column: the first "
-        "checkpoint whose ESS is within 2 points of the dopri5-trained model's final ESS, as a "
-        "fraction of that model's CPU time and NFE. One thread.\n" + "\n".join(lines)
+        "log Z where it is known (then it is KL(q || p) itself, >= 0). The CPU / NFE column: "
+        "where the ESS first reaches the dopri5-trained model's final ESS - 2, interpolated "
+        "between checkpoints, as a fraction of that model's CPU time and NFE. Guard events: "
+        "`n>m @s` grew n steps to m at training step s, `(back to r)` rolled the weights back to "
+        "step r, `retired`: trained as the call asks from then on. One thread.\n"
+        + _summary(rows)
+        + "\n".join(lines)
     )
     record = write(out, name, {"rows": rows}, text, cmd)
+    write_markdown(out, f"{name}_summary", _summary(rows).strip() + "\n", record)
     if figures is not None:
         _figure(rows, figures / f"{name}.png")
         for folder in folders:
@@ -336,6 +399,7 @@ def report(runs: Path, n: int, out: Path, name: str, figures: Path | None, cmd: 
 
 
 def _figure(rows: list[dict[str, Any]], path: Path) -> None:
+    """ESS against training CPU seconds (top) and the budget's steps (bottom; x: retired)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -344,14 +408,33 @@ def _figure(rows: list[dict[str, Any]], path: Path) -> None:
     runs = sorted({r["run"] for r in rows})
     if not runs:
         return
-    fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 3.6), squeeze=False)
-    for ax, run in zip(axes[0], runs):
+    cols = min(4, len(runs))
+    rows_ = -(-len(runs) // cols)
+    fig, axes = plt.subplots(
+        2 * rows_, cols, figsize=(4.2 * cols, 5.0 * rows_), squeeze=False,
+        gridspec_kw={"height_ratios": [2, 1] * rows_},
+    )  # fmt: skip
+    for k in range(len(runs), rows_ * cols):  # empty panels
+        axes[2 * (k // cols)][k % cols].axis("off")
+        axes[2 * (k // cols) + 1][k % cols].axis("off")
+    for k, run in enumerate(runs):
+        top, bottom = axes[2 * (k // cols)][k % cols], axes[2 * (k // cols) + 1][k % cols]
         for r in (r for r in rows if r["run"] == run):
             cpu, ess = [c["cpu"] for c in r["curve"]], [c["ess"] for c in r["curve"]]
-            ax.plot(cpu, ess, "o-", label=LABELS[r["config"]])
-        ax.set(title=run, xlabel="training CPU seconds", ylabel="ESS % (dopri5 1e-5)")
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+            color = f"C{list(CONFIGS).index(r['config'])}"
+            top.plot(cpu, ess, "o-", color=color, label=LABELS[r["config"]], ms=3)
+            if r["curve"][0]["budget"] is None:
+                continue
+            steps = [c["budget"] for c in r["curve"]]
+            bottom.plot(cpu, steps, "o-", color=color, ms=3)
+            gone = [(c["cpu"], c["budget"]) for c in r["curve"] if c["retired"]]
+            if gone:
+                bottom.plot(*gone[0], "x", color=color, ms=9, mew=2)
+        top.set(title=run, ylabel="ESS % (dopri5 1e-5)")
+        bottom.set(xlabel="training CPU seconds", ylabel="budget (steps; x: retired)")
+        for ax in (top, bottom):
+            ax.grid(alpha=0.3)
+        top.legend(fontsize=6)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
