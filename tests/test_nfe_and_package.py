@@ -62,11 +62,11 @@ def test_import_pulls_in_nothing_beyond_torch_torchdiffeq_numpy():
 
 
 def test_core_size():
-    """At most 1,040 code lines in the core (contrib and patches aside) as ruff formats it at 99
+    """At most 1,070 code lines in the core (contrib and patches aside) as ruff formats it at 99
     columns, no function over 50. 0.3 was 850; 0.4 adds the Budget object (its checks on every
     write), the three gradient options and the 0.3 state-dict mapping (958 lines); 0.5 the guard's
     spread tolerance, its adaptive schedule and the budget's retirement at its ceiling (1,035
-    lines): a cap against growth, not a target met."""
+    lines), and the stepper's rollback (1,061): a cap against growth, not a target met."""
     spec = importlib.util.spec_from_file_location(
         "code_lines", ROOT / "benchmarks" / "code_lines.py"
     )
@@ -79,7 +79,7 @@ def test_core_size():
         "patches",
     }
     assert str(pkg / "horizon.py") in result["files"]
-    assert 0 < result["code_lines"] <= 1040, result["files"]
+    assert 0 < result["code_lines"] <= 1070, result["files"]
     name, longest = result["longest_functions"][0]
     assert longest <= 50, name
 

@@ -650,9 +650,8 @@ class _Run:
     ) -> dict[str, Any]:
         row: dict[str, Any] = {"iteration": self.iteration, "loss": loss, "nll": nll, **regs}
         guard = getattr(self.optimizer, "guard", None)
-        checked = (
-            guard is not None and guard.every and (guard.stats["steps"] - 1) % guard.every == 0
-        )
+        checks = 0 if guard is None else guard.stats["checks"]
+        checked, self._checks_seen = checks != getattr(self, "_checks_seen", 0), checks
         errors = guard.stats["errors"] if guard is not None else []
         for i, h in enumerate(self.horizons):
             row[f"T_{i}"], row[f"dLdT_{i}"] = (
