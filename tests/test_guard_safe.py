@@ -234,3 +234,16 @@ def test_rollback_false_keeps_what_was_learned():
         _train_step(stepper, h, field, state)
     assert "rolled_back_to" not in stepper.guard.stats["events"][-1]
     assert stepper.stats["rollbacks"] == 0 and not torch.equal(field.a.detach(), before)
+
+
+def test_a_0_4_guard_state_dict_loads_and_the_guard_goes_on():
+    field, state = Scaled(a=1.0, w=1.0), _batch()
+    h = _horizon()
+    old = {"stats": dict(steps=250, checks=3, nfe=120, seconds=0.5, events=[], errors=[[0.01]])}
+    guard = BudgetGuard([h], every=100, fit_steps=0)
+    guard.load_state_dict(old)  # 0.4's stats: no schedule, spreads, ratios or trend
+    h(field, state)
+    guard.step()  # due at once (next_check 0), then on the new schedule
+    assert guard.stats["checks"] == 4 and guard.stats["next_check"] == 251
+    worst = max(max(guard.stats["errors"][0]) / guard.tol, guard.stats["spreads"][0] / 0.2)
+    assert guard.stats["ratios"][0] == pytest.approx(worst)

@@ -141,9 +141,12 @@ class BudgetGuard:
         self.action, self.select, self._budgets = action, select, found
         for _, b in found:
             b.warn_unguarded = False
-        self.stats: dict[str, Any] = dict(steps=0, checks=0, nfe=0, seconds=0.0, events=[])
-        self.stats.update(errors=[None] * len(found), spreads=[None] * len(found))
-        self.stats.update(next_check=0, trend=[None] * len(found))
+        self.stats: dict[str, Any] = self._fresh_stats()
+
+    def _fresh_stats(self) -> dict[str, Any]:
+        n = len(self._budgets)
+        stats = dict(steps=0, checks=0, nfe=0, seconds=0.0, events=[], next_check=0)
+        return stats | {k: [None] * n for k in ("errors", "spreads", "ratios", "trend")}
 
     @property
     def budgets(self) -> list[Budget]:
@@ -162,7 +165,9 @@ class BudgetGuard:
         waits = [self.every]
         for k, (_, b) in enumerate(self._budgets):
             if b.last_input is not None and not b.retired:
-                waits.append(self._wait(k, step, self.check(k)))
+                events = len(self.stats["events"])
+                self.check(k)
+                waits.append(self._wait(k, step, grown=len(self.stats["events"]) > events))
         self.stats["next_check"] = step + max(1, min(waits))
 
     def check(self, k: int) -> Tensor:
@@ -184,6 +189,7 @@ class BudgetGuard:
             torch.distributed.broadcast(b.placement, 0)
         self.stats["checks"] += 1
         self.stats["errors"][k], self.stats["spreads"][k] = check.before.tolist(), check.spread
+        self.stats["ratios"][k] = worst.item()  # over the ranks: every rank keeps one schedule
         self.stats["nfe"] += counter.nfe
         self.stats["seconds"] += time.perf_counter() - start
         if not (math.isfinite(worst.item()) and worst.item() <= 1):
@@ -194,15 +200,13 @@ class BudgetGuard:
         ok = self.spread is None or math.isnan(spread)  # nan: no log-density, or a batch of one
         return torch.tensor(0.0 if ok else spread / self.spread, dtype=torch.float64)  # type: ignore[operator]
 
-    def _wait(self, k: int, step: int, err: Tensor) -> int:
+    def _wait(self, k: int, step: int, grown: bool) -> int:
         """Steps to the next check of budget ``k``: at most twice the last wait (one step after a
-        growth), at most ``every``, and half-way to where the error's trend meets ``tol``.
+        growth), at most ``every``, and half-way to where the error's trend meets its tolerance.
         """
-        ratio = max(
-            float(err.max()) / self.tol, self._spread_ratio(self.stats["spreads"][k]).item()
-        )
+        ratio = self.stats["ratios"][k]  # the worst error over its tolerance, at this check
         last, self.stats["trend"][k] = self.stats["trend"][k], (step, ratio)
-        if self.stats["events"] and self.stats["events"][-1]["step"] == step:  # grown just now
+        if grown:  # the grown budget is checked at the next step
             self.stats["trend"][k] = None
             return 1
         wait = 1 if last is None else 2 * (step - last[0])
@@ -251,7 +255,7 @@ class BudgetGuard:
         """Loads what :meth:`state_dict` returned."""
         if not isinstance(state_dict, dict) or "stats" not in state_dict:
             raise ValueError("state_dict must come from BudgetGuard.state_dict().")
-        self.stats = copy.deepcopy(state_dict["stats"])
+        self.stats = self._fresh_stats() | copy.deepcopy(state_dict["stats"])  # 0.4's had fewer
 
     def __repr__(self) -> str:
         return (
