@@ -134,46 +134,60 @@ def cnf_nll(
 
 
 @torch.no_grad()
-def energy_metrics(model: nn.Module, target: Any, ref: Tensor, seed: int) -> dict[str, Any]:
+def energy_metrics(
+    model: nn.Module, target: Any, ref: Tensor, seed: int, draws: int = 5
+) -> dict[str, Any]:
     """An energy-trained CNF against ``ref``, samples of the target, by its ``eval()`` solve.
 
-    The effective sample size (% of N) of exp(-U - log q) over N = len(ref) samples, the reverse
-    KL (plus log Z where known), log Z's importance-sampling estimate, the NLL of ``ref``, the
-    energies' 1-Wasserstein distance, the scoring NFE and, for a budget, the ESS that its own log q
-    claims on the same draws (``ess_on_budget``).
+    ``draws`` independent sets of N = len(ref) samples from the model, pooled: the effective
+    sample size (% of draws x N) of exp(-U - log q), and beside it each set's own ESS (% of N,
+    ``ess_draws``: how much one N-sample estimate moves), the reverse KL (plus log Z where
+    known), log Z's importance-sampling estimate and, for a budget, the ESS that its own log q
+    claims on the same draws (``ess_on_budget``). From the first set and ``ref``: the energies'
+    1-Wasserstein distance; and the NLL of ``ref``; the scoring NFE of one set. The first set is
+    the one a single-draw score used.
     """
     model.eval()
     n = ref.shape[0]
     dtype = next(model.parameters()).dtype
-    z = torch.randn(
-        n, target.dim, generator=torch.Generator().manual_seed(10_000 + seed), dtype=dtype
-    )
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    z = torch.cat([torch.randn(n, target.dim, generator=gen, dtype=dtype) for _ in range(draws)])
     nfe(model, reset=True)
-    x, logq, _ = model(z, standard_normal_logprob(z), reverse=True)
+    x, logq = zip(*(model(c, standard_normal_logprob(c), reverse=True)[:2] for c in z.split(n)))
+    score_nfe = nfe(model, reset=True)["forward"] // draws
+    x, logq = torch.cat(x), torch.cat(logq)
     u = target.energy(x)
     log_w = -u - logq
     ref = ref.to(z.dtype)
     zr, delta, _ = model(ref, ref.new_zeros(n))
     nll_ref = -(standard_normal_logprob(zr) - delta.reshape(-1))
     finite = torch.isfinite(log_w)
-    log_z = float(torch.logsumexp(log_w[finite], 0) - math.log(n)) if finite.any() else -math.inf
+    log_z = -math.inf
+    if finite.any():
+        log_z = float(torch.logsumexp(log_w[finite], 0) - math.log(log_w.numel()))
     u_finite = torch.where(torch.isfinite(u), u, u.new_tensor(1e30))
     out = {
         "ess": 100 * effective_sample_size(log_w),
+        "ess_draws": [100 * effective_sample_size(w) for w in log_w.split(n)],
+        "draws": draws,
         "reverse_kl": float((logq + u)[finite].mean()),
         "log_Z_estimate": log_z,
         "nll_reference": float(nll_ref.mean()),
-        "energy_w1": energy_w1(u_finite, target.energy(ref)),
+        "energy_w1": energy_w1(u_finite[:n], target.energy(ref)),
         "nonfinite": int((~finite).sum()),
-        "score_nfe": nfe(model, reset=True)["forward"],
+        "score_nfe": score_nfe,
     }
     if target.log_Z is not None:
         out.update(reverse_kl=out["reverse_kl"] + target.log_Z, log_Z_error=log_z - target.log_Z)
     h = model.chain[0].horizon
     if h.budget is not None:  # what the budget's own log q claims about its own samples
         with h.budgeted():
-            xb, logqb, _ = model(z, standard_normal_logprob(z), reverse=True)
-        out["ess_on_budget"] = 100 * effective_sample_size(-target.energy(xb) - logqb)
+            xb, logqb = zip(
+                *(model(c, standard_normal_logprob(c), reverse=True)[:2] for c in z.split(n))
+            )
+        out["ess_on_budget"] = 100 * effective_sample_size(
+            -target.energy(torch.cat(xb)) - torch.cat(logqb)
+        )
     model.train()
     return out
 

@@ -239,6 +239,39 @@ def test_score_on_the_exact_flow_gives_full_ess_and_log_z() -> None:
     )
 
 
+def test_score_pools_independent_sets_and_keeps_the_first_sets_draws() -> None:
+    target = ManyWell(dim=4)
+    torch.manual_seed(0)
+    model = build_toy_model(hidden=(8,), dim=4, T0=1.0, time_mode="fixed", budget=2)
+    ref = target.reference(50, seed=1)
+    one = energy_metrics(model, target, ref, seed=3, draws=1)
+    three = energy_metrics(model, target, ref, seed=3, draws=3)
+    assert one["draws"] == 1 and three["draws"] == 3 and len(three["ess_draws"]) == 3
+    # the first set is the single-draw score's, sample for sample
+    assert three["ess_draws"][0] == pytest.approx(one["ess"], rel=1e-12)
+    assert one["energy_w1"] == pytest.approx(three["energy_w1"], rel=1e-12)
+    assert one["score_nfe"] == three["score_nfe"]
+    assert len(set(three["ess_draws"])) == 3  # independent sets
+    # the pooled ESS (% of 150) lies within what the sets' sum of ESS allows
+    assert 0 < three["ess"] <= 100 and "ess_on_budget" in three
+
+
+def test_report_rescores_a_checkpoint_scored_on_another_number_of_sets(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    energy.main([
+        "train", "--target", "manywell", "--cpu-seconds", "0.3", "--checkpoints", "1",
+        "--batch", "8", "--configs", "b2", "--runs", str(runs),
+    ])  # fmt: skip
+    common = ["--runs", str(runs), "--n", "32", "--out", str(tmp_path), "--name", "t"]
+    energy.main(["report", *common, "--draws", "1", "--figures", str(tmp_path)])
+    (path,) = runs.glob("*/b2.pt")
+    assert torch.load(path, weights_only=False)["checkpoints"][0]["score"]["draws"] == 1
+    res = energy.main(["report", *common, "--draws", "2", "--figures", str(tmp_path)])
+    assert len(res["rows"][0]["ess_draws"]) == 2
+    assert torch.load(path, weights_only=False)["checkpoints"][0]["score"]["draws"] == 2
+    assert "on 2 independent sets of 32 samples" in (tmp_path / "t.md").read_text()
+
+
 def test_benchmark_trains_scores_and_reports(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     energy.main([
