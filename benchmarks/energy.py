@@ -132,12 +132,27 @@ def reverse_kl(
     )
 
 
-def _train_one(config: str, target: Any, args: argparse.Namespace) -> dict[str, Any]:
-    """One configuration until the last CPU mark, its weights kept at every mark."""
+def _train_one(config: str, target: Any, args: argparse.Namespace, path: Path) -> None:
+    """One configuration until the last CPU mark into ``path``, saved with what a resumed run needs
+    at every mark; a run saved there before goes on from its last mark.
+    """
     marks = [args.cpu_seconds * k / args.checkpoints for k in range(1, args.checkpoints + 1)]
     model, stepper = build(config, target.dim, args.seed, args.field, args.enf, args.lr)
     draws = torch.Generator().manual_seed(args.seed + 1)  # the same base draws for every config
-    ckpts, log, cpu, it = [], [], 0.0, 0
+    ckpts, log, cpu, it, resumed = [], [], 0.0, 0, []
+    if path.is_file():
+        saved = torch.load(path, weights_only=False)
+        state = saved["resume"]
+        model.load_state_dict(state["model"])
+        stepper.load_state_dict(state["stepper"])
+        draws.set_state(state["draws"])
+        torch.set_rng_state(state["rng"])
+        for m, (forward, backward) in zip(_counters(model), state["counts"]):
+            m.nfe_forward, m.nfe_backward = forward, backward
+        ckpts, log, cpu, it = saved["checkpoints"], saved["log"], state["cpu"], state["iteration"]
+        resumed = saved.get("resumed", []) + [{"iteration": it, "cpu": cpu}]
+        marks = [m for m in marks if m > ckpts[-1]["mark"]]
+        print(f"{config}: resumed at iteration {it}, {cpu:.0f} CPU s", flush=True)
     while marks:
         start = time.process_time()
         z = torch.randn(args.batch, target.dim, generator=draws)
@@ -151,28 +166,47 @@ def _train_one(config: str, target: Any, args: argparse.Namespace) -> dict[str, 
         counts = nfe(model)
         total = counts["forward"] + counts["backward"]
         log.append({"iteration": it, "cpu": cpu, "loss": kl.item(), "nfe": total})
-        while marks and cpu >= marks[0]:
+        if marks and cpu >= marks[0]:
             h = model.chain[0].horizon
             steps = None if h.budget is None else h.budget.steps
             state = copy.deepcopy(model.state_dict())
-            point = {"mark": marks.pop(0), "cpu": cpu, "iteration": it, "nfe": total}
-            ckpts.append({**point, "budget": steps, "T": h.T.item(), "state": state})
+            while marks and cpu >= marks[0]:
+                point = {"mark": marks.pop(0), "cpu": cpu, "iteration": it, "nfe": total}
+                ckpts.append({**point, "budget": steps, "T": h.T.item(), "state": state})
+            resume = {"model": state, "stepper": stepper.state_dict(), "draws": draws.get_state()}
+            resume.update(rng=torch.get_rng_state(), cpu=cpu, iteration=it)
+            resume["counts"] = [(m.nfe_forward, m.nfe_backward) for m in _counters(model)]
+            _save(path, config, args, ckpts, log, stepper, resume, resumed)
         if it % 50 == 0:
             print(f"{config} it {it} cpu {cpu:.0f} loss {kl.item():.3f} NFE {total}", flush=True)
+    print(f"{config}: {it} iterations, {log[-1]['nfe']} NFE in {cpu:.0f} CPU s", flush=True)
+
+
+def _counters(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's evaluation counters (``torch_tempopt.count_nfe``), in module order."""
+    return [m for m in model.modules() if hasattr(m, "nfe_forward")]
+
+
+def _save(path: Path, config: str, args: argparse.Namespace, ckpts: list, log: list,
+          stepper: CoordinateDescentStepper, resume: dict, resumed: list) -> None:  # fmt: skip
+    """A run as far as it went, written whole or not at all."""
     stats = stepper.guard.stats if stepper.guard else None
     guard = (
         None if stats is None else {k: stats[k] for k in ("checks", "nfe", "seconds", "events")}
     )
-    print(f"{config}: {it} iterations, {log[-1]['nfe']} NFE in {cpu:.0f} CPU s", flush=True)
-    return {"config": config, "target": args.target, "seed": args.seed, "field": args.field,
-            "enf": None if args.enf is None else str(args.enf),
-            "cpu_seconds": args.cpu_seconds, "batch": args.batch, "lr": args.lr,
-            "checkpoints": ckpts,
-            "log": log, "guard": guard}  # fmt: skip
+    run = {"config": config, "target": args.target, "seed": args.seed, "field": args.field,
+           "enf": None if args.enf is None else str(args.enf),
+           "cpu_seconds": args.cpu_seconds, "batch": args.batch, "lr": args.lr,
+           "checkpoints": ckpts, "log": list(log), "guard": copy.deepcopy(guard),
+           "resume": resume, "resumed": resumed}  # fmt: skip
+    torch.save(run, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)
 
 
 def train(args: argparse.Namespace) -> None:
-    """Every configuration not yet trained into ``runs/<target>-s<seed>/<config>.pt``."""
+    """Every configuration not yet trained to ``--cpu-seconds`` into
+    ``runs/<target>-s<seed>/<config>.pt``, going on from where a saved run stopped.
+    """
     target = TARGETS[args.target]()
     folder = (
         args.runs / f"{args.target}{'' if args.field == 'mlp' else '-' + args.field}-s{args.seed}"
@@ -180,10 +214,15 @@ def train(args: argparse.Namespace) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
     for config in args.configs:
-        if (folder / f"{config}.pt").is_file():
-            print(f"{config}: done already in {folder}", flush=True)
-            continue
-        torch.save(_train_one(config, target, args), folder / f"{config}.pt")
+        path = folder / f"{config}.pt"
+        if path.is_file():
+            saved = torch.load(path, weights_only=False)
+            if saved["checkpoints"][-1]["mark"] >= args.cpu_seconds:
+                print(f"{config}: done already in {folder}", flush=True)
+                continue
+            if "resume" not in saved:
+                raise SystemExit(f"{path} was saved without a state to resume from; remove it.")
+        _train_one(config, target, args, path)
 
 
 def reference(name: str, n: int, seed: int, runs: Path) -> tuple[torch.Tensor, dict[str, Any]]:

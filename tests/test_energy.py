@@ -309,6 +309,28 @@ def test_benchmark_trains_scores_and_reports(tmp_path: Path) -> None:
     assert not list(tmp_path.glob("t_*.png"))  # sample pictures only for 2-D targets
 
 
+def test_a_resumed_run_trains_as_the_uninterrupted_one(tmp_path: Path) -> None:
+    def train(runs: Path, seconds: float, checkpoints: int) -> dict:
+        energy.main([
+            "train", "--target", "gmm40", "--cpu-seconds", str(seconds), "--checkpoints",
+            str(checkpoints), "--batch", "16", "--configs", "b2", "--runs", str(runs),
+        ])  # fmt: skip
+        return torch.load(runs / "gmm40-s0" / "b2.pt", weights_only=False)
+
+    whole = train(tmp_path / "a", 1.0, 2)
+    half = train(tmp_path / "b", 0.5, 1)
+    assert half["resumed"] == []
+    resumed = train(tmp_path / "b", 1.0, 2)  # goes on from its mark at 0.5 s
+    assert resumed["resumed"] == [{"iteration": len(half["log"]), "cpu": half["log"][-1]["cpu"]}]
+    assert [c["mark"] for c in resumed["checkpoints"]] == [0.5, 1.0]
+    n = min(len(whole["log"]), len(resumed["log"]))
+    assert n > len(half["log"]) + 5
+    for key in ("loss", "nfe"):  # the same iterates, evaluation for evaluation
+        assert [e[key] for e in whole["log"][:n]] == [e[key] for e in resumed["log"][:n]]
+    done = train(tmp_path / "b", 1.0, 2)  # nothing left to train
+    assert len(done["log"]) == len(resumed["log"])
+
+
 def test_benchmark_draws_a_two_dimensional_target(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     energy.main([

@@ -222,6 +222,31 @@ def test_a_growth_rolls_the_weights_and_the_optimizer_back_to_the_last_passed_ch
     assert torch.equal(adam["exp_avg"], kept[1][1]["state"][0]["exp_avg"])
 
 
+def test_a_resumed_run_rolls_back_as_the_uninterrupted_one():
+    def run(resume_at: int | None) -> tuple[torch.Tensor, list]:
+        field, state = Scaled(a=1.0, w=1.0), _batch()
+        h = _horizon()
+        stepper = _stepper(field, h)
+        for k in range(8):  # passed checks at 0, 1 and 3; the error explodes before step 7
+            if k == resume_at:  # a fresh process: new objects, the saved states loaded
+                saved = copy.deepcopy((field.state_dict(), h.state_dict(), stepper.state_dict()))
+                field, h = Scaled(a=3.0, w=1.0), _horizon()
+                stepper = _stepper(field, h)
+                field.load_state_dict(saved[0]), h.load_state_dict(saved[1])
+                stepper.load_state_dict(saved[2])
+            field.w = 500.0 if k >= 4 else 1.0
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                _train_step(stepper, h, field, state)
+        return field.a.detach(), stepper.guard.stats["events"]
+
+    a, events = run(None)
+    assert events[-1]["rolled_back_to"] == 3
+    for at in (2, 5):  # resumed before and after the last passed check
+        b, resumed = run(at)
+        assert torch.equal(a, b) and resumed == events
+
+
 def test_rollback_false_keeps_what_was_learned():
     field, state = Scaled(a=1.0, w=1.0), _batch()
     h = _horizon()

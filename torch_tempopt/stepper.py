@@ -302,13 +302,13 @@ class CoordinateDescentStepper(Optimizer):
         )
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        """The state of P, Q, the guard and :attr:`stats` (T, budgets and placements:
-        the model's).
+        """The state of P, Q, the guard, :attr:`stats` and the rollback point (T, budgets and
+        placements: the model's).
         """
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         state = {k: None if v is None else v.state_dict() for k, v in self._parts().items()}
-        state["stats"] = copy.deepcopy(self.stats)
+        state["stats"], state["kept"] = copy.deepcopy(self.stats), copy.deepcopy(self._kept)
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             state = post_hook(self, state) or state
         return state
@@ -326,6 +326,7 @@ class CoordinateDescentStepper(Optimizer):
                 if part is not None and state_dict.get(key) is not None:
                     part.load_state_dict(state_dict[key])
             self.stats = copy.deepcopy(state_dict["stats"])
+            self._kept = copy.deepcopy(state_dict.get("kept"))  # the rollback point, since 0.5
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
