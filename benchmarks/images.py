@@ -16,15 +16,20 @@ drawn as upstream draws it (with the training solver: the model never leaves ``t
 validation).
 
 Configurations (:data:`CONFIGS`): ``ffjord`` (``--tempopt-off``, dopri5 1e-5), ``toflow`` (the
-paper's settings), ``b2``/``b4`` (2 or 4 rk4 steps, T fixed, the guard on), ``rnode`` (RNODE's
-MNIST recipe: ``--tempopt-off --solver rk4 --step_size 0.25``, so 4 rk4 steps over upstream's T =
-1, with RNODE's kinetic and Jacobian penalties at 0.01 each) and ``rnode-b2`` (the same penalties
-on 2 rk4 steps with the guard). Upstream FFJORD has no RNODE penalties (its ``--l2int`` is the mean
-of ||f|| / sqrt(D); its ``--JFrobint`` takes the exact Jacobian, 196 vector-Jacobian products per
-evaluation at 14x14), so for these two configurations the training child puts RNODE's definitions
-under upstream's two flags (:data:`RNODE_PENALTIES`, ``benchmarks.images_train``): 0.5 ||f||^2 / D
-and ||e^T df/dx||^2 / D, the second with its own Rademacher probe e (one vector-Jacobian product
-per evaluation; RNODE's fork reuses the divergence estimator's probe and saves that product).
+paper's settings), ``b2``/``b4`` (2 or 4 rk4 steps, T fixed, the guard on, backpropagated through
+the steps), ``b2-adjoint`` (the same 2 steps with upstream's ``odeint_adjoint`` solved backward on
+them, 0.3's gradient), ``b2-checkpoint`` (the exact gradient of ``b2`` in less memory: each step
+recomputed in the backward pass), ``rnode`` (RNODE's MNIST recipe: ``--tempopt-off --solver rk4
+--step_size 0.25``, so 4 rk4 steps over upstream's T = 1, with RNODE's kinetic and Jacobian
+penalties at 0.01 each, upstream's adjoint) and ``rnode-b2`` (the same penalties on 2 rk4 steps
+with the guard); ``rnode-dto`` is RNODE's recipe backpropagated through its 4 steps instead of the
+adjoint (discretize-then-optimize, Onken and Ruthotto 2020: a budget of 4 steps over T = 1 without
+the guard). Upstream FFJORD has no RNODE penalties (its ``--l2int`` is the mean of ||f|| / sqrt(D);
+its ``--JFrobint`` takes the exact Jacobian, 196 vector-Jacobian products per evaluation at 14x14),
+so for these three configurations the training child puts RNODE's definitions under upstream's two
+flags (:data:`RNODE_PENALTIES`, ``benchmarks.images_train``): 0.5 ||f||^2 / D and ||e^T df/dx||^2 /
+D, the second with its own Rademacher probe e (one vector-Jacobian product per evaluation; RNODE's
+fork reuses the divergence estimator's probe and saves that product).
 ``fm`` is the row a user with data would pick: upstream's single-scale model (``--multiscale
 False``: the logit transform and one CNF block of the same ODEnet at full resolution; a multiscale
 chain is not one ODE) trained by conditional flow matching with Meta's ``flow_matching`` library
@@ -85,11 +90,18 @@ CONFIGS: dict[str, tuple[dict[str, Any], list[str]]] = {
     "ffjord": ({"off": True}, []),
     "toflow": ({"lr": 1e-2, "alpha": 0.1, "eps": 0.1}, []),
     "b2": ({"budget": 2}, []),
+    "b2-adjoint": ({"budget": 2, "gradient": "adjoint"}, []),
+    "b2-checkpoint": ({"budget": 2, "gradient": "checkpoint"}, []),
     "b4": ({"budget": 4}, []),
     # RNODE's recipe as far as upstream's flags reach: its rk4 grid, and upstream's (not RNODE's)
     # penalties
     "rnode": (
         {"off": True},
+        ["--solver", "rk4", "--step_size", "0.25", "--l2int", "0.01", "--JFrobint", "0.01"],
+    ),
+    # the same grid (4 rk4 steps over T = 1) backpropagated through its steps, never grown
+    "rnode-dto": (
+        {"budget": 4, "guard": False},
         ["--solver", "rk4", "--step_size", "0.25", "--l2int", "0.01", "--JFrobint", "0.01"],
     ),
     "rnode-b2": ({"budget": 2}, ["--l2int", "0.01", "--JFrobint", "0.01"]),
@@ -98,13 +110,16 @@ CONFIGS: dict[str, tuple[dict[str, Any], list[str]]] = {
     "fm": ({"off": True}, ["--multiscale", "False"]),
 }
 #: the configurations whose --l2int / --JFrobint are RNODE's penalties (see the module docstring)
-RNODE_PENALTIES = {"rnode", "rnode-b2"}
+RNODE_PENALTIES = {"rnode", "rnode-dto", "rnode-b2"}
 LABELS = {
     "ffjord": "FFJORD (dopri5 1e-5)",
     "toflow": "TO-FLOW (paper's settings)",
     "b2": "2 rk4 steps, guard",
+    "b2-adjoint": "2 rk4 steps, guard, adjoint on the steps",
+    "b2-checkpoint": "2 rk4 steps, guard, each step recomputed in backward",
     "b4": "4 rk4 steps, guard",
     "rnode": "RNODE (rk4 step 0.25, its penalties 0.01)",
+    "rnode-dto": "RNODE's recipe through its steps",
     "rnode-b2": "RNODE's penalties on 2 rk4 steps, guard",
     "fm": "flow matching (one full-resolution block)",
 }

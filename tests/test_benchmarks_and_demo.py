@@ -535,3 +535,42 @@ def test_headline_figure_reads_each_results_runs_and_says_when_they_are_missing(
         not (tmp_path / "b.png").exists()
         and "b.png not redrawn: its runs are not here" in capsys.readouterr().out
     )
+
+
+def test_images_crossing_is_interpolated_between_checkpoints() -> None:
+    from benchmarks.images_report import crossing
+
+    points = [
+        {"cpu_seconds": 100.0, "nfe": 1000, "bits_per_dim": 4.0},
+        {"cpu_seconds": 200.0, "nfe": 3000, "bits_per_dim": 3.0},
+        {"cpu_seconds": 300.0, "nfe": 5000, "bits_per_dim": 2.5},
+    ]
+    assert crossing(points, 2.75) == pytest.approx({"cpu_seconds": 250.0, "nfe": 4000.0})
+    assert crossing(points, 3.0) == pytest.approx({"cpu_seconds": 200.0, "nfe": 3000.0})
+    # reached at the first checkpoint: nothing is known before it
+    assert crossing(points, 5.0) == {"cpu_seconds": 100.0, "nfe": 1000}
+    assert crossing(points, 2.0) is None
+
+
+def test_images_race_reads_ffjords_curve_at_its_marks(tmp_path: Path) -> None:
+    from benchmarks.images_report import race
+
+    def run(config: str, bpd: list[float], events: list[dict]) -> dict:
+        points = []
+        for k, b in enumerate(bpd, 1):
+            path = tmp_path / f"{config}-{k}.pt"
+            torch.save({"guard_events": events}, path)
+            points.append({"checkpoint": str(path), "cpu_seconds": 100.0 * k, "nfe": 10 * k,
+                           "bits_per_dim": b})  # fmt: skip
+        return {"config": config, "seed": 0, "points": points}
+
+    grew = {"horizon": "2", "budget": [2, 3], "step": 41, "error": [0.03], "spread": 0.1}
+    runs = {
+        "ffjord-s0": run("ffjord", [5.0, 4.0, 3.0, 2.0], []),
+        "b2-s0": run("b2", [4.0, 2.5, 2.2, 2.1], [{**grew, "rolled_back_to": 31}]),
+    }
+    (row,) = race(runs, [200.0, 400.0])[0]
+    # FFJORD's 4.0 at 200 s: b2 had it at 100 s; FFJORD's 2.0 at 400 s: never reached
+    assert row["cpu_ratios"] == [pytest.approx(0.5), None]
+    assert row["behind_at"] == [400.0]  # 2.1 against 2.0
+    assert row["events"] == "block 2: 2>3 @41 (0.03/dim, spread 0.1 nats), back to 31"

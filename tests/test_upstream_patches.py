@@ -162,6 +162,18 @@ def test_ffjord_budget_solves_on_n_rk4_steps_under_the_guard(tmp_path: Path) -> 
     }
 
 
+def test_ffjord_no_guard_keeps_n_fixed_steps_from_the_command_line(tmp_path: Path) -> None:
+    torch.set_default_dtype(torch.float32)
+    head = ["--ffjord", str(FFJORD), "--tempopt-budget", "2", "--tempopt-no-guard", "--"]
+    argv = ["train_toy.py", "--niters", "3", "--val_freq", "3", "--save", str(tmp_path)]
+    assert ffjord_patch.main([*head, *argv]) == 0
+    rows = read_csv(tmp_path / "tempopt.csv")
+    assert [int(r["nfe_forward"]) for r in rows] == [8, 8, 8]  # 2 rk4 steps, never checked
+    with ffjord_patch.patched(FFJORD, script="train_toy.py", budget=2, guard=False) as patch:
+        patch.run(["--niters", "1", "--val_freq", "1", "--save", str(tmp_path / "b")])
+    assert patch.stepper.guard is None and patch.horizons[0].budget.steps == 2
+
+
 def test_ffjord_patch_is_fully_reverted(tmp_path: Path) -> None:
     torch.set_default_dtype(torch.float32)
     before = process_state()

@@ -108,6 +108,9 @@ class Patch:
         gradient: How a budget's steps are differentiated: ``"backprop"`` through the steps
             (whatever solver upstream calls), ``"checkpoint"`` (each step recomputed in backward),
             or ``"adjoint"`` (upstream's ``odeint_adjoint`` on the same steps, 0.3's way).
+        guard: Check a budget against the reference and grow it (the stepper's
+            :class:`~torch_tempopt.BudgetGuard`); False keeps N fixed steps, as a fixed-grid
+            recipe (RNODE's rk4 grid) trains.
         off: The baseline: the same patch with T fixed at T0.
         learn_T: Learn T on a budget too (without a budget T is learned unless ``off``).
         flags: The upstream's own switches (:attr:`Upstream.flags`).
@@ -134,6 +137,7 @@ class Patch:
         eps: float = 0.1,
         budget: int | None = None,
         gradient: str = "backprop",
+        guard: bool = True,
         off: bool = False,
         learn_T: bool = False,
         **flags: bool,
@@ -156,7 +160,7 @@ class Patch:
             off,
             learn_T,
         )
-        self.gradient = gradient
+        self.gradient, self.guard = gradient, guard
         self.iterations = 0
         self.names: list[str] = []
         self.horizons: list[LearnableHorizon] = []
@@ -353,7 +357,9 @@ class Patch:
         step's training solves (the guard's evaluations are its own, in ``stepper.guard.stats``).
         """
         budgeted = [h for h in horizons if h.budget is not None]
-        guard = bool(budgeted) and BudgetGuard(budgeted, select=self.upstream.select)
+        guard = (
+            bool(budgeted) and self.guard and BudgetGuard(budgeted, select=self.upstream.select)
+        )
         stepper = CoordinateDescentStepper(
             optimizer, horizons, lr=self.lr, alpha=self.alpha, guard=guard
         )
@@ -547,6 +553,12 @@ def _parser(upstream: Upstream, prog: str) -> argparse.ArgumentParser:
         help="on a budget: backprop through the steps (default), checkpoint (each step "
         "recomputed in backward: less memory), or adjoint (upstream's odeint_adjoint on the "
         "steps)",
+    )
+    parser.add_argument(
+        "--tempopt-no-guard",
+        dest="tempopt_guard",
+        action="store_false",
+        help="on a budget: N fixed steps, never checked or grown (a fixed-grid recipe)",
     )
     parser.add_argument(
         "--tempopt-off",
