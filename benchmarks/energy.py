@@ -252,7 +252,12 @@ def score_runs(runs: Path, n: int, draws: int = 5) -> None:
     torch.set_num_threads(1)
     for path in sorted(runs.glob("*-s*/*.pt")):
         run = torch.load(path, weights_only=False)
-        todo = [c for c in run["checkpoints"] if c.get("score", {}).get("draws") != draws]
+        # a score without "draws" was made on one set (0.5's first scores)
+        todo = [
+            c
+            for c in run["checkpoints"]
+            if c.get("score", {"draws": None}).get("draws", 1) != draws
+        ]
         if not todo:
             continue
         target = TARGETS[run["target"]]()
@@ -306,7 +311,7 @@ def _retired_at(run: dict[str, Any]) -> int | None:
     return next((e["step"] for e in events if e["budget"][1] == "retired"), None)
 
 
-def _row(folder: Path, name: str, run: dict[str, Any], base: dict[str, Any] | None) -> dict:
+def _row(label: str, name: str, run: dict[str, Any], base: dict[str, Any] | None) -> dict:
     """A configuration's final scores and how soon it reached dopri5's final ESS - 2."""
     last = run["checkpoints"][-1]
     goal = None if base is None else base["checkpoints"][-1]["score"]["ess"] - 2
@@ -318,7 +323,7 @@ def _row(folder: Path, name: str, run: dict[str, Any], base: dict[str, Any] | No
     for c in curve:
         c["retired"] = retired is not None and retired < c["iteration"]
     return {
-        "run": folder.name,
+        "run": label,
         "config": name,
         "iterations": last["iteration"],
         "nfe": last["nfe"],
@@ -365,7 +370,8 @@ def _folder(folder: Path, n: int) -> tuple[list[dict[str, Any]], list[str]]:
     first = next(iter(runs.values()))
     _, info = reference(first["target"], n, first["seed"], folder.parent)
     seconds = first.get("cpu_seconds", first.get("cpu_budget"))
-    rows = [_row(folder, c, runs[c], runs.get("dopri5")) for c in CONFIGS if c in runs]
+    label = f"{folder.name}, {seconds:g} s"
+    rows = [_row(label, c, runs[c], runs.get("dopri5")) for c in CONFIGS if c in runs]
     lines = [
         f"\n### {folder.name}: {seconds:g} CPU seconds per configuration, "
         f"{len(first['checkpoints'])} checkpoints\n",
@@ -394,7 +400,7 @@ def _summary(rows: list[dict[str, Any]], config: str = "b2") -> str:
         "| CPU to dopri5's ESS - 2 | budget at the end | ESS within 2 points at <= 0.5x CPU |",
         "|" + " --- |" * 8,
     ]
-    for run in sorted({r["run"] for r in rows}):
+    for run in dict.fromkeys(r["run"] for r in rows):  # in the order of the folders
         got = {r["config"]: r for r in rows if r["run"] == run}
         if "dopri5" not in got or config not in got:
             continue
@@ -418,12 +424,15 @@ def _summary(rows: list[dict[str, Any]], config: str = "b2") -> str:
 
 
 def report(
-    runs: Path, n: int, out: Path, name: str, figures: Path | None, cmd: str, draws: int = 5
+    runs: list[Path], n: int, out: Path, name: str, figures: Path | None, cmd: str, draws: int = 5
 ) -> dict:
-    """Scores what is not scored, then writes the tables and the figures."""
-    score_runs(runs, n, draws)
+    """Scores what is not scored in each folder of ``runs``, then writes the tables and the
+    figures (a run is named by its target and seed and its CPU seconds).
+    """
+    for folder in runs:
+        score_runs(folder, n, draws)
     rows, lines = [], []
-    folders = sorted(p for p in runs.glob("*-s*") if p.is_dir())
+    folders = [p for r in runs for p in sorted(r.glob("*-s*")) if p.is_dir()]
     for folder in folders:
         more, text = _folder(folder, n)
         rows, lines = rows + more, lines + text
@@ -447,7 +456,7 @@ def report(
         for folder in folders:
             saved = [torch.load(p, weights_only=False) for p in sorted(folder.glob("*.pt"))]
             if saved and TARGETS[saved[0]["target"]]().dim == 2:
-                _samples_figure(saved, n, runs, figures / f"{name}_{folder.name}.png")
+                _samples_figure(saved, n, folder.parent, figures / f"{name}_{folder.name}.png")
     print((out / f"{name}.md").read_text())
     return record
 
@@ -459,7 +468,7 @@ def _figure(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = sorted({r["run"] for r in rows})
+    runs = list(dict.fromkeys(r["run"] for r in rows))
     if not runs:
         return
     cols = min(4, len(runs))
@@ -559,8 +568,10 @@ def main(argv: list[str] | None = None) -> Any:
     rep.add_argument("--name", default="energy")
     rep.add_argument("--out", type=Path, default=RESULTS)
     rep.add_argument("--figures", type=Path, default=FIGURES)
-    for s in (tr, rep):
-        s.add_argument("--runs", type=Path, default=ROOT / "runs" / "energy")
+    tr.add_argument("--runs", type=Path, default=ROOT / "runs" / "energy")
+    rep.add_argument(
+        "--runs", type=Path, nargs="+", default=[ROOT / "runs" / "energy"], help="run folders"
+    )
     args = parser.parse_args(argv)
     if args.command == "train":
         return train(args)

@@ -343,7 +343,9 @@ def test_benchmark_draws_a_two_dimensional_target(tmp_path: Path) -> None:
     ])  # fmt: skip
     (row,) = res["rows"]
     # log Z = 0
-    assert row["run"] == "gmm40-s0" and row["log_Z_error"] == pytest.approx(row["log_Z_estimate"])
+    assert row["run"] == "gmm40-s0, 0.5 s" and row["log_Z_error"] == pytest.approx(
+        row["log_Z_estimate"]
+    )
     assert (tmp_path / "t_gmm40-s0.png").read_bytes()[:4] == b"\x89PNG"
 
 
