@@ -245,6 +245,16 @@ def _rebuild(run: dict[str, Any], target: Any) -> tuple[torch.nn.Module, Any]:
     return build(run["config"], target.dim, run["seed"], field, None if enf is None else Path(enf))
 
 
+def _finished(run: dict[str, Any], path: Path) -> bool:
+    """Whether a run reached its CPU seconds (one that has not may be written by its trainer)."""
+    seconds = run.get("cpu_seconds", run.get("cpu_budget"))  # 0.3's runs: cpu_budget
+    if run["checkpoints"][-1]["mark"] >= seconds:
+        return True
+    last = run["checkpoints"][-1]["mark"]
+    print(f"{path}: left out, trained to {last:g} of {seconds:g} s", flush=True)
+    return False
+
+
 def score_runs(runs: Path, n: int, draws: int = 5) -> None:
     """Scores every checkpoint not yet scored on ``draws`` sets of ``n`` samples
     (:func:`benchmarks.scoring.energy_metrics`); a score on another number of sets is redone.
@@ -252,6 +262,8 @@ def score_runs(runs: Path, n: int, draws: int = 5) -> None:
     torch.set_num_threads(1)
     for path in sorted(runs.glob("*-s*/*.pt")):
         run = torch.load(path, weights_only=False)
+        if not _finished(run, path):
+            continue
         # a score without "draws" was made on one set (0.5's first scores)
         todo = [
             c
@@ -364,9 +376,8 @@ def _line(row: dict[str, Any]) -> str:
 
 def _folder(folder: Path, n: int) -> tuple[list[dict[str, Any]], list[str]]:
     """One target and seed: the rows of its configurations and their table."""
-    runs = {
-        r["config"]: r for r in (torch.load(p, weights_only=False) for p in folder.glob("*.pt"))
-    }
+    saved = {p: torch.load(p, weights_only=False) for p in sorted(folder.glob("*.pt"))}
+    runs = {r["config"]: r for p, r in saved.items() if _finished(r, p)}
     first = next(iter(runs.values()))
     _, info = reference(first["target"], n, first["seed"], folder.parent)
     seconds = first.get("cpu_seconds", first.get("cpu_budget"))

@@ -331,6 +331,23 @@ def test_a_resumed_run_trains_as_the_uninterrupted_one(tmp_path: Path) -> None:
     assert len(done["log"]) == len(resumed["log"])
 
 
+def test_a_run_still_training_is_left_out_of_scoring_and_the_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    runs = tmp_path / "runs"
+    args = ["--target", "gmm40", "--checkpoints", "1", "--batch", "8", "--runs", str(runs)]
+    energy.main(["train", *args, "--cpu-seconds", "0.3", "--configs", "dopri5"])
+    energy.main(["train", *args, "--cpu-seconds", "0.3", "--configs", "b2"])
+    path = runs / "gmm40-s0" / "b2.pt"
+    run = torch.load(path, weights_only=False)
+    torch.save({**run, "cpu_seconds": 0.6}, path)  # as a trainer going on to 0.6 s writes it
+    before = path.read_bytes()
+    res = energy.main(["report", "--runs", str(runs), "--n", "32", "--out", str(tmp_path),
+                       "--figures", str(tmp_path), "--name", "t"])  # fmt: skip
+    assert [r["config"] for r in res["rows"]] == ["dopri5"] and path.read_bytes() == before
+    assert "b2.pt: left out, trained to 0.3 of 0.6 s" in capsys.readouterr().out
+
+
 def test_benchmark_draws_a_two_dimensional_target(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     energy.main([
