@@ -473,7 +473,9 @@ def report(
 
 
 def _figure(rows: list[dict[str, Any]], path: Path) -> None:
-    """ESS against training CPU seconds (top) and the budget's steps (bottom; x: retired)."""
+    """ESS against training CPU seconds (top), the budget's steps (bottom; x: retired) and the
+    NFE of the scoring solve that samples each model (dashed: how stiff its field became).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -493,6 +495,7 @@ def _figure(rows: list[dict[str, Any]], path: Path) -> None:
         axes[2 * (k // cols) + 1][k % cols].axis("off")
     for k, run in enumerate(runs):
         top, bottom = axes[2 * (k // cols)][k % cols], axes[2 * (k // cols) + 1][k % cols]
+        cost = bottom.twinx()  # what sampling the field costs dopri5 1e-5: its stiffness
         for r in (r for r in rows if r["run"] == run):
             cpu, ess = [c["cpu"] for c in r["curve"]], [c["ess"] for c in r["curve"]]
             color = f"C{list(CONFIGS).index(r['config'])}"
@@ -500,6 +503,7 @@ def _figure(rows: list[dict[str, Any]], path: Path) -> None:
             if all(len(c.get("ess_draws", [])) > 1 for c in r["curve"]):
                 lo, hi = ([f(c["ess_draws"]) for c in r["curve"]] for f in (min, max))
                 top.fill_between(cpu, lo, hi, color=color, alpha=0.15, lw=0)
+            cost.plot(cpu, [c["score_nfe"] for c in r["curve"]], "--", color=color, lw=1)
             if r["curve"][0]["budget"] is None:
                 continue
             steps = [c["budget"] for c in r["curve"]]
@@ -509,6 +513,8 @@ def _figure(rows: list[dict[str, Any]], path: Path) -> None:
                 bottom.plot(*gone[0], "x", color=color, ms=9, mew=2)
         top.set(title=run, ylabel="ESS % (dopri5 1e-5; band: one set)")
         bottom.set(xlabel="training CPU seconds", ylabel="budget (steps; x: retired)")
+        cost.set_ylabel("dopri5 NFE to sample (dashed)", fontsize=7)
+        cost.set_ylim(bottom=0)
         for ax in (top, bottom):
             ax.grid(alpha=0.3)
         top.legend(fontsize=6)
