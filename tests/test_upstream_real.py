@@ -395,6 +395,26 @@ def test_images_benchmark_rnode_penalties_and_flow_matching(ffjord: Path, tmp_pa
     assert all(n >= 2 for n in rows["rnode-b2"]["budget"])
 
 
+def test_images_benchmark_adjoint_and_rnode_through_its_steps(
+    ffjord: Path, tmp_path: Path
+) -> None:
+    """b2-adjoint solves the adjoint on its steps; rnode-dto keeps RNODE's 4 steps, never grown."""
+    runs = tmp_path / "runs"
+    images_train.main(
+        ["--ffjord", str(ffjord), "--configs", "b2-adjoint", "rnode-dto", "--cpu-seconds", "6",
+         "--checkpoints", "1", "--runs", str(runs)]
+    )  # fmt: skip
+    rows = {c: read_csv(runs / f"{c}-s0" / "tempopt.csv") for c in ("b2-adjoint", "rnode-dto")}
+    dto = rows["rnode-dto"]
+    assert dto and all(int(r["nfe_forward"]) == 16 for r in dto)  # 4 rk4 steps a block
+    assert all(int(r["nfe_backward"]) == 0 for r in dto)  # backpropagated, no adjoint solve
+    ck = torch.load(runs / "rnode-dto-s0" / "ckpt-6.pt", weights_only=False)
+    assert ck["guard_nfe"] == 0 and ck["guard_events"] == []  # never checked
+    assert any(int(r["nfe_backward"]) > 0 for r in rows["b2-adjoint"])  # the adjoint's solve
+    log = (runs / "rnode-dto-s0" / "logs").read_text()
+    assert re.search(r"kinetic: [0-9.]+ \| jacobian: [0-9.]+", log), log[-2000:]
+
+
 def test_images_iters_and_iteration_cost(ffjord: Path, tmp_path: Path) -> None:
     """Seconds and NFE per iteration two ways: upstream's log and the patch's step hook."""
     out = tmp_path / "results"
