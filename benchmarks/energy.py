@@ -378,6 +378,8 @@ def _folder(folder: Path, n: int) -> tuple[list[dict[str, Any]], list[str]]:
     """One target and seed: the rows of its configurations and their table."""
     saved = {p: torch.load(p, weights_only=False) for p in sorted(folder.glob("*.pt"))}
     runs = {r["config"]: r for p, r in saved.items() if _finished(r, p)}
+    if not runs:
+        return [], []
     first = next(iter(runs.values()))
     _, info = reference(first["target"], n, first["seed"], folder.parent)
     seconds = first.get("cpu_seconds", first.get("cpu_budget"))
