@@ -54,16 +54,22 @@ def _point(out: Path, score: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def curves(runs: Path) -> dict[str, dict[str, Any]]:
-    """Per run: its settings and, per scored checkpoint, CPU seconds, NFE and bits/dim."""
+def curves(runs: Path, until: float | None = None) -> dict[str, dict[str, Any]]:
+    """Per run: its settings and, per scored checkpoint, CPU seconds, NFE and bits/dim; with
+    ``until``, the checkpoints of the CPU marks up to it (a longer run read as a shorter one).
+    """
     result = {}
     for out in sorted(p for p in runs.iterdir() if (p / "scores.jsonl").is_file()):
         lines = (out / "scores.jsonl").read_text().splitlines()
-        points = [_point(out, json.loads(line)) for line in lines]
-        result[out.name] = {
-            **read_run(out),
-            "points": sorted(points, key=lambda p: p["cpu_seconds"]),
-        }
+        scores = [json.loads(line) for line in lines]
+        if until is not None:  # ckpt-<mark>.pt
+            scores = [c for c in scores if float(Path(c["checkpoint"]).stem[5:]) <= until]
+        info = read_run(out)
+        if until is not None:
+            info["cpu_seconds"] = min(info["cpu_seconds"], until)
+            info["marks"] = [m for m in info["marks"] if m <= until]
+        points = [_point(out, c) for c in scores]
+        result[out.name] = {**info, "points": sorted(points, key=lambda p: p["cpu_seconds"])}
     return result
 
 
@@ -271,10 +277,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--at", type=float, nargs="*", default=[], help="FFJORD's CPU seconds to race to"
     )
+    parser.add_argument(
+        "--until", type=float, help="read each run up to this CPU mark (a longer run's start)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--figures", type=Path, default=FIGURES, help="where the figure goes")
     args = parser.parse_args(argv)
-    runs = curves(args.runs.resolve())
+    runs = curves(args.runs.resolve(), args.until)
     rows, text = table(runs, args.margin)
     text += "\n\n" + _caption(runs, args.margin)
     record: dict[str, Any] = {"rows": rows}

@@ -574,3 +574,25 @@ def test_images_race_reads_ffjords_curve_at_its_marks(tmp_path: Path) -> None:
     assert row["cpu_ratios"] == [pytest.approx(0.5), None]
     assert row["behind_at"] == [400.0]  # 2.1 against 2.0
     assert row["events"] == "block 2: 2>3 @41 (0.03/dim, spread 0.1 nats), back to 31"
+
+
+def test_images_report_reads_a_longer_run_up_to_a_mark(tmp_path: Path) -> None:
+    from benchmarks.images_report import curves
+
+    out = tmp_path / "b2-s0"
+    out.mkdir()
+    marks = [100.0, 200.0, 300.0]
+    info = {"config": "b2", "seed": 0, "cpu_seconds": 300.0, "marks": marks, "argv": []}
+    (out / "run.json").write_text(json.dumps(info))
+    lines = []
+    for k, mark in enumerate(marks, 1):
+        path = out / f"ckpt-{mark:g}.pt"
+        state = {"nfe": 10 * k, "iteration": k, "cpu_seconds": mark + 0.5, "guard_nfe": 0}
+        state.update(horizons=[{"budget.n_steps": torch.tensor(2)}], guard_events=[])
+        torch.save(state, path)
+        lines.append(json.dumps({"checkpoint": str(path), "bits_per_dim": 5.0 - k, "T": [1.0]}))
+    (out / "scores.jsonl").write_text("\n".join(lines) + "\n")
+    whole, start = curves(tmp_path)["b2-s0"], curves(tmp_path, until=200)["b2-s0"]
+    assert [p["bits_per_dim"] for p in whole["points"]] == [4.0, 3.0, 2.0]
+    assert [p["bits_per_dim"] for p in start["points"]] == [4.0, 3.0]
+    assert start["cpu_seconds"] == 200 and start["marks"] == [100.0, 200.0]
