@@ -252,16 +252,25 @@ def test_score_pools_independent_sets_and_keeps_the_first_sets_draws() -> None:
     assert one["energy_w1"] == pytest.approx(three["energy_w1"], rel=1e-12)
     assert one["score_nfe"] == three["score_nfe"]
     assert len(set(three["ess_draws"])) == 3  # independent sets
-    # the pooled ESS (% of 150) lies within what the sets' sum of ESS allows
-    assert 0 < three["ess"] <= 100 and "ess_on_budget" in three
+    assert 0 < three["ess"] <= 100 and "ess_on_budget" in three  # % of the 150 pooled
+
+
+def _train(runs: Path, target: str, seconds: float, checkpoints: int, batch: int, *configs: str):
+    """A short energy run of each configuration into ``runs``."""
+    size = [
+        "--cpu-seconds",
+        str(seconds),
+        "--checkpoints",
+        str(checkpoints),
+        "--batch",
+        str(batch),
+    ]
+    energy.main(["train", "--target", target, *size, "--configs", *configs, "--runs", str(runs)])
 
 
 def test_report_rescores_a_checkpoint_scored_on_another_number_of_sets(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
-    energy.main([
-        "train", "--target", "manywell", "--cpu-seconds", "0.3", "--checkpoints", "1",
-        "--batch", "8", "--configs", "b2", "--runs", str(runs),
-    ])  # fmt: skip
+    _train(runs, "manywell", 0.3, 1, 8, "b2")
     common = ["--runs", str(runs), "--n", "32", "--out", str(tmp_path), "--name", "t"]
     energy.main(["report", *common, "--draws", "1", "--figures", str(tmp_path)])
     (path,) = runs.glob("*/b2.pt")
@@ -274,10 +283,7 @@ def test_report_rescores_a_checkpoint_scored_on_another_number_of_sets(tmp_path:
 
 def test_benchmark_trains_scores_and_reports(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
-    energy.main([
-        "train", "--target", "manywell", "--cpu-seconds", "1", "--checkpoints", "2",
-        "--batch", "16", "--configs", "dopri5", "b2", "--runs", str(runs),
-    ])  # fmt: skip
+    _train(runs, "manywell", 1, 2, 16, "dopri5", "b2")
     res = energy.main([
         "report", "--runs", str(runs), "--n", "64", "--out", str(tmp_path),
         "--figures", str(tmp_path), "--name", "t",
@@ -311,10 +317,7 @@ def test_benchmark_trains_scores_and_reports(tmp_path: Path) -> None:
 
 def test_a_resumed_run_trains_as_the_uninterrupted_one(tmp_path: Path) -> None:
     def train(runs: Path, seconds: float, checkpoints: int) -> dict:
-        energy.main([
-            "train", "--target", "gmm40", "--cpu-seconds", str(seconds), "--checkpoints",
-            str(checkpoints), "--batch", "16", "--configs", "b2", "--runs", str(runs),
-        ])  # fmt: skip
+        _train(runs, "gmm40", seconds, checkpoints, 16, "b2")
         return torch.load(runs / "gmm40-s0" / "b2.pt", weights_only=False)
 
     whole = train(tmp_path / "a", 1.0, 2)
@@ -335,9 +338,7 @@ def test_a_run_still_training_is_left_out_of_scoring_and_the_report(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     runs = tmp_path / "runs"
-    args = ["--target", "gmm40", "--checkpoints", "1", "--batch", "8", "--runs", str(runs)]
-    energy.main(["train", *args, "--cpu-seconds", "0.3", "--configs", "dopri5"])
-    energy.main(["train", *args, "--cpu-seconds", "0.3", "--configs", "b2"])
+    _train(runs, "gmm40", 0.3, 1, 8, "dopri5", "b2")
     path = runs / "gmm40-s0" / "b2.pt"
     run = torch.load(path, weights_only=False)
     torch.save({**run, "cpu_seconds": 0.6}, path)  # as a trainer going on to 0.6 s writes it
@@ -350,10 +351,7 @@ def test_a_run_still_training_is_left_out_of_scoring_and_the_report(
 
 def test_benchmark_draws_a_two_dimensional_target(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
-    energy.main([
-        "train", "--target", "gmm40", "--cpu-seconds", "0.5", "--checkpoints", "1",
-        "--batch", "16", "--configs", "b2", "--runs", str(runs),
-    ])  # fmt: skip
+    _train(runs, "gmm40", 0.5, 1, 16, "b2")
     res = energy.main([
         "report", "--runs", str(runs), "--n", "64", "--out", str(tmp_path),
         "--figures", str(tmp_path), "--name", "t",
