@@ -327,7 +327,7 @@ def test_state_dict_round_trip_continues_bitwise():
     _train(model, opt, 3, seed=5)
     saved_model = copy.deepcopy(model.state_dict())
     saved_opt = copy.deepcopy(opt.state_dict())
-    assert set(saved_opt) == {"optimizer", "horizon_optimizer", "guard", "stats"}
+    assert set(saved_opt) == {"optimizer", "horizon_optimizer", "guard", "stats", "kept"}
     _train(model, opt, 4, seed=6)
 
     fresh, fresh_opt = _make(seed=99)

@@ -242,7 +242,13 @@ def test_ffjord_resume_restores_T_from_the_checkpoint(tmp_path: Path) -> None:
     argv = ["--num_epochs", "1", "--ntrain", "32", "--batch_size", "16"]
     assert len(run(ffjord_patch.patched, FFJORD, "train_cnf.py", argv, tmp_path / "a")) == 4
     ckpt = torch.load(tmp_path / "a" / "checkpt.pth", weights_only=False)
-    assert set(ckpt["optim_state_dict"]) == {"optimizer", "horizon_optimizer", "guard", "stats"}
+    assert set(ckpt["optim_state_dict"]) == {
+        "optimizer",
+        "horizon_optimizer",
+        "guard",
+        "stats",
+        "kept",
+    }
     second = run(
         ffjord_patch.patched,
         FFJORD,
