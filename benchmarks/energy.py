@@ -255,6 +255,13 @@ def _finished(run: dict[str, Any], path: Path) -> bool:
     return False
 
 
+def _sets(checkpoint: dict[str, Any]) -> int | None:
+    """The sets of samples a checkpoint was scored on (None: not scored; 0.5's first scores, kept
+    without the count, were on one).
+    """
+    return None if "score" not in checkpoint else checkpoint["score"].get("draws", 1)
+
+
 def score_runs(runs: Path, n: int, draws: int = 5) -> None:
     """Scores every checkpoint not yet scored on ``draws`` sets of ``n`` samples
     (:func:`benchmarks.scoring.energy_metrics`); a score on another number of sets is redone.
@@ -264,12 +271,7 @@ def score_runs(runs: Path, n: int, draws: int = 5) -> None:
         run = torch.load(path, weights_only=False)
         if not _finished(run, path):
             continue
-        # a score without "draws" was made on one set (0.5's first scores)
-        todo = [
-            c
-            for c in run["checkpoints"]
-            if c.get("score", {"draws": None}).get("draws", 1) != draws
-        ]
+        todo = [c for c in run["checkpoints"] if _sets(c) != draws]
         if not todo:
             continue
         target = TARGETS[run["target"]]()

@@ -69,6 +69,7 @@ __all__ = [
     "RUNS",
     "child",
     "load_checkpoint",
+    "mark_of",
     "prepare",
     "read_run",
     "run_dirs",
@@ -169,6 +170,11 @@ def read_run(out: Path) -> dict[str, Any]:
     info = json.loads((out / "run.json").read_text())
     info.setdefault("cpu_seconds", info.get("cpu_budget"))
     return info
+
+
+def mark_of(checkpoint: str | Path) -> float:
+    """The CPU mark in a checkpoint's name, ``ckpt-<seconds>.pt``."""
+    return float(Path(checkpoint).stem.split("-")[1])
 
 
 def run_dirs(runs: Path, seed: int | None = None) -> list[Path]:

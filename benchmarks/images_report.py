@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.images import CONFIGS, LABELS, RUNS, read_run
+from benchmarks.images import CONFIGS, LABELS, RUNS, mark_of, read_run
 from benchmarks.writer import FIGURES, RESULTS, command, write
 
 __all__ = ["crossing", "curves", "figure", "main", "table"]
@@ -62,8 +62,8 @@ def curves(runs: Path, until: float | None = None) -> dict[str, dict[str, Any]]:
     for out in sorted(p for p in runs.iterdir() if (p / "scores.jsonl").is_file()):
         lines = (out / "scores.jsonl").read_text().splitlines()
         scores = [json.loads(line) for line in lines]
-        if until is not None:  # ckpt-<mark>.pt
-            scores = [c for c in scores if float(Path(c["checkpoint"]).stem[5:]) <= until]
+        if until is not None:
+            scores = [c for c in scores if mark_of(c["checkpoint"]) <= until]
         info = read_run(out)
         if until is not None:
             info["cpu_seconds"] = min(info["cpu_seconds"], until)

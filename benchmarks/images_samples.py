@@ -20,6 +20,7 @@ from benchmarks.images import (
     RUNS,
     child,
     load_checkpoint,
+    mark_of,
     read_run,
     run_dirs,
     score_argv,
@@ -57,7 +58,7 @@ def samples(runs: Path, seed: int, n: int) -> list[tuple[str, torch.Tensor]]:
         run_dirs(runs.resolve(), seed), key=lambda p: order.index(read_run(p)["config"])
     ):
         info = read_run(out)
-        last = max(out.glob("ckpt-*.pt"), key=lambda p: float(p.stem.split("-")[1]))
+        last = max(out.glob("ckpt-*.pt"), key=mark_of)
         (out / "score").mkdir(exist_ok=True)
         flags = [*score_argv(info), "--save", str(out / "score")]
         args = [

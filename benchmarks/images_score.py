@@ -19,6 +19,7 @@ from benchmarks.images import (
     RUNS,
     child,
     load_checkpoint,
+    mark_of,
     read_run,
     run_dirs,
     score_argv,
@@ -35,7 +36,7 @@ def _todo(out: Path) -> list[str]:
     lines = scored_path.read_text().splitlines() if scored_path.is_file() else []
     scored = {json.loads(line)["checkpoint"] for line in lines}
     found = (str(p) for p in out.glob("ckpt-*.pt") if str(p) not in scored)
-    return sorted(found, key=lambda s: float(Path(s).stem.split("-")[1]))
+    return sorted(found, key=mark_of)
 
 
 def score(runs: Path, batch: int) -> None:
