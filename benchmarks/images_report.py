@@ -170,7 +170,7 @@ def table(runs: dict[str, dict[str, Any]], margin: float) -> tuple[list[dict[str
     lines = [
         "| configuration | seed | iterations | final bits/dim | best bits/dim | NFE per iteration "
         "| budget (final) | NFE to reach FFJORD (x) | CPU to reach FFJORD (x) "
-        f"| CPU to reach FFJORD, interpolated (x) | flat from (CPU s) |",
+        "| CPU to reach FFJORD, interpolated (x) | flat from (CPU s) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     order, rows = list(CONFIGS), []

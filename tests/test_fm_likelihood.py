@@ -118,8 +118,16 @@ def test_quick_run_writes_json_markdown_and_figure(tmp_path: Path):
         == [s["data"] for s in res["sets"]]
     )
     for s in saved["sets"]:
-        assert set(s["reached"]) == {"euler", "midpoint", "uniform", "fitted"}
+        assert set(s["reached"]) == set(fm.FAMILIES)
         assert {"reference", "rows", "fits", "library_best", "ratio", "check"} <= set(s)
+        assert {"cheapest_baseline", "feature_ratio"} <= set(s)
+        (feature,) = [r for r in s["rows"] if r["family"] == "log_likelihood"]
+        # its estimate against the truth on every held-out sample, and whether 2 se covered it
+        assert feature["covered"] == (
+            abs(feature["true_error"] - feature["estimated_error"]) <= 2 * feature["estimated_se"]
+        )
+        dopri5 = [r["setting"] for r in s["rows"] if r["family"] == "dopri5"]
+        assert dopri5[0] == "rtol = atol = 0.01"
         assert {r["family"] for r in s["rows"]} == set(fm.FAMILIES)
         euler = [r for r in s["rows"] if r["family"] == "euler"]
         assert [r["nfe"] for r in euler] == [2, 4, 8][: len(euler)]
