@@ -58,7 +58,7 @@ def test_the_budget_is_within_tol_and_its_estimate_covers_the_true_error(t) -> N
     assert out.steps >= 2 and out.checked == 40
     assert float(d.abs().mean()) <= 1e-3  # what was promised, on all 400
     assert abs(float(d.mean()) - out.error) <= 3 * out.error_se + 1e-9  # the estimate covers it
-    assert out.abs_error + 2 * out.error_se > 0
+    assert out.abs_error <= 1e-3  # the estimate it accepted the budget on
     # the cost: the reference on 40 of 400, then 4 evaluations a step for every sample
     assert out.nfe >= 4 * out.steps and out.nfe < 4 * out.steps * 3 + out.reference_nfe
 
